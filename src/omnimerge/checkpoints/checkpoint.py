@@ -1,0 +1,152 @@
+"""A model input: where it is, its config, its family, and its tensors under canonical keys."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import OmnimergeError
+from ..families.align import canonical_keys, component_of, detect_family, layer_index
+from ..families.table import Family
+from .sources import SafetensorsSource, TensorSource, open_weights
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def resolve_path(spec: str, relative_to: Path | None = None) -> Path:
+    """A local folder, or a Hugging Face hub id (``org/name[@revision]``) found in the local cache."""
+    p = Path(os.path.expanduser(spec))
+    candidates = [p] if p.is_absolute() else ([relative_to / p] if relative_to else []) + [p]
+    for c in candidates:
+        if c.exists():
+            return c.resolve()
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        repo, _, rev = spec.partition("@")
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo, revision=rev or None, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure means "not in the cache"
+            raise OmnimergeError(
+                f"'{spec}': no such local path, and the hub id is not in the local Hugging Face cache "
+                f"(omnimerge never downloads). Fetch it first, e.g. `hf download {repo}`"
+                + (f" --revision {rev}" if rev else "") + ", or give a local folder"
+            ) from None
+    raise OmnimergeError(f"'{spec}': no such file or folder" + (f" (looked in {relative_to} too)" if relative_to else ""))
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise OmnimergeError(
+            f"{folder}: no config.json — not a Hugging Face model folder (a PEFT adapter folder needs "
+            "adapter_config.json)"
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise OmnimergeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise OmnimergeError(f"{path}: not a JSON object")
+    return cfg
+
+
+def text_config(config: dict) -> dict:
+    """The language model's config: ``text_config`` / ``llm_config`` in VLM configs, else the config."""
+    for k in ("text_config", "llm_config"):
+        if isinstance(config.get(k), dict):
+            return config[k]
+    return config
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    """One input model, aligned on canonical keys."""
+
+    name: str
+    path: Path
+    config: dict
+    source: TensorSource
+    family: Family
+    inferred: bool = False
+    note: str = ""
+    lora: dict | None = None  # adapter facts when the model is base + LoRA
+    canon_to_raw: dict[str, str] = field(default_factory=dict)
+    raw_to_canon: dict[str, str] = field(default_factory=dict)
+    tied_lm_head: bool = False  # no lm_head tensor: the head reads the embedding
+
+    def __post_init__(self):
+        self.raw_to_canon = canonical_keys(self.source.keys(), self.family)
+        for raw, canon in self.raw_to_canon.items():
+            if canon in self.canon_to_raw:
+                raise OmnimergeError(
+                    f"{self.path}: tensors '{self.canon_to_raw[canon]}' and '{raw}' both map to '{canon}'; the "
+                    "checkpoint mixes two key layouts"
+                )
+            self.canon_to_raw[canon] = raw
+        if "lm_head.weight" not in self.canon_to_raw and "embed.weight" in self.canon_to_raw:
+            self.tied_lm_head = True
+
+    # canonical access -----------------------------------------------------------------------
+    def has(self, canon: str) -> bool:
+        return canon in self.canon_to_raw or (canon == "lm_head.weight" and self.tied_lm_head)
+
+    def raw_key(self, canon: str) -> str:
+        if canon == "lm_head.weight" and self.tied_lm_head:
+            return self.canon_to_raw["embed.weight"]
+        return self.canon_to_raw[canon]
+
+    def info(self, canon: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self.source.info(self.raw_key(canon))
+
+    def read(self, canon: str) -> torch.Tensor:
+        return self.source.read(self.raw_key(canon))
+
+    def describe(self, canon: str) -> str:
+        return f"{self.name}: {self.source.describe(self.raw_key(canon))}"
+
+    def layer_count(self) -> int:
+        idx = {layer_index(c) for c in self.canon_to_raw}
+        idx.discard(None)
+        return (max(idx) + 1) if idx else 0
+
+    def components(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for raw, canon in self.raw_to_canon.items():
+            out.setdefault(component_of(canon), []).append(raw)
+        return out
+
+
+def load_checkpoint(spec: str, *, name: str | None = None, relative_to: Path | None = None,
+                    allow_pickle: bool = False, lora_base: str | None = None) -> Checkpoint:
+    """Open a model folder, a LoRA adapter folder or a cached hub id, lazily."""
+    path = resolve_path(spec, relative_to)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            folder = path.parent
+            config = read_config(folder)
+            source: TensorSource = SafetensorsSource([path], folder)
+            return _checkpoint(name or spec, folder, config, source)
+        raise OmnimergeError(f"{path}: give the model folder (with config.json), not a single file")
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        from .lora import load_lora
+
+        return load_lora(path, name=name or spec, relative_to=relative_to, allow_pickle=allow_pickle,
+                         base_override=lora_base)
+    config = read_config(path)
+    return _checkpoint(name or spec, path, config, open_weights(path, allow_pickle))
+
+
+def _checkpoint(name: str, path: Path, config: dict, source: TensorSource, **kw) -> Checkpoint:
+    det = detect_family(config, source.keys())
+    return Checkpoint(name, path, config, source, det.family, det.inferred, det.note, **kw)
+
+
+def numel(shape) -> int:
+    return math.prod(shape) if shape else 1

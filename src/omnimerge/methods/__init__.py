@@ -1,0 +1,6 @@
+"""Merging methods: pure functions on aligned tensors, behind a registry."""
+
+from .registry import Method, MethodContext, Param, get_method, list_methods, register
+from . import basic  # noqa: F401  (registers average, task_arithmetic, ties, dare_*)
+
+__all__ = ["Method", "MethodContext", "Param", "get_method", "list_methods", "register"]

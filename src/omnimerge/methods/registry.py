@@ -1,0 +1,151 @@
+"""The method registry: every merging method is a pure tensor function plus typed parameters.
+
+A method function has the signature::
+
+    fn(base: Tensor | None, models: list[Tensor], ctx: MethodContext, **params) -> Tensor
+
+* ``base`` is the base tensor (None when the method has ``needs_base=False`` and no base is given),
+  ``models`` the aligned expert tensors; all are float tensors of one shape, in the compute dtype,
+  on the compute device.
+* Parameters declared ``per_model=True`` arrive as a list with one value per model; the others
+  arrive as one scalar.
+* The result is the merged tensor (not a delta) with the same shape as the inputs.
+* ``ctx.generator`` is the only source of randomness allowed (seeded per tensor by the engine);
+  ``ctx.info`` is a dict the method may fill with facts for report.json (e.g. the rank it chose).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import OmnimergeError
+
+_KINDS = {float: "float", int: "int", str: "str", bool: "bool"}
+
+
+@dataclass
+class MethodContext:
+    """What a method may know besides its tensors: the canonical key, its RNG, a report dict."""
+
+    key: str
+    generator: torch.Generator
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Param:
+    """A typed method parameter with a default and an allowed range."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+    choices: tuple[Any, ...] | None = None
+    per_model: bool = False
+
+    def range_text(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        lo = hi = ""
+        if self.minimum is not None:
+            lo = ("(" if self.exclusive_minimum else "[") + f"{self.minimum:g}"
+        if self.maximum is not None:
+            hi = f"{self.maximum:g}" + (")" if self.exclusive_maximum else "]")
+        if lo and hi:
+            return f"{lo}, {hi}"
+        if lo:
+            return f"{'>' if self.exclusive_minimum else '>='} {self.minimum:g}"
+        if hi:
+            return f"{'<' if self.exclusive_maximum else '<='} {self.maximum:g}"
+        return "any"
+
+    def validate(self, value: Any, where: str) -> Any:
+        """Return ``value`` coerced to this parameter's type, or raise naming ``where``."""
+        kind = _KINDS[self.kind]
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise OmnimergeError(f"{where}: parameter '{self.name}' must be true or false, got {value!r}")
+            return value
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise OmnimergeError(f"{where}: parameter '{self.name}' must be a number ({kind}), got {value!r}")
+            if self.kind is int:
+                if float(value) != int(value):
+                    raise OmnimergeError(f"{where}: parameter '{self.name}' must be an integer, got {value!r}")
+                value = int(value)
+            else:
+                value = float(value)
+                if not math.isfinite(value):
+                    raise OmnimergeError(f"{where}: parameter '{self.name}' must be finite, got {value!r}")
+            bad = (
+                (self.minimum is not None and (value < self.minimum or (self.exclusive_minimum and value == self.minimum)))
+                or (self.maximum is not None and (value > self.maximum or (self.exclusive_maximum and value == self.maximum)))
+            )
+            if bad:
+                raise OmnimergeError(
+                    f"{where}: parameter '{self.name}' = {value!r} is out of range; allowed: {self.range_text()}"
+                )
+        elif self.kind is str and not isinstance(value, str):
+            raise OmnimergeError(f"{where}: parameter '{self.name}' must be a string, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise OmnimergeError(
+                f"{where}: parameter '{self.name}' = {value!r} is not allowed; choose {self.range_text()}"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered merging method."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    params: tuple[Param, ...]
+    needs_base: bool
+    reference: str
+    summary: str
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.params) or "none"
+        raise OmnimergeError(f"method '{self.name}' has no parameter '{name}' (its parameters: {known})")
+
+    def __call__(self, base, models, ctx: MethodContext, **params) -> torch.Tensor:
+        return self.fn(base, models, ctx, **params)
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, reference: str, summary: str):
+    """Decorator: register ``fn`` as method ``name``."""
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        _REGISTRY[name] = Method(name, fn, tuple(params), needs_base, reference, summary)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise OmnimergeError(f"unknown method '{name}'; known methods: {known} (see `omnimerge methods`)") from None
+
+
+def list_methods() -> list[Method]:
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]

@@ -1,0 +1,265 @@
+"""Recipe + checkpoints + families -> a validated list of tensor jobs. Nothing is written here.
+
+Every check that can be made without computing is made here, so that a bad recipe fails in
+seconds, before any output exists: paths, formats, families, methods and their parameters,
+missing tensors, shapes, layer counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints.checkpoint import Checkpoint, load_checkpoint
+from .checkpoints.safetensors_io import tensor_nbytes
+from .errors import OmnimergeError
+from .families.align import COMPONENTS, component_of
+from .methods import Method, get_method
+from .recipe import ComponentMethod, ModelEntry, ParamValue, Recipe, Take, parse_recipe, pick
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+ROW_ALIGNED = ("embed.weight", "lm_head.weight")  # may differ in vocabulary size
+
+
+@dataclass
+class Job:
+    """One output tensor: how to make it."""
+
+    out_key: str  # the skeleton's name for it
+    canonical: str
+    component: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    action: str  # "merge" or "copy"
+    source: Checkpoint | None = None  # copy: where from
+    method: Method | None = None  # merge: how
+    params: dict[str, Any] = field(default_factory=dict)
+    rows: int | None = None  # merge only the first `rows` rows (vocabularies of different sizes)
+    seed: int = 0
+    note: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.out_dtype, self.shape)
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    skeleton: Checkpoint
+    base: Checkpoint | None
+    models: list[Checkpoint]
+    tokenizer_source: Path
+    jobs: list[Job]
+    notes: list[str]
+    compute_dtype: torch.dtype
+    refs: dict[str, Checkpoint] = field(default_factory=dict)  # every spec in the recipe -> its checkpoint
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
+
+    def inputs(self) -> list[Checkpoint]:
+        return ([self.base] if self.base else []) + self.models
+
+    def shards(self) -> list[list[Job]]:
+        """Greedy split of the jobs, in order, into shards of at most ``shard_size`` bytes."""
+        limit, shards, size = self.recipe.shard_bytes, [[]], 0
+        for j in self.jobs:
+            if shards[-1] and size + j.nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(j)
+            size += j.nbytes
+        return shards
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per component and action: tensor count, bytes, method and sources (what --dry-run prints)."""
+        rows: dict[tuple, dict[str, Any]] = {}
+        for j in self.jobs:
+            how = j.method.name if j.action == "merge" else "copy"
+            frm = ", ".join(m.name for m in self.inputs()) if j.action == "merge" else j.source.name
+            key = (j.component, how, frm, j.note)
+            r = rows.setdefault(key, {"component": j.component, "action": how, "from": frm, "note": j.note,
+                                       "tensors": 0, "bytes": 0})
+            r["tensors"] += 1
+            r["bytes"] += j.nbytes
+        return list(rows.values())
+
+
+def tensor_seed(seed: int, canonical: str) -> int:
+    """A per-tensor seed from (recipe seed, canonical key): independent of order and executor."""
+    digest = hashlib.sha256(f"{seed}\0{canonical}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# --- parameters ---------------------------------------------------------------------------------
+def _validate_value(method: Method, name: str, value: ParamValue, where: str) -> None:
+    p = method.param(name)
+    for v in (e.value for e in value) if isinstance(value, list) else (value,):
+        p.validate(v, where)
+
+
+def _check_parameters(recipe: Recipe, methods: dict[str, Method]) -> None:
+    main = methods["*"]
+    for name, value in recipe.parameters.items():
+        _validate_value(main, name, value, "parameters")
+    for comp, pol in recipe.components.items():
+        if isinstance(pol, ComponentMethod):
+            for name, value in pol.parameters.items():
+                _validate_value(methods[comp], name, value, f"components.{comp}.parameters")
+    in_use = list(dict.fromkeys(methods.values()))
+    for i, entry in enumerate(recipe.models):
+        for name, value in entry.parameters.items():
+            owners = [m for m in in_use if any(p.name == name for p in m.params)]
+            if not owners:
+                names = sorted({p.name for m in in_use for p in m.params if p.per_model})
+                raise OmnimergeError(
+                    f"models[{i}] ({entry.label}): unknown parameter '{name}' for method "
+                    f"{', '.join(m.name for m in in_use)}; per-model parameters: {', '.join(names) or 'none'}"
+                )
+            for m in owners:
+                if not m.param(name).per_model:
+                    raise OmnimergeError(
+                        f"models[{i}] ({entry.label}): '{name}' is a global parameter of method '{m.name}'; "
+                        "set it under `parameters:`, not per model"
+                    )
+                _validate_value(m, name, value, f"models[{i}] ({entry.label})")
+
+
+def resolve_params(method: Method, key: str, entries: list[ModelEntry], component_params: dict[str, ParamValue],
+                   global_params: dict[str, ParamValue]) -> dict[str, Any]:
+    """Parameter values for one canonical key: per model > component > recipe > default."""
+    out: dict[str, Any] = {}
+    for p in method.params:
+        shared = pick(component_params.get(p.name), key) if p.name in component_params else None
+        if shared is None and p.name in global_params:
+            shared = pick(global_params[p.name], key)
+        if shared is None:
+            shared = p.default
+        if p.per_model:
+            vals = []
+            for e in entries:
+                v = pick(e.parameters[p.name], key) if p.name in e.parameters else None
+                vals.append(p.validate(shared if v is None else v, e.label))
+            out[p.name] = vals
+        else:
+            out[p.name] = p.validate(shared, "parameters")
+    return out
+
+
+# --- building the plan --------------------------------------------------------------------------
+def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, allow_pickle: bool = False) -> Plan:
+    recipe = parse_recipe(recipe)
+    rel = Path(relative_to) if relative_to else None
+    methods: dict[str, Method] = {"*": get_method(recipe.method)}
+    for comp in COMPONENTS:
+        pol = recipe.policy(comp)
+        if isinstance(pol, ComponentMethod):
+            methods[comp] = get_method(pol.method)
+        elif pol == "merge":
+            methods[comp] = methods["*"]
+    _check_parameters(recipe, methods)
+
+    cache: dict[str, Checkpoint] = {}
+
+    def load(spec: str, name: str | None = None, lora_base: str | None = None) -> Checkpoint:
+        if spec not in cache:
+            cache[spec] = load_checkpoint(spec, name=name, relative_to=rel, allow_pickle=allow_pickle,
+                                          lora_base=lora_base)
+        return cache[spec]
+
+    models = [load(e.path, e.label, e.lora_base) for e in recipe.models]
+    by_label = {e.label: m for e, m in zip(recipe.models, models)} | {e.path: m for e, m in zip(recipe.models, models)}
+
+    def ref(spec: str) -> Checkpoint:
+        return by_label.get(spec) or load(spec)
+
+    base = ref(recipe.base) if recipe.base else None
+    for comp, m in methods.items():
+        if m.needs_base and base is None:
+            where = "method" if comp == "*" else f"components.{comp}.method"
+            raise OmnimergeError(f"{where}: '{m.name}' needs a `base:` model (task vectors are θ_i − θ_base); add one")
+    if recipe.skeleton:
+        skeleton = ref(recipe.skeleton)
+    else:
+        vlm = [m for m in models + ([base] if base else []) if m.family.kind in ("vlm", "audio")]
+        skeleton = vlm[0] if vlm else (base or models[0])
+    if skeleton.lora is not None:
+        raise OmnimergeError(f"skeleton '{skeleton.name}' is a LoRA adapter; use its base model folder as skeleton")
+    tok = ref(recipe.tokenizer_source).path if recipe.tokenizer_source else skeleton.path
+
+    notes = [f"{c.name}: {c.note}" for c in dict.fromkeys([skeleton, *models] + ([base] if base else [])) if c.note]
+    inputs = ([base] if base else []) + models
+    entries = list(recipe.models)
+    out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else None
+    jobs: list[Job] = []
+    checked_layers = False
+    for raw in skeleton.source.keys():
+        canon = skeleton.raw_to_canon[raw]
+        comp = component_of(canon)
+        dtype, shape = skeleton.source.info(raw)
+        target = (out_dtype or dtype) if dtype.is_floating_point else dtype
+        pol = recipe.policy(comp)
+        job = Job(raw, canon, comp, tuple(shape), target, "copy", source=skeleton, note="keep")
+        if isinstance(pol, Take):
+            src = ref(pol.take)
+            _require(src, canon, shape, raw, comp, skeleton)
+            job.source, job.note = src, f"take {src.name}"
+        elif pol != "keep" and not dtype.is_floating_point:
+            job.note = f"keep ({dtype} is not a float type)"
+        elif pol != "keep":
+            method = methods[comp]
+            if comp == "language" and not checked_layers:
+                _check_layers(inputs, skeleton)
+                checked_layers = True
+            rows = None
+            for m in inputs:
+                rows = _require(m, canon, shape, raw, comp, skeleton, rows_ok=canon in ROW_ALIGNED) or rows
+            comp_params = pol.parameters if isinstance(pol, ComponentMethod) else {}
+            glob = recipe.parameters if method is methods["*"] else {}
+            job.action, job.method, job.note = "merge", method, ""
+            job.params = resolve_params(method, canon, entries, comp_params, glob)
+            job.rows = rows
+            job.seed = tensor_seed(recipe.seed, canon)
+            if rows is not None:
+                job.note = f"rows 0..{rows - 1} merged, the rest kept (vocabulary sizes differ)"
+        jobs.append(job)
+    return Plan(recipe, skeleton, base, models, tok, jobs, notes, DTYPES[recipe.dtype], cache | by_label)
+
+
+def _require(m: Checkpoint, canon: str, shape, raw: str, comp: str, skeleton: Checkpoint,
+             rows_ok: bool = False) -> int | None:
+    """Check that ``m`` has ``canon`` with the skeleton's shape; returns the shared row count if only rows differ."""
+    if not m.has(canon):
+        raise OmnimergeError(
+            f"model '{m.name}' ({m.path}) has no tensor for '{canon}' (skeleton tensor '{raw}', component "
+            f"'{comp}'). Set `components: {{{comp}: keep}}` to keep the skeleton's, or check that the models "
+            "share an architecture"
+        )
+    _, s = m.info(canon)
+    if tuple(s) == tuple(shape):
+        return None
+    if rows_ok and len(s) == len(shape) and tuple(s[1:]) == tuple(shape[1:]):
+        return min(s[0], shape[0])
+    raise OmnimergeError(
+        f"shape mismatch for '{canon}': {m.describe(canon)} is {tuple(s)}, the skeleton's "
+        f"'{raw}' ({skeleton.path}) is {tuple(shape)}. The models must share an architecture; "
+        f"otherwise set `components: {{{comp}: keep}}`"
+    )
+
+
+def _check_layers(inputs: list[Checkpoint], skeleton: Checkpoint) -> None:
+    want = skeleton.layer_count()
+    for m in inputs:
+        got = m.layer_count()
+        if got != want:
+            raise OmnimergeError(
+                f"model '{m.name}' ({m.path}) has {got} decoder layers, the skeleton '{skeleton.name}' has {want}; "
+                "merging needs the same layer count (a layer-dropping or depth-upscaled model cannot be "
+                "aligned layer by layer)"
+            )

@@ -1,0 +1,362 @@
+"""Tiny random models of real architectures, for tests, the demo and benchmarks.
+
+Every text LLM here and every VLM's language backbone share `TEXT_DIMS`, so a text model and
+its VLM partner (see `PAIRS`) have identical decoder, embedding and lm_head shapes.
+All families share one tokenizer (same special tokens at the same ids).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+TEXT_DIMS = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=384,
+)
+
+# One shared special-token list: token i gets id i in every tiny tokenizer.
+SPECIAL_TOKENS = (
+    "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+    "<image>", "<video>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+    "<fake_token_around_image>", "<global-img>", "<img>", "</img>", "<IMG_CONTEXT>",
+    "[IMG]", "[IMG_BREAK]", "[IMG_END]",
+)
+TOKEN_ID = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+BASIC_IDS = dict(pad_token_id=TOKEN_ID["<pad>"], bos_token_id=TOKEN_ID["<s>"], eos_token_id=TOKEN_ID["</s>"])
+
+IMAGE, PATCH = 32, 8  # vision tower input: a 32x32 image in 8x8 patches -> 4x4 grid
+VISION_WIDTH = 32
+MROPE = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])  # sums to head_dim/2
+
+
+def _vit(**extra) -> Callable[[int], dict]:
+    """Vision kwargs of a plain ViT (CLIP, SigLIP, InternViT, Pixtral, Idefics3)."""
+    base = dict(hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=2,
+                num_attention_heads=2, image_size=IMAGE, patch_size=PATCH)
+    return lambda h: {**base, **extra}
+
+
+def _qwen2_vl_vision(h: int) -> dict:
+    return dict(depth=2, embed_dim=VISION_WIDTH, hidden_size=h, num_heads=2, mlp_ratio=2,
+                patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2)
+
+
+def _qwen2_5_vl_vision(h: int) -> dict:
+    return dict(depth=2, hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_heads=2,
+                out_hidden_size=h, patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2,
+                window_size=2 * 2 * PATCH, fullatt_block_indexes=[1])
+
+
+def _qwen3_vl_vision(h: int) -> dict:
+    return dict(depth=3, hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_heads=2,
+                out_hidden_size=h, patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2,
+                num_position_embeddings=(IMAGE // PATCH) ** 2, deepstack_visual_indexes=[0, 1, 2])
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How to build one family: config class, model class, sub-config kwargs, token ids."""
+
+    config: str
+    arch: str
+    text: dict = field(default_factory=dict)  # extra text-config kwargs
+    vision: Callable[[int], dict] | None = None  # text hidden size -> vision-config kwargs
+    top: dict = field(default_factory=dict)  # extra top-level kwargs of a VLM config
+    tokens: dict = field(default_factory=dict)  # config attribute -> special token
+    text_type: str | None = None  # model_type of text_config, where the VLM takes several
+    image_placeholder: str = "<image>"  # what the chat template writes for an image
+
+
+QWEN_VL_TOKENS = dict(image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+                      vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
+QWEN_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN3_VL_TEXT = dict(rope_parameters={**MROPE, "mrope_interleaved": True})
+
+SPECS: dict[str, Spec] = {
+    "qwen2": Spec("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": Spec("Qwen3Config", "Qwen3ForCausalLM"),
+    "llama": Spec("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": Spec("MistralConfig", "MistralForCausalLM"),
+    "gemma2": Spec("Gemma2Config", "Gemma2ForCausalLM", text=dict(query_pre_attn_scalar=16)),
+    "gemma3_text": Spec("Gemma3TextConfig", "Gemma3ForCausalLM", text=dict(query_pre_attn_scalar=16)),
+    "qwen2_vl": Spec("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", text=dict(rope_parameters=MROPE),
+                     vision=_qwen2_vl_vision, tokens=QWEN_VL_TOKENS, image_placeholder=QWEN_VL_IMAGE),
+    "qwen2_5_vl": Spec("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", text=dict(rope_parameters=MROPE),
+                       vision=_qwen2_5_vl_vision, tokens=QWEN_VL_TOKENS, image_placeholder=QWEN_VL_IMAGE),
+    "qwen3_vl": Spec("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", text=QWEN3_VL_TEXT,
+                     vision=_qwen3_vl_vision, tokens=QWEN_VL_TOKENS, image_placeholder=QWEN_VL_IMAGE),
+    "qwen3_vl_moe": Spec("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration",
+                         text=dict(QWEN3_VL_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+                         vision=_qwen3_vl_vision, tokens=QWEN_VL_TOKENS, image_placeholder=QWEN_VL_IMAGE),
+    "llava": Spec("LlavaConfig", "LlavaForConditionalGeneration", vision=_vit(model_type="clip_vision_model"),
+                  text_type="llama", top=dict(image_seq_length=(IMAGE // PATCH) ** 2),
+                  tokens=dict(image_token_id="<image>")),
+    "llava_onevision": Spec("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration",
+                            vision=_vit(model_type="siglip_vision_model", vision_use_head=False), text_type="qwen2",
+                            top=dict(image_grid_pinpoints=[[IMAGE, IMAGE], [IMAGE, 2 * IMAGE]]),
+                            tokens=dict(image_token_id="<image>", video_token_id="<video>")),
+    "internvl": Spec("InternVLConfig", "InternVLForConditionalGeneration",
+                     vision=_vit(image_size=[IMAGE, IMAGE], patch_size=[PATCH, PATCH]), text_type="qwen2",
+                     top=dict(image_seq_length=(IMAGE // PATCH // 2) ** 2),
+                     tokens=dict(image_token_id="<IMG_CONTEXT>"), image_placeholder="<img><IMG_CONTEXT></img>"),
+    "gemma3": Spec("Gemma3Config", "Gemma3ForConditionalGeneration", text=dict(query_pre_attn_scalar=16),
+                   vision=_vit(model_type="siglip_vision_model", vision_use_head=False), top=dict(mm_tokens_per_image=4),
+                   tokens=dict(image_token_id="<image_soft_token>", boi_token_id="<start_of_image>",
+                               eoi_token_id="<end_of_image>"), image_placeholder="<start_of_image>"),
+    "mistral3": Spec("Mistral3Config", "Mistral3ForConditionalGeneration", vision=_vit(head_dim=16),
+                     text_type="mistral", tokens=dict(image_token_id="[IMG]"), image_placeholder="[IMG]"),
+    "idefics3": Spec("Idefics3Config", "Idefics3ForConditionalGeneration", vision=_vit(), text_type="llama",
+                     tokens=dict(image_token_id="<image>")),
+    "smolvlm": Spec("SmolVLMConfig", "SmolVLMForConditionalGeneration", vision=_vit(), text_type="llama",
+                    tokens=dict(image_token_id="<image>")),
+}
+FAMILIES = tuple(SPECS)
+TEXT_FAMILIES = tuple(f for f, s in SPECS.items() if s.vision is None)
+VLM_FAMILIES = tuple(f for f, s in SPECS.items() if s.vision is not None)
+# (text LLM, VLM) whose language tensors have identical names-after-prefix and shapes.
+PAIRS = (
+    ("qwen2", "qwen2_vl"), ("qwen2", "qwen2_5_vl"), ("qwen2", "internvl"), ("qwen2", "llava_onevision"),
+    ("qwen3", "qwen3_vl"), ("llama", "llava"), ("llama", "idefics3"), ("llama", "smolvlm"),
+    ("mistral", "mistral3"), ("gemma3_text", "gemma3"),
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A picture shows a cat sitting on a red mat next to a window.",
+    "Describe the image in one sentence. What color is the sky?",
+    "Merging the weights of two models averages their parameters layer by layer.",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] { } < > , . ; : ! ?",
+] * 4
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}IMAGE{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _text_kwargs(spec: Spec, num_layers, vocab_size, hidden_size, intermediate_size, tie) -> dict:
+    dims = dict(TEXT_DIMS)
+    if hidden_size:
+        heads = hidden_size // dims["head_dim"]
+        dims.update(hidden_size=hidden_size, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
+    dims["intermediate_size"] = intermediate_size or (2 * dims["hidden_size"])
+    dims["num_hidden_layers"] = num_layers or dims["num_hidden_layers"]
+    dims["vocab_size"] = vocab_size or dims["vocab_size"]
+    if dims["vocab_size"] <= len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must exceed {len(SPECIAL_TOKENS)} (the special token ids)")
+    kw = {**dims, **BASIC_IDS, "tie_word_embeddings": tie, **spec.text}
+    if spec.text_type:
+        kw["model_type"] = spec.text_type
+    return kw
+
+
+def make_config(family: str, *, num_layers=None, vocab_size=None, tie_word_embeddings=False,
+                hidden_size=None, intermediate_size=None):
+    """The transformers config of a tiny model of `family` (no weights)."""
+    import transformers
+
+    spec = SPECS[family]
+    text = _text_kwargs(spec, num_layers, vocab_size, hidden_size, intermediate_size, tie_word_embeddings)
+    cls = getattr(transformers, spec.config)
+    if spec.vision is None:
+        config = cls(**text)
+    else:
+        tokens = {k: TOKEN_ID[v] for k, v in spec.tokens.items()}
+        config = cls(text_config=text, vision_config=spec.vision(text["hidden_size"]),
+                     tie_word_embeddings=tie_word_embeddings, **spec.top, **tokens)
+    config.architectures = [spec.arch]
+    return config
+
+
+def build_model(family: str, *, seed: int = 0, dtype=torch.float32, **config_kwargs):
+    """A randomly initialised tiny model of `family`, in eval mode."""
+    import transformers
+
+    config = make_config(family, **config_kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, SPECS[family].arch)(config)
+    return model.to(dtype).eval()
+
+
+def build_tiny(family: str, out_dir, *, seed: int = 0, num_layers: int | None = None,
+               vocab_size: int | None = None, tie_word_embeddings: bool = False, dtype=torch.float32,
+               hidden_size=None, intermediate_size=None, tokenizer: bool = True,
+               save_original_format: bool = True) -> Path:
+    """Build a tiny `family` model and save it (weights, config, tokenizer) to `out_dir`."""
+    if family not in SPECS:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    out = Path(out_dir)
+    model = build_model(family, seed=seed, dtype=dtype, num_layers=num_layers, vocab_size=vocab_size,
+                        tie_word_embeddings=tie_word_embeddings, hidden_size=hidden_size,
+                        intermediate_size=intermediate_size)
+    model.save_pretrained(out, save_original_format=save_original_format)
+    _generation_config().save_pretrained(out)
+    if tokenizer:
+        make_tokenizer(model.config.get_text_config().vocab_size, SPECS[family].image_placeholder).save_pretrained(out)
+    if tokenizer and model.config.model_type.startswith(("qwen2_vl", "qwen2_5_vl", "qwen3_vl")):
+        _qwen_image_processor(model.config).save_pretrained(out)
+    return out
+
+
+def _generation_config():
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**BASIC_IDS, do_sample=False)
+
+
+def _qwen_image_processor(config):
+    from transformers import Qwen2VLImageProcessorPil
+
+    v = config.vision_config
+    side = v.patch_size * v.spatial_merge_size
+    return Qwen2VLImageProcessorPil(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                    temporal_patch_size=v.temporal_patch_size,
+                                    size={"shortest_edge": side * side, "longest_edge": (4 * side) ** 2})
+
+
+def make_tokenizer(vocab_size: int = TEXT_DIMS["vocab_size"], image_placeholder: str = "<image>"):
+    """A byte-level BPE tokenizer trained on a few sentences, with `SPECIAL_TOKENS` at ids 0.."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer ({tok.get_vocab_size()})")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        chat_template=CHAT_TEMPLATE.replace("IMAGE", image_placeholder),
+    )
+
+
+def make_expert(src_dir, dst_dir, *, seed: int, scale: float = 0.01, pattern: str = r"layers\.") -> Path:
+    """Copy a checkpoint folder and add N(0, scale²) noise to float tensors whose raw key matches `pattern`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src_dir), Path(dst_dir)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for path in sorted(dst.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {"format": "pt"}
+        tensors = load_file(str(path))
+        for key in sorted(tensors):
+            t = tensors[key]
+            if t.is_floating_point() and re.search(pattern, key):
+                noise = torch.randn(t.shape, generator=gen, dtype=torch.float32) * scale
+                tensors[key] = (t.float() + noise).to(t.dtype)
+        save_file(tensors, str(path), metadata=metadata)
+    return dst
+
+
+# ---------------------------------------------------------------- dummy inputs
+# Each entry: config -> (number of image placeholder tokens, extra forward kwargs).
+
+def _qwen_vl_image(c):
+    v = c.vision_config
+    side = 2 * v.spatial_merge_size  # a 2x2 grid of merged tokens
+    pixels = torch.randn(side * side, v.in_channels * v.temporal_patch_size * v.patch_size ** 2)
+    return side * side // v.spatial_merge_size ** 2, dict(pixel_values=pixels, image_grid_thw=torch.tensor([[1, side, side]]))
+
+
+def _square(v) -> int:
+    """Patches per side of a square-image ViT (image_size / patch_size may be ints or pairs)."""
+    size, patch = v.image_size, v.patch_size
+    size, patch = (size[0] if isinstance(size, (list, tuple)) else size), (patch[0] if isinstance(patch, (list, tuple)) else patch)
+    return size // patch
+
+
+def _image(v, *lead):
+    size = v.image_size[0] if isinstance(v.image_size, (list, tuple)) else v.image_size
+    return torch.randn(*lead, v.num_channels, size, size)
+
+
+def _llava_image(c):
+    v = c.vision_config
+    cls_token = v.model_type == "clip_vision_model"
+    drop = c.vision_feature_select_strategy == "default"
+    return _square(v) ** 2 + cls_token - drop, dict(pixel_values=_image(v, 1))
+
+
+def _onevision_image(c):
+    # Two images of one sample: multi-image mode, one tile each, plus one newline token per image.
+    v = c.vision_config
+    size = torch.tensor([[v.image_size, v.image_size]] * 2)
+    return 2 * (_square(v) ** 2 + 1), dict(pixel_values=_image(v, 2, 1), image_sizes=size,
+                                           batch_num_images=torch.tensor([2]))
+
+
+def _internvl_image(c):
+    return int(_square(c.vision_config) ** 2 * c.downsample_ratio ** 2), dict(pixel_values=_image(c.vision_config, 1))
+
+
+def _gemma3_image(c):
+    return c.mm_tokens_per_image, dict(pixel_values=_image(c.vision_config, 1))
+
+
+def _mistral3_image(c):
+    v = c.vision_config
+    side = 2 * v.patch_size * c.spatial_merge_size  # 2x2 merged tokens
+    return 4, dict(pixel_values=torch.randn(1, v.num_channels, side, side), image_sizes=torch.tensor([[side, side]]))
+
+
+def _idefics3_image(c):
+    v = c.vision_config
+    return _square(v) ** 2 // c.scale_factor ** 2, dict(pixel_values=_image(v, 1, 1))
+
+
+IMAGE_INPUTS = {
+    "qwen2_vl": _qwen_vl_image, "qwen2_5_vl": _qwen_vl_image, "qwen3_vl": _qwen_vl_image,
+    "qwen3_vl_moe": _qwen_vl_image, "llava": _llava_image, "llava_onevision": _onevision_image,
+    "internvl": _internvl_image, "gemma3": _gemma3_image, "mistral3": _mistral3_image,
+    "idefics3": _idefics3_image, "smolvlm": _idefics3_image,
+}
+# Families whose forward wants a 0/1 mask of the image positions, and its argument name.
+TOKEN_TYPE_ARG = dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"), "mm_token_type_ids")
+TOKEN_TYPE_ARG["gemma3"] = "token_type_ids"
+
+
+def image_token_id(config) -> int:
+    """The id of the image placeholder token of a VLM config."""
+    for name in ("image_token_id", "image_token_index"):
+        if getattr(config, name, None) is not None:
+            return getattr(config, name)
+    raise ValueError(f"{config.model_type}: config has no image token id")
+
+
+def dummy_inputs(model, image: bool = False) -> dict[str, torch.Tensor]:
+    """Keyword arguments for `model(**inputs)`: a few text ids, plus one image if `image`."""
+    config = model.config
+    vocab = config.get_text_config().vocab_size
+    text = torch.arange(8) + vocab // 2  # ordinary ids, far from the special tokens at either end
+    inputs = {}
+    if image:
+        if config.model_type not in IMAGE_INPUTS:
+            raise ValueError(f"no image inputs for model_type {config.model_type!r}")
+        n, inputs = IMAGE_INPUTS[config.model_type](config)
+        text = torch.cat([text[:4], torch.full((n,), image_token_id(config)), text[4:]])
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        if config.model_type in TOKEN_TYPE_ARG:
+            inputs[TOKEN_TYPE_ARG[config.model_type]] = (text == image_token_id(config)).long()[None]
+    ids = text[None]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **inputs}
+    return {k: v.to(model.device) for k, v in inputs.items()}
