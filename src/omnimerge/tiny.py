@@ -189,6 +189,10 @@ def build_model(family: str, *, seed: int = 0, dtype=torch.float32, **config_kwa
     config = make_config(family, **config_kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, SPECS[family].arch)(config)
+    with torch.no_grad():  # e.g. Gemma 3's projector and InternViT's position embeddings start at zero
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.normal_(std=0.02)
     return model.to(dtype).eval()
 
 
