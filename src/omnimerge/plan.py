@@ -187,7 +187,7 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
     if recipe.skeleton:
         skeleton = ref(recipe.skeleton)
     else:
-        vlm = [m for m in models + ([base] if base else []) if m.family.kind in ("vlm", "audio")]
+        vlm = [m for m in ([base] if base else []) + models if m.family.kind in ("vlm", "audio")]
         skeleton = vlm[0] if vlm else (base or models[0])
     if skeleton.lora is not None:
         raise OmnimergeError(f"skeleton '{skeleton.name}' is a LoRA adapter; use its base model folder as skeleton")

@@ -82,6 +82,7 @@ class Spec:
 QWEN_VL_TOKENS = dict(image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
                       vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
 QWEN_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+SIGLIP = _vit(model_type="siglip_vision_model", vision_use_head=False)  # as in Gemma 3, OneVision
 QWEN3_VL_TEXT = dict(rope_parameters={**MROPE, "mrope_interleaved": True})
 
 SPECS: dict[str, Spec] = {
@@ -104,7 +105,7 @@ SPECS: dict[str, Spec] = {
                   text_type="llama", top=dict(image_seq_length=(IMAGE // PATCH) ** 2),
                   tokens=dict(image_token_id="<image>")),
     "llava_onevision": Spec("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration",
-                            vision=_vit(model_type="siglip_vision_model", vision_use_head=False), text_type="qwen2",
+                            vision=SIGLIP, text_type="qwen2",
                             top=dict(image_grid_pinpoints=[[IMAGE, IMAGE], [IMAGE, 2 * IMAGE]]),
                             tokens=dict(image_token_id="<image>", video_token_id="<video>")),
     "internvl": Spec("InternVLConfig", "InternVLForConditionalGeneration",
@@ -112,7 +113,7 @@ SPECS: dict[str, Spec] = {
                      top=dict(image_seq_length=(IMAGE // PATCH // 2) ** 2),
                      tokens=dict(image_token_id="<IMG_CONTEXT>"), image_placeholder="<img><IMG_CONTEXT></img>"),
     "gemma3": Spec("Gemma3Config", "Gemma3ForConditionalGeneration", text=dict(query_pre_attn_scalar=16),
-                   vision=_vit(model_type="siglip_vision_model", vision_use_head=False), top=dict(mm_tokens_per_image=4),
+                   vision=SIGLIP, top=dict(mm_tokens_per_image=4),
                    tokens=dict(image_token_id="<image_soft_token>", boi_token_id="<start_of_image>",
                                eoi_token_id="<end_of_image>"), image_placeholder="<start_of_image>"),
     "mistral3": Spec("Mistral3Config", "Mistral3ForConditionalGeneration", vision=_vit(head_dim=16),
@@ -125,6 +126,7 @@ SPECS: dict[str, Spec] = {
 FAMILIES = tuple(SPECS)
 TEXT_FAMILIES = tuple(f for f, s in SPECS.items() if s.vision is None)
 VLM_FAMILIES = tuple(f for f, s in SPECS.items() if s.vision is not None)
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # take grid_thw and a Qwen image processor
 # (text LLM, VLM) whose language tensors have identical names-after-prefix and shapes.
 PAIRS = (
     ("qwen2", "qwen2_vl"), ("qwen2", "qwen2_5_vl"), ("qwen2", "internvl"), ("qwen2", "llava_onevision"),
@@ -169,6 +171,8 @@ def make_config(family: str, *, num_layers=None, vocab_size=None, tie_word_embed
     """The transformers config of a tiny model of `family` (no weights)."""
     import transformers
 
+    if family not in SPECS:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     spec = SPECS[family]
     text = _text_kwargs(spec, num_layers, vocab_size, hidden_size, intermediate_size, tie_word_embeddings)
     cls = getattr(transformers, spec.config)
@@ -201,8 +205,6 @@ def build_tiny(family: str, out_dir, *, seed: int = 0, num_layers: int | None = 
                hidden_size=None, intermediate_size=None, tokenizer: bool = True,
                save_original_format: bool = True) -> Path:
     """Build a tiny `family` model and save it (weights, config, tokenizer) to `out_dir`."""
-    if family not in SPECS:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     out = Path(out_dir)
     model = build_model(family, seed=seed, dtype=dtype, num_layers=num_layers, vocab_size=vocab_size,
                         tie_word_embeddings=tie_word_embeddings, hidden_size=hidden_size,
@@ -210,8 +212,9 @@ def build_tiny(family: str, out_dir, *, seed: int = 0, num_layers: int | None = 
     model.save_pretrained(out, save_original_format=save_original_format)
     _generation_config().save_pretrained(out)
     if tokenizer:
-        make_tokenizer(model.config.get_text_config().vocab_size, SPECS[family].image_placeholder).save_pretrained(out)
-    if tokenizer and model.config.model_type.startswith(("qwen2_vl", "qwen2_5_vl", "qwen3_vl")):
+        vocab = model.config.get_text_config().vocab_size
+        make_tokenizer(vocab, SPECS[family].image_placeholder).save_pretrained(out)
+    if tokenizer and family in QWEN_VL:
         _qwen_image_processor(model.config).save_pretrained(out)
     return out
 
@@ -244,7 +247,7 @@ def make_tokenizer(vocab_size: int = TEXT_DIMS["vocab_size"], image_placeholder:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
     if tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer ({tok.get_vocab_size()})")
+        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE ({tok.get_vocab_size()})")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         chat_template=CHAT_TEMPLATE.replace("IMAGE", image_placeholder),
@@ -279,38 +282,44 @@ def _qwen_vl_image(c):
     v = c.vision_config
     side = 2 * v.spatial_merge_size  # a 2x2 grid of merged tokens
     pixels = torch.randn(side * side, v.in_channels * v.temporal_patch_size * v.patch_size ** 2)
-    return side * side // v.spatial_merge_size ** 2, dict(pixel_values=pixels, image_grid_thw=torch.tensor([[1, side, side]]))
+    thw = torch.tensor([[1, side, side]])
+    return side * side // v.spatial_merge_size ** 2, dict(pixel_values=pixels, image_grid_thw=thw)
 
 
-def _square(v) -> int:
-    """Patches per side of a square-image ViT (image_size / patch_size may be ints or pairs)."""
-    size, patch = v.image_size, v.patch_size
-    size, patch = (size[0] if isinstance(size, (list, tuple)) else size), (patch[0] if isinstance(patch, (list, tuple)) else patch)
-    return size // patch
+def _first(x):
+    """image_size / patch_size are ints, or (height, width) pairs in InternViT."""
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def _grid(v) -> int:
+    """Patches per side of a square ViT input."""
+    return _first(v.image_size) // _first(v.patch_size)
 
 
 def _image(v, *lead):
-    size = v.image_size[0] if isinstance(v.image_size, (list, tuple)) else v.image_size
-    return torch.randn(*lead, v.num_channels, size, size)
+    return torch.randn(*lead, v.num_channels, _first(v.image_size), _first(v.image_size))
+
+
+def _vit_tokens(c) -> int:
+    """Features a LLaVA-style model keeps per image: patches (+ CLIP's CLS) (- first if 'default')."""
+    v = c.vision_config
+    return _grid(v) ** 2 + (v.model_type == "clip_vision_model") - (c.vision_feature_select_strategy == "default")
 
 
 def _llava_image(c):
-    v = c.vision_config
-    cls_token = v.model_type == "clip_vision_model"
-    drop = c.vision_feature_select_strategy == "default"
-    return _square(v) ** 2 + cls_token - drop, dict(pixel_values=_image(v, 1))
+    return _vit_tokens(c), dict(pixel_values=_image(c.vision_config, 1))
 
 
 def _onevision_image(c):
-    # Two images of one sample: multi-image mode, one tile each, plus one newline token per image.
-    v = c.vision_config
-    size = torch.tensor([[v.image_size, v.image_size]] * 2)
-    return 2 * (_square(v) ** 2 + 1), dict(pixel_values=_image(v, 2, 1), image_sizes=size,
-                                           batch_num_images=torch.tensor([2]))
+    # Two images in one sample: multi-image mode, one tile each, plus one newline token per image.
+    size = torch.tensor([[_first(c.vision_config.image_size)] * 2] * 2)
+    return 2 * (_vit_tokens(c) + 1), dict(pixel_values=_image(c.vision_config, 2, 1), image_sizes=size,
+                                          batch_num_images=torch.tensor([2]))
 
 
 def _internvl_image(c):
-    return int(_square(c.vision_config) ** 2 * c.downsample_ratio ** 2), dict(pixel_values=_image(c.vision_config, 1))
+    v = c.vision_config
+    return int(_grid(v) ** 2 * c.downsample_ratio ** 2), dict(pixel_values=_image(v, 1))
 
 
 def _gemma3_image(c):
@@ -320,23 +329,22 @@ def _gemma3_image(c):
 def _mistral3_image(c):
     v = c.vision_config
     side = 2 * v.patch_size * c.spatial_merge_size  # 2x2 merged tokens
-    return 4, dict(pixel_values=torch.randn(1, v.num_channels, side, side), image_sizes=torch.tensor([[side, side]]))
+    pixels = torch.randn(1, v.num_channels, side, side)
+    return 4, dict(pixel_values=pixels, image_sizes=torch.tensor([[side, side]]))
 
 
 def _idefics3_image(c):
     v = c.vision_config
-    return _square(v) ** 2 // c.scale_factor ** 2, dict(pixel_values=_image(v, 1, 1))
+    return _grid(v) ** 2 // c.scale_factor ** 2, dict(pixel_values=_image(v, 1, 1))
 
 
 IMAGE_INPUTS = {
-    "qwen2_vl": _qwen_vl_image, "qwen2_5_vl": _qwen_vl_image, "qwen3_vl": _qwen_vl_image,
-    "qwen3_vl_moe": _qwen_vl_image, "llava": _llava_image, "llava_onevision": _onevision_image,
+    **dict.fromkeys(QWEN_VL, _qwen_vl_image), "llava": _llava_image, "llava_onevision": _onevision_image,
     "internvl": _internvl_image, "gemma3": _gemma3_image, "mistral3": _mistral3_image,
     "idefics3": _idefics3_image, "smolvlm": _idefics3_image,
 }
 # Families whose forward wants a 0/1 mask of the image positions, and its argument name.
-TOKEN_TYPE_ARG = dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"), "mm_token_type_ids")
-TOKEN_TYPE_ARG["gemma3"] = "token_type_ids"
+TOKEN_TYPE_ARG = {**dict.fromkeys(QWEN_VL, "mm_token_type_ids"), "gemma3": "token_type_ids"}
 
 
 def image_token_id(config) -> int:
