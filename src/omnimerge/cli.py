@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import OmnimergeError
@@ -43,7 +44,7 @@ def merge(
                        progress=progress)
     plan = result.plan
     for note in plan.notes:
-        err.print(f"[yellow]note[/]: {note}")
+        err.print(f"[yellow]note[/]: {escape(note)}")
     if dry_run:
         table = Table(title=f"plan: {plan.recipe.method} → {plan.skeleton.name} ({len(plan.jobs)} tensors, "
                             f"{_gb(plan.out_bytes)} in {len(plan.shards())} shard(s))")
@@ -73,7 +74,7 @@ def inspect(
               f"{info['model_type']}, {info['layers']} decoder layers, vocab {info['vocab_size']}"
               + (", lm_head tied to embed" if info["tied_lm_head"] else ""))
     if info["note"]:
-        out.print(f"[yellow]note[/]: {info['note']}")
+        out.print(f"[yellow]note[/]: {escape(info['note'])}")
     table = Table()
     for col in ("component", "tensors", "parameters", "size", "dtypes"):
         table.add_column(col)
@@ -93,7 +94,7 @@ def verify(
 
     res = run_verify(output, image=image)
     for c in res.checks:
-        out.print(f"{'[green]ok[/]  ' if c.ok else '[red]FAIL[/]'} {c.name}: {c.detail}")
+        out.print(f"{'[green]ok[/]  ' if c.ok else '[red]FAIL[/]'} {c.name}: {escape(c.detail)}")
     if not res.ok:
         raise typer.Exit(1)
 
@@ -112,10 +113,10 @@ def methods(as_json: bool = typer.Option(False, "--json", help="print JSON")):
         return
     for m in ms:
         out.print(f"[bold]{m.name}[/]{' (needs base)' if m.needs_base else ''} — {m.summary}")
-        out.print(f"  [dim]{m.reference}[/]")
+        out.print(f"  [dim]{escape(m.reference)}[/]")
         for p in m.params:
             scope = "per model" if p.per_model else "global"
-            out.print(f"  {p.name}: {p.kind.__name__} = {p.default!r}  [{p.range_text()}; {scope}]  {p.help}")
+            out.print(escape(f"  {p.name}: {p.kind.__name__} = {p.default!r}  [{p.range_text()}; {scope}]  {p.help}"))
 
 
 @app.command()
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except OmnimergeError as e:
-        err.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
         return OmnimergeError.exit_code
     except typer.Exit as e:
         return e.exit_code

@@ -356,7 +356,10 @@ def image_token_id(config) -> int:
 
 
 def dummy_inputs(model, image: bool = False) -> dict[str, torch.Tensor]:
-    """Keyword arguments for `model(**inputs)`: a few text ids, plus one image if `image`."""
+    """Keyword arguments for `model(**inputs)`: 8 text ids, plus an image and its placeholder tokens if `image`.
+
+    Reads only `model.config` (and the model's dtype/device); LLaVA-OneVision gets two images (multi-image mode).
+    """
     config = model.config
     vocab = config.get_text_config().vocab_size
     text = torch.arange(8) + vocab // 2  # ordinary ids, far from the special tokens at either end
