@@ -113,18 +113,22 @@ class _Progress:
     def __init__(self, enabled: bool, total_tensors: int, total_bytes: int):
         self.bar = None
         if enabled:
-            from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
-            self.bar = Progress(TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("tensors"), DownloadColumn(), TimeRemainingColumn(), transient=False)
+            self.bar = Progress(TextColumn("[bold]merging"), BarColumn(),
+                                TextColumn("{task.fields[tensors]}/" + str(total_tensors) + " tensors"),
+                                DownloadColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=Console(stderr=True))
             self.bar.start()
-            self.task = self.bar.add_task("merge", total=total_tensors)
-            self.bytes_task = self.bar.add_task("bytes", total=total_bytes, visible=False)
+            self.task = self.bar.add_task("merge", total=total_bytes, tensors=0)
+            self.done = 0
 
     def advance(self, nbytes: int) -> None:
         if self.bar:
-            self.bar.advance(self.task)
+            self.done += 1
+            self.bar.update(self.task, advance=nbytes, tensors=self.done)
 
     def close(self) -> None:
         if self.bar:
