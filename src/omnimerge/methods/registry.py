@@ -50,8 +50,13 @@ class Param:
     exclusive_maximum: bool = False
     choices: tuple[Any, ...] | None = None
     per_model: bool = False
+    check: Callable[[Any], Any] | None = None  # custom validation (returns the value or raises ValueError)
+    kind_text: str | None = None  # how `omnimerge methods` names the type when `check` is used
+    range_doc: str | None = None  # what `check` accepts, in words
 
     def range_text(self) -> str:
+        if self.range_doc is not None:
+            return self.range_doc
         if self.choices is not None:
             return "one of " + ", ".join(map(str, self.choices))
         lo = hi = ""
@@ -67,8 +72,17 @@ class Param:
             return f"{'<' if self.exclusive_maximum else '<='} {self.maximum:g}"
         return "any"
 
+    @property
+    def type_name(self) -> str:
+        return self.kind_text or _KINDS[self.kind]
+
     def validate(self, value: Any, where: str) -> Any:
         """Return ``value`` coerced to this parameter's type, or raise naming ``where``."""
+        if self.check is not None:
+            try:
+                return self.check(value)
+            except ValueError as e:
+                raise OmnimergeError(f"{where}: parameter '{self.name}': {e}") from None
         kind = _KINDS[self.kind]
         if self.kind is bool:
             if not isinstance(value, bool):
