@@ -120,6 +120,29 @@ def methods(as_json: bool = typer.Option(False, "--json", help="print JSON")):
 
 
 @app.command()
+def analyze(
+    recipe: Path = typer.Argument(..., help="recipe YAML file (needs a base)"),
+    output: Path = typer.Option(..., "-o", "--output", help="folder for analysis.json and the PNG plots"),
+    rank_rule: str = typer.Option("knee", "--rank-rule", help="rank rule marked on the spectra"),
+    spectra: bool = typer.Option(True, "--spectra/--no-spectra", help="compute singular spectra of 2-D task vectors"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+):
+    """Task-vector norms, cosines, sign conflicts and spectra of RECIPE's models, per layer."""
+    from .analysis import analyze as run_analyze
+
+    rule = int(rank_rule) if rank_rule.isdigit() else (float(rank_rule) if rank_rule.replace(".", "", 1).isdigit() else rank_rule)
+    result = run_analyze(recipe, output, rank_rule=rule, spectra=spectra, allow_pickle=allow_pickle)
+    table = Table(title=f"task vectors of {', '.join(result['models'])} (base {result['base']})")
+    for col in ("component", "tensors", "norm per model", "mean pairwise cos", "sign conflict"):
+        table.add_column(col)
+    for comp, s in result["summary"].items():
+        table.add_row(comp, str(s["tensors"]), ", ".join(f"{v:.3g}" for v in s["norm"]),
+                      f"{s['mean_pairwise_cosine']:.3f}", f"{s['mean_sign_conflict']:.3f}")
+    out.print(table)
+    out.print(f"wrote {output / 'analysis.json'} and {len(result.get('plots', []))} plots in {result['seconds']:.1f} s")
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path("omnimerge-demo"), "--workdir", help="where the tiny models and outputs go"),
 ):
