@@ -155,23 +155,21 @@ def demo(
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False, prog_name="omnimerge")
     except OmnimergeError as e:
         err.print(f"[red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
         return OmnimergeError.exit_code
-    except typer.Exit as e:
-        return e.exit_code
     except KeyboardInterrupt:
         err.print("interrupted; no output was left behind")
         return 130
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
+    except Exception as e:
+        # click's usage errors (typer ships its own copy of click, so match by shape, not class)
+        show, code = getattr(e, "show", None), getattr(e, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            return code
         raise
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -75,10 +75,11 @@ class ModelEntry(BaseModel):
     def _params_are_values(self):
         for k, v in (self.model_extra or {}).items():
             try:
-                _PARAM_ADAPTER.validate_python(v)
-            except ValidationError:
-                raise ValueError(f"per-model parameter '{k}' must be a scalar or a list of {{filter, value}}, got {v!r}") from None
-            self.model_extra[k] = _PARAM_ADAPTER.validate_python(v)
+                self.model_extra[k] = _PARAM_ADAPTER.validate_python(v)
+            except ValidationError as e:
+                reasons = "; ".join(err["msg"] for err in e.errors() if "regular expression" in err["msg"])
+                raise ValueError(f"per-model parameter '{k}': "
+                                 + (reasons or f"must be a scalar or a list of {{filter, value}}, got {v!r}")) from None
         return self
 
 
@@ -116,7 +117,7 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = None
     shard_size: Union[int, str] = "5GB"
 
-    @field_validator("shard_size")
+    @field_validator("shard_size", mode="before")
     @classmethod
     def _size(cls, v):
         parse_size(v)
@@ -132,15 +133,17 @@ class Recipe(BaseModel):
 
 def parse_size(v: int | str) -> int:
     """``5GB``, ``500MB``, ``2GiB`` or a byte count -> bytes."""
-    if isinstance(v, int) and not isinstance(v, bool):
+    if isinstance(v, bool):
+        raise ValueError(f"shard_size must be a byte count or a size like '5GB', got {v!r}")
+    if isinstance(v, int):
         n = v
     else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(v), re.IGNORECASE)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?)B?|B?)\s*", str(v), re.IGNORECASE)
         if not m:
             raise ValueError(f"shard_size {v!r}: use a byte count or a size like '5GB' or '500MB'")
-        unit = m.group(2).upper().rstrip("B")
-        base = 1024 if unit.endswith("I") else 1000
-        n = int(float(m.group(1)) * base ** " KMGT".index(unit[:1] or " "))
+        unit = (m.group(2) or " ").upper()
+        base = 1024 if m.group(3) else 1000
+        n = int(float(m.group(1)) * base ** " KMGT".index(unit))
     if n <= 0:
         raise ValueError(f"shard_size must be positive, got {v!r}")
     return n

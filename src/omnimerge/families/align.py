@@ -64,21 +64,37 @@ class Detected:
     note: str = ""
 
 
+_TOWER_WORDS = ("visual.", "vision_tower.", "vision_model.", "vision_encoder.", "image_encoder.", "audio_tower.",
+                "audio_encoder.")
+
+
 def generic_family(raw_keys, model_type: str) -> Family | None:
-    """Guess the decoder prefix from ``<prefix>layers.<i>.self_attn.*``; lm_head from its name."""
-    prefixes = {m.group(1) for k in raw_keys if (m := _GENERIC_Q.match(k))}
-    if not prefixes:
+    """Guess the layout of an unknown family.
+
+    The decoder is a ``<prefix>layers.<i>.(self_attn|attention|attn).*`` prefix that also holds
+    ``embed_tokens`` (a ViT tower has layers with self-attention too, but no token embedding);
+    the head is any ``...lm_head.weight``; keys under a tower word (``visual.``, ``vision_tower.``,
+    ...) are the vision (or audio) component.
+    """
+    keys = list(raw_keys)
+    prefixes = {m.group(1) for k in keys if (m := _GENERIC_Q.match(k))}
+    with_embed = {p for p in prefixes if any(k.startswith(p + "embed_tokens.") for k in keys)}
+    towers = {p for p in prefixes if any(w in p for w in _TOWER_WORDS)}
+    decoder = tuple(sorted(with_embed or (prefixes - towers), key=len))
+    if not decoder:
         return None
-    decoder = tuple(sorted(prefixes, key=len))
-    heads = tuple(sorted({k[: -len("weight")] for k in raw_keys if k.endswith("lm_head.weight")}))
-    parts = []
-    for k in raw_keys:
-        for word, comp in (("visual.", "vision."), ("vision_tower.", "vision."), ("vision_model.", "vision.")):
+    heads = tuple(sorted({k[: -len("weight")] for k in keys if k.endswith("lm_head.weight")}))
+    parts = set()
+    for k in keys:
+        if any(k.startswith(p) for p in decoder):
+            continue
+        for word in _TOWER_WORDS:
             i = k.find(word)
-            if i >= 0 and not any(k.startswith(p) for p in decoder if p):
-                parts.append((k[: i + len(word)], comp))
+            if i >= 0:
+                parts.add((k[: i + len(word)], "audio." if word.startswith("audio") else "vision."))
+                break
     return Family(f"generic:{model_type or 'unknown'}", (), "generic", decoder, heads or ("lm_head.",),
-                  tuple(sorted(set(parts))))
+                  tuple(sorted(parts)))
 
 
 def detect_family(config: dict, raw_keys) -> Detected:
