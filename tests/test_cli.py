@@ -82,7 +82,7 @@ def table_rows(text: str) -> dict[str, list[str]]:
 # --- methods ------------------------------------------------------------------------------------
 def expected_methods() -> list[dict]:
     return [{"name": m.name, "needs_base": m.needs_base,
-             "parameters": [{"name": p.name, "type": p.kind.__name__, "default": p.default, "per_model": p.per_model}
+             "parameters": [{"name": p.name, "type": p.type_name, "default": p.default, "per_model": p.per_model}
                             for p in m.params]} for m in list_methods()]
 
 
@@ -110,7 +110,7 @@ def test_methods_text(capsys):
     for m in list_methods():
         assert m.name in text
         for p in m.params:
-            assert f"{p.name}: {p.kind.__name__} = {p.default!r}" in text, (m.name, p.name)
+            assert f"{p.name}: {p.type_name} = {p.default!r}" in text, (m.name, p.name)
     assert "average — " in text and "task_arithmetic (needs base)" in text
 
 

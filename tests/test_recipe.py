@@ -276,7 +276,7 @@ def test_resolve_params_types_are_coerced():
     ta = get_method("task_arithmetic")
     entries = recipe(models=[{"path": "a", "weight": 2}]).models
     got = resolve_params(ta, UP, entries, {}, {"lambda": 1})
-    assert got == {"weight": [2.0], "lambda": 1.0}
+    assert got == {"weight": [2.0], "lambda": 1.0, "rank": "full"}
     assert isinstance(got["weight"][0], float) and isinstance(got["lambda"], float)
 
 

@@ -2,5 +2,6 @@
 
 from .registry import Method, MethodContext, Param, get_method, list_methods, register
 from . import basic  # noqa: F401  (registers average, task_arithmetic, ties, dare_*)
+from . import asdf  # noqa: F401  (registers asdf)
 
 __all__ = ["Method", "MethodContext", "Param", "get_method", "list_methods", "register"]

@@ -11,6 +11,8 @@ from dataclasses import replace
 import torch
 
 from ..errors import OmnimergeError
+from . import linalg
+from .ranks import RULE_DOC, check_rank_rule, choose_rank, needs_spectrum
 from .registry import MethodContext, Param, register
 
 _WEIGHT = Param("weight", float, 1.0, "weight of each model", per_model=True)
@@ -19,6 +21,17 @@ _LAMBDA = Param("lambda", float, 1.0, "scale of the merged task vector")
 _DENSITY = Param(
     "density", float, 0.2, "fraction of each task vector's entries kept, by magnitude",
     minimum=0.0, maximum=1.0, exclusive_minimum=True, per_model=True,
+)
+
+
+def _check_rank_or_full(value):
+    """``full`` (no truncation) or any rank rule (see ranks.check_rank_rule)."""
+    return "full" if value == "full" else check_rank_rule(value)
+
+
+_TA_RANK = Param(
+    "rank", str, "full", "truncate the merged task vector Σ w_i τ_i of each matrix to this rank (before λ)",
+    check=_check_rank_or_full, kind_text="rank rule", range_doc="full (no truncation), " + RULE_DOC,
 )
 _P = Param("p", float, 0.5, "DARE drop rate", minimum=0.0, maximum=1.0, exclusive_maximum=True)
 
@@ -110,13 +123,24 @@ def average(base, models, ctx, weight=1.0):
 
 
 @register(
-    "task_arithmetic", params=(_WEIGHT, _LAMBDA), needs_base=True, reference=_TA_REF,
-    summary="Base plus the scaled weighted sum of task vectors: θ_b + λ Σ w_i τ_i.",
+    "task_arithmetic", params=(_WEIGHT, _LAMBDA, _TA_RANK), needs_base=True, reference=_TA_REF,
+    summary="Base plus the scaled weighted sum of task vectors: θ_b + λ Σ w_i τ_i "
+    "(optionally truncated to a rank per matrix).",
 )
-def task_arithmetic(base, models, ctx, weight=1.0, **kw):
+def task_arithmetic(base, models, ctx, weight=1.0, rank="full", **kw):
     lam = _lambda(kw)
     w = _per_model(weight, len(models), "weight", ctx)
-    return base + lam * _weighted_sum(_deltas(base, models), w)
+    merged = _weighted_sum(_deltas(base, models), w)
+    if rank != "full" and merged.ndim >= 2:
+        try:
+            rule = check_rank_rule(rank)
+        except ValueError as e:
+            raise OmnimergeError(f"{ctx.key}: task_arithmetic: parameter 'rank': {e}") from None
+        shape = merged.shape
+        k_or_fn = (lambda s: choose_rank(rule, shape, s)) if needs_spectrum(rule) else choose_rank(rule, shape)
+        merged, k = linalg.truncate(merged, k_or_fn, generator=ctx.generator)
+        ctx.info["rank"] = k
+    return base + lam * merged
 
 
 @register(

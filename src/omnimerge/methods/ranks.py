@@ -63,7 +63,7 @@ def knee(s: torch.Tensor) -> int:
         return 1
     s = s.double()
     x = torch.arange(r, dtype=torch.float64) / (r - 1)
-    y = (s - s[-1]) / (s[0] - s[-1] + 1e-12)
+    y = (s - s[-1]) / (s[0] - s[-1] + 1e-12 * max(float(s[0]), 1e-300))
     d = (x * (y[-1] - y[0]) - (y - y[0])).abs()
     return max(1, int(torch.argmax(d)))
 
@@ -82,7 +82,7 @@ def gavish_donoho_omega(beta: float) -> float:
 def gavish_donoho(s: torch.Tensor, shape: tuple[int, int]) -> int:
     m, n = shape[-2], shape[-1]
     beta = min(m, n) / max(m, n)
-    tau = gavish_donoho_omega(beta) * float(s.double().median())
+    tau = gavish_donoho_omega(beta) * float(torch.quantile(s.double(), 0.5))  # the true median
     return max(1, int((s.double() > tau).sum()))
 
 
@@ -116,6 +116,10 @@ def needs_spectrum(rule: RankRule) -> bool:
 def choose_rank(rule: RankRule, shape: tuple[int, ...], s: torch.Tensor | None = None) -> int:
     """The rank a rule picks for a matrix of ``shape`` (…, m, n) with descending singular values ``s``."""
     r = min(shape[-2], shape[-1])
+    if isinstance(rule, bool):
+        raise ValueError(f"rank rule must be an integer, a ratio in (0, 1] or a name, got {rule!r}")
+    if isinstance(rule, float) and rule > 1 and rule.is_integer():
+        rule = int(rule)  # as check_rank_rule reads it
     if isinstance(rule, int):
         return max(1, min(rule, r))
     if isinstance(rule, float):
