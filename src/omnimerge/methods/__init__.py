@@ -3,5 +3,7 @@
 from .registry import Method, MethodContext, Param, get_method, list_methods, register
 from . import basic  # noqa: F401  (registers average, task_arithmetic, ties, dare_*)
 from . import asdf  # noqa: F401  (registers asdf)
+from . import spectral  # noqa: F401  (registers tsv, iso_c, iso_cts)
+from . import wudi  # noqa: F401  (registers wudi, wudi2, swudi, aswudi)
 
 __all__ = ["Method", "MethodContext", "Param", "get_method", "list_methods", "register"]

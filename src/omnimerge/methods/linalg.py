@@ -206,10 +206,10 @@ def truncate(a: torch.Tensor, rank, *, generator: torch.Generator | None = None,
 # Added after the functions above, which keep their behaviour. Everything here takes one matrix
 # (m, n); callers loop over batches.
 #
-# The eigen-decompositions run in float64: on these CPUs (MKL) a float64 `eigh` is both accurate
-# and about 8x faster than a float32 one. Products with the data stay in the data's dtype where
-# the factor they use is orthonormal (well conditioned), so rounding stays at the level of the
-# data's own precision.
+# Eigen-decompositions of Gram matrices run in float64: a Gram matrix squares the condition number,
+# and float32 eigenvectors of one are off by ~1e-2 near a rank cutoff (float64: ~1e-4 of the merged
+# delta, the level of a float32 SVD). Products with the data stay in the data's dtype where the
+# factor they use is orthonormal (well conditioned), so rounding stays at the data's own level.
 # ================================================================================================
 
 
@@ -287,10 +287,12 @@ def polar_exact(a: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
 def polar_gram(a: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The polar factor of ``a`` through the Gram matrix of its smaller side, and its singular values.
 
-    With a aᵀ = W Λ Wᵀ (rows ≤ columns; float64): polar(a) = W Λ^(-1/2) (Wᵀ a). The products with
-    ``a`` run in a's dtype through the orthonormal W, so each direction j carries the error of the
-    data itself, about ε·σ_1/σ_j, as an SVD would. Directions with σ ≤ rtol·σ_max are left out.
-    Returns (polar factor in a's dtype, singular values descending in float64, min(m, n) of them).
+    With a aᵀ = W Λ Wᵀ (rows ≤ columns; Gram and eigh in float64): polar(a) = H a with
+    H = W Λ^(-1/2) Wᵀ, formed and applied in a's dtype (one product with the big side). The error is
+    that of the data's own precision amplified by σ_1/σ_j in direction j, as with an SVD; measured on
+    float32 matrices with σ_1/σ_min up to 6e5: 3e-4 relative (Frobenius). Directions with
+    σ ≤ rtol·σ_max are left out. Returns (polar factor in a's dtype, singular values descending in
+    float64, min(m, n) of them).
     """
     if rtol is None:
         rtol = zero_rtol(a.dtype)
@@ -298,63 +300,80 @@ def polar_gram(a: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor
     x = a if wide else a.mT
     lam, w = eigh_desc(gram(x, dtype=torch.float64))
     wx = w.to(x.dtype)
-    z = wx.mT @ x
-    z *= inv_sqrt_weights(lam, rtol).to(x.dtype)[:, None]
-    p = wx @ z
+    h = (wx * inv_sqrt_weights(lam, rtol).to(x.dtype)) @ wx.mT
+    p = h @ x
     return (p if wide else p.mT), lam.sqrt()
 
 
 def two_block_inv_sqrt(c: torch.Tensor, rtol: float) -> torch.Tensor:
     """(XᵀX)^(-1/2) for X = [X_1, X_2] with orthonormal columns in each block, from C = X_1ᵀ X_2 alone.
 
-    XᵀX = I + E with E = [[0, C], [Cᵀ, 0]]; E² = diag(C Cᵀ, Cᵀ C), so for h(x) = (1 + x)^(-1/2)
-    split into even and odd parts, h_e(x) = F(x²) and h_o(x) = x·G(x²):
-    (XᵀX)^(-1/2) = [[F(C Cᵀ), C G(Cᵀ C)], [Cᵀ G(C Cᵀ), F(Cᵀ C)]].
-    Two eigen-decompositions of the blocks' sizes replace one of their sum (about 4x fewer flops).
-    The eigenvalues of XᵀX are 1 ± γ (γ: cosines of the principal angles); an eigenvalue whose square
-    root is ≤ rtol·√λ_max is left out (pseudo-inverse), as in ``psd_inv_sqrt``. float64.
+    XᵀX = I + E with E = [[0, C], [Cᵀ, 0]], whose eigenvalues are ±γ (γ: the singular values of C,
+    cosines of the principal angles between the blocks) and 0. Split h(x) = (1 + x)^(-1/2) into its
+    even part F(x²) and odd part x·G(x²); with φ(y) = (F(y) − 1)/y, and B = C Cᵀ (k_1 ≤ k_2):
+    (XᵀX)^(-1/2) = [[F(B), G(B) C], [Cᵀ G(B), I + Cᵀ φ(B) C]]
+    — one eigen-decomposition of the smaller block's size instead of one of k_1 + k_2 (about 8x fewer
+    flops for equal blocks). An eigenvalue 1 ± γ whose square root is ≤ rtol·√λ_max is left out
+    (pseudo-inverse), as in ``psd_inv_sqrt``. float64.
     """
     c = c.double()
+    if c.shape[0] > c.shape[1]:
+        h = two_block_inv_sqrt(c.mT, rtol)
+        k2 = c.shape[1]
+        return torch.cat([torch.cat([h[k2:, k2:], h[k2:, :k2]], 1), torch.cat([h[:k2, k2:], h[:k2, :k2]], 1)], 0)
     k1, k2 = c.shape
+    lam, w = eigh_desc(c @ c.mT)
+    y = lam.clamp(0, 1)
+    gam = y.sqrt()
+    lam_max = 1 + float(gam.max()) if gam.numel() else 1.0
+    cut = rtol * rtol * lam_max
 
-    def parts(g):
-        lam, w = eigh_desc(g)
-        gam = lam.clamp(0, 1).sqrt()
-        lam_max = 1 + float(gam.max()) if gam.numel() else 1.0
-        cut = rtol * rtol * lam_max
+    def h(x):  # (1 + x)^(-1/2), 0 where 1 + x is a (numerically) zero eigenvalue
+        z = 1 + x
+        return torch.where(z > cut, z.clamp_min(max(cut, 1e-300)).rsqrt(), torch.zeros_like(z))
 
-        def h(x):  # (1 + x)^(-1/2), 0 where 1 + x is a zero eigenvalue
-            y = 1 + x
-            return torch.where(y > cut, y.clamp_min(cut if cut > 0 else 1e-300).rsqrt(), torch.zeros_like(y))
-
-        plus, minus = h(gam), h(-gam)
-        even = (plus + minus) / 2
-        safe = torch.where(gam > 1e-4, gam, torch.ones_like(gam))
-        # h_o(γ)/γ; near γ = 0 its Taylor series −1/2 − (5/16)·γ² (relative error < 1e-8 below 1e-4)
-        odd = torch.where(gam > 1e-4, (plus - minus) / 2 / safe, -0.5 - 0.3125 * gam * gam)
-        return (w * even) @ w.mT, (w * odd) @ w.mT
-
-    f1, g1 = parts(c @ c.mT)
-    f2, g2 = parts(c.mT @ c)
+    plus, minus = h(gam), h(-gam)
+    even = (plus + minus) / 2
+    small = gam < 1e-3  # Taylor series where the divisions cancel (error below 1e-12)
+    safe_g = torch.where(small, torch.ones_like(gam), gam)
+    safe_y = torch.where(small, torch.ones_like(y), y)
+    odd = torch.where(small, -0.5 - 0.3125 * y - 0.24609375 * y * y, (plus - minus) / 2 / safe_g)
+    phi = torch.where(small, 0.375 + 0.2734375 * y + 0.2255859375 * y * y, (even - 1) / safe_y)
+    f_b = (w * even) @ w.mT
+    g_b = (w * odd) @ w.mT
+    phi_b = (w * phi) @ w.mT
     out = torch.empty((k1 + k2, k1 + k2), dtype=torch.float64, device=c.device)
-    out[:k1, :k1] = f1
-    out[k1:, k1:] = f2
-    out[:k1, k1:] = c @ g2
+    out[:k1, :k1] = f_b
+    out[:k1, k1:] = g_b @ c
     out[k1:, :k1] = out[:k1, k1:].mT
+    out[k1:, k1:] = c.mT @ phi_b @ c
+    out[k1:, k1:].diagonal().add_(1.0)
     return out
+
+
+def _orthonormalising_factor(g: torch.Tensor, rtol: float) -> torch.Tensor:
+    """W with X W orthonormal, for a Gram matrix g = XᵀX close to I: Cholesky's L^(-T) (cheap), or
+    the pseudo-inverse square root where Cholesky fails."""
+    g = g.double()
+    l, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+        return torch.linalg.solve_triangular(l.mT, eye, upper=True)
+    return psd_inv_sqrt(g, rtol)
 
 
 def two_block_polar_weights(g11: torch.Tensor, g22: torch.Tensor, g12: torch.Tensor, rtol: float) -> torch.Tensor:
     """M with polar([X_1, X_2]) = [X_1, X_2] @ M, from the blocks of the Gram matrix XᵀX.
 
-    The blocks are first made exactly orthonormal (X̃_i = X_i G_ii^(-1/2), removing the rounding
-    that a product in float32 leaves in them), then ``two_block_inv_sqrt`` of X̃_1ᵀ X̃_2 applies.
-    Where the blocks are orthonormal to begin with this is the polar factor; otherwise it is that of
-    the re-orthonormalised blocks, which differs by the blocks' own rounding. float64.
+    The blocks are first made exactly orthonormal (X̃_i = X_i W_i, W_i from a Cholesky factor of
+    G_ii: this removes the rounding that a float32 product leaves in them), then
+    ``two_block_inv_sqrt`` of X̃_1ᵀ X̃_2 applies. For orthonormal blocks this is the polar factor;
+    otherwise that of the re-orthonormalised blocks (X̃_i = polar(X_i) times a rotation within the
+    block of the order of the rounding, which the caller's diagonal S does not amplify). float64.
     """
-    w1 = psd_inv_sqrt(g11, rtol)
-    w2 = psd_inv_sqrt(g22, rtol)
-    h = two_block_inv_sqrt(w1 @ g12.double() @ w2, rtol)
+    w1 = _orthonormalising_factor(g11, rtol)
+    w2 = _orthonormalising_factor(g22, rtol)
+    h = two_block_inv_sqrt(w1.mT @ g12.double() @ w2, rtol)
     k1 = w1.shape[0]
     out = torch.empty_like(h)
     out[:k1] = w1 @ h[:k1]

@@ -1,0 +1,396 @@
+"""wudi, wudi2, swudi, aswudi pinned to their definitions (DESIGN §5) and to plain references."""
+
+import math
+import re
+
+import pytest
+import torch
+
+import omnimerge.methods.wudi  # noqa: F401  (registers the methods)
+from omnimerge.errors import OmnimergeError
+from omnimerge.methods import MethodContext, get_method
+from omnimerge.methods.ranks import choose_rank
+
+KEY = "language.layers.0.mlp.up_proj.weight"
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread avoids OpenMP hand-offs that cost milliseconds on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ctx(key=KEY, seed=0):
+    return MethodContext(key=key, generator=torch.Generator().manual_seed(seed))
+
+
+def run(name, base, models, key=KEY, **params):
+    c = ctx(key)
+    return get_method(name)(base, models, c, **params), c.info
+
+
+def setup(shape, T, seed=0, scale=1e-3, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=dtype)
+    taus = [scale * torch.randn(shape, generator=g, dtype=dtype) for _ in range(T)]
+    return base, [base + t for t in taus], taus
+
+
+def wudi_C_D(taus):
+    C = sum(t.mT @ t / t.square().sum() for t in taus)
+    D = sum(t @ t.mT @ t / t.square().sum() for t in taus)
+    return C, D
+
+
+def wudi_loss(x, taus):
+    return float(sum(((x - t) @ t.mT).square().sum() / t.square().sum() for t in taus))
+
+
+def dense_reference(taus, *, t=300.0, rho=0.85, filter=True, init="sum"):
+    """SWUDI written out with a plain n×n eigendecomposition of C (one matrix)."""
+    C, D = wudi_C_D(taus)
+    n = C.shape[0]
+    theta0 = sum(taus) * {"sum": 1.0, "mean": 1.0 / len(taus), "zero": 0.0}[init]
+    lam, Q = torch.linalg.eigh(C)
+    lam, Q = lam.flip(0).clamp_min(0), Q.flip(1)  # descending
+    keep = torch.arange(n) < math.ceil(rho * n - 1e-9)
+    if filter:
+        f = torch.where(keep, -torch.expm1(-lam * t), 0.0)
+        h = torch.where(keep, torch.where(lam > 0, f / lam.clamp_min(1e-300), t), 0.0)
+    else:
+        keep &= lam > 1e-12 * lam[0]
+        f = keep.to(lam.dtype)
+        h = torch.where(keep, 1.0 / lam.clamp_min(1e-300), 0.0)
+    return theta0 - theta0 @ Q @ torch.diag(f) @ Q.T + D @ Q @ torch.diag(h) @ Q.T
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# ------------------------------------------------------------------------------ registry & params
+
+
+def test_registrations_and_defaults():
+    refs = {"wudi": "2503.08099", "wudi2": "2505.19892", "swudi": "2503.08099", "aswudi": "2503.08099"}
+    for name, ref in refs.items():
+        m = get_method(name)
+        assert m.needs_base and ref in m.reference and m.summary
+        assert m.param("alpha").default == 1.0 and m.param("fallback").default == "mean"
+    w = get_method("wudi")
+    assert (w.param("solver").default, w.param("steps").default, w.param("lr").default) == ("iterative", 300, 1e-5)
+    w2 = get_method("wudi2")
+    assert [w2.param(p).default for p in ("variant", "rank", "solver")] == ["full", "1/T", "auto"]
+    s = get_method("swudi")
+    assert (s.param("t").default, s.param("rho").default, s.param("init").default, s.param("filter").default) == (
+        300.0, 0.85, "sum", True)
+    assert get_method("aswudi").param("rank").default == "participation_sqrt"
+
+
+def test_parameter_validation():
+    s, w2, a = get_method("swudi"), get_method("wudi2"), get_method("aswudi")
+    for bad in (0.0, 1.5):
+        with pytest.raises(OmnimergeError, match=re.escape("(0, 1]")):
+            s.param("rho").validate(bad, "recipe")
+    with pytest.raises(OmnimergeError, match="> 0"):
+        s.param("t").validate(0.0, "recipe")
+    with pytest.raises(OmnimergeError, match="choose"):
+        s.param("init").validate("ones", "recipe")
+    with pytest.raises(OmnimergeError, match="true or false"):
+        s.param("filter").validate("yes", "recipe")
+    with pytest.raises(OmnimergeError, match="choose"):
+        w2.param("variant").validate("qlora", "recipe")
+    assert w2.param("rank").validate("1/T", "r") == "1/T"
+    assert w2.param("rank").validate("knee", "r") == "knee"
+    assert w2.param("rank").validate(8, "r") == 8
+    with pytest.raises(OmnimergeError, match="unknown rank rule"):
+        w2.param("rank").validate("1/2T", "recipe")
+    assert w2.param("lr").validate("auto", "r") == "auto" and w2.param("lr").validate(1e-3, "r") == 1e-3
+    with pytest.raises(OmnimergeError, match="positive number or 'auto'"):
+        w2.param("lr").validate(-1.0, "recipe")
+    assert a.param("rank").validate("gavish_donoho", "r") == "gavish_donoho"
+    with pytest.raises(OmnimergeError, match="energy"):
+        a.param("rank").validate("energy:2", "recipe")
+    with pytest.raises(OmnimergeError, match=">= 0"):
+        get_method("wudi").param("steps").validate(-1, "recipe")
+
+
+# ---------------------------------------------------------------------------------------- fallback
+
+
+@pytest.mark.parametrize("name", ["wudi", "wudi2", "swudi", "aswudi"])
+@pytest.mark.parametrize("key,shape", [("embed.weight", (12, 6)), ("lm_head.weight", (12, 6)),
+                                       ("language.layers.0.input_layernorm.weight", (6,))])
+def test_fallback_for_embed_lm_head_and_1d(name, key, shape):
+    base, models, taus = setup(shape, 3)
+    out, info = run(name, base, models, key=key)
+    torch.testing.assert_close(out, base + sum(taus) / 3)
+    assert info["fallback"] == "mean" and info["fallback_reason"] in ("embed", "lm_head", "1-D tensor")
+    out, info = run(name, base, models, key=key, fallback="sum", alpha=0.5)
+    torch.testing.assert_close(out, base + 0.5 * sum(taus))
+
+
+# -------------------------------------------------------------------------------------------- wudi
+
+
+def wudi_autograd_reference(taus, steps=300, lr=1e-5):
+    """The paper's loop: Adam on the autograd loss from Σ τ_i."""
+    vectors = torch.stack(taus)
+    x = torch.nn.Parameter(vectors.sum(0).clone())
+    opt = torch.optim.Adam([x], lr=lr)
+    norms = vectors.reshape(len(taus), -1).norm(dim=-1).square()
+    for _ in range(steps):
+        loss = (torch.matmul(x.unsqueeze(0) - vectors, vectors.transpose(1, 2)).square()
+                / norms[:, None, None]).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return x.detach()
+
+
+def test_wudi_is_the_papers_adam_loop_and_lowers_the_loss():
+    base, models, taus = setup((20, 30), 3)
+    out, info = run("wudi", base, models, trace=True)
+    torch.testing.assert_close(out - base, wudi_autograd_reference(taus), rtol=1e-7, atol=1e-12)
+    trace = info["loss_trace"]
+    assert len(trace) == 301 and info["solver"] == "iterative"
+    assert info["loss_init"] == pytest.approx(wudi_loss(sum(taus), taus), rel=1e-9)
+    assert info["loss_final"] == pytest.approx(wudi_loss(out - base, taus), rel=1e-9)
+    assert info["loss_final"] < 0.5 * info["loss_init"]
+    # monotone on average: every block of 30 steps ends lower than it started
+    blocks = [sum(trace[i:i + 30]) / 30 for i in range(0, 300, 30)]
+    assert all(b2 < b1 for b1, b2 in zip(blocks, blocks[1:]))
+    assert sum(b > a for a, b in zip(trace, trace[1:])) <= 0.1 * 300
+
+
+def test_wudi_batched_is_per_matrix():
+    base, models, taus = setup((2, 10, 14), 2)
+    out, _ = run("wudi", base, models, steps=50)
+    for b in range(2):
+        ref = wudi_autograd_reference([t[b] for t in taus], steps=50)
+        torch.testing.assert_close(out[b] - base[b], ref, rtol=1e-7, atol=1e-12)
+
+
+def test_wudi_minimizer_is_D_C_inverse():
+    base, models, taus = setup((30, 20), 2)  # T·m = 60 >= n = 20: C invertible
+    C, D = wudi_C_D(taus)
+    out, info = run("wudi", base, models, solver="minimizer")
+    torch.testing.assert_close(out - base, D @ torch.linalg.inv(C), rtol=1e-8, atol=1e-12)
+    grad = (out - base) @ C - D
+    assert float(grad.norm()) < 1e-10 * float(D.norm())
+    assert info["rank_used"] == 20
+
+
+def test_wudi_factored_form_matches():
+    # n > 2·T·m uses the factored gradient (x Fᵀ − A) F; same iterate
+    base, models, taus = setup((4, 30), 2)
+    out, info = run("wudi", base, models, steps=100)
+    torch.testing.assert_close(out - base, wudi_autograd_reference(taus, steps=100), rtol=1e-7, atol=1e-12)
+    assert info["loss_final"] < info["loss_init"]
+
+
+# ------------------------------------------------------------------------------------------- wudi2
+
+
+def wudi2_autograd_reference(taus, variant, steps=300):
+    """OptMerge's loop (InternVL `full` / LLaMA-Factory `lora`), k = ⌊min(m, n)/T⌋."""
+    vectors = torch.stack(taus)
+    T = len(taus)
+    mean = vectors.mean(0)
+    k = min(vectors.shape[-2:]) // T
+    lows, targets = [], []
+    for t in taus:
+        u, s, vh = torch.linalg.svd(t, full_matrices=False)
+        lows.append(torch.diag(s[:k]) @ vh[:k])
+        if variant == "full":
+            u2, s2, vh2 = torch.linalg.svd(t - mean, full_matrices=False)
+            targets.append(u2[:, :k] @ torch.diag(s2[:k]) @ vh2[:k] + mean)
+        else:
+            targets.append(u[:, :k] @ torch.diag(s[:k]) @ vh[:k])
+    low, target = torch.stack(lows), torch.stack(targets)
+    norms = vectors.reshape(T, -1).norm(dim=-1).square()
+    if variant == "full":
+        x = torch.nn.Parameter(vectors.sum(0).clone())
+        opt = torch.optim.Adam([x], lr=1e-5)
+    else:
+        x = torch.nn.Parameter(mean.clone())
+        opt = torch.optim.SGD([x], lr=1e-4, momentum=0.9)
+    for _ in range(steps):
+        loss = (torch.matmul(x.unsqueeze(0) - target, low.transpose(1, 2)).square() / norms[:, None, None]).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return x.detach()
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_wudi2_iterative_is_the_reference_loop_and_lowers_the_loss(variant):
+    base, models, taus = setup((20, 30), 3, scale=1.0 if variant == "lora" else 1e-3)
+    out, info = run("wudi2", base, models, variant=variant, solver="iterative", trace=True)
+    torch.testing.assert_close(out - base, wudi2_autograd_reference(taus, variant), rtol=1e-7, atol=1e-10)
+    assert info["rank"] == [6, 6, 6] and info["solver"] == "iterative"
+    trace = info["loss_trace"]
+    assert trace[-1] == info["loss_final"] < info["loss_init"] == trace[0]
+    blocks = [sum(trace[i:i + 30]) / 30 for i in range(0, 300, 30)]
+    assert all(b2 < b1 for b1, b2 in zip(blocks, blocks[1:]))
+
+
+@pytest.mark.parametrize("shape", [(20, 30), (30, 20), (2, 6, 16)])
+def test_wudi2_lora_closed_form_equals_the_sgd_loop(shape):
+    base, models, taus = setup(shape, 2, scale=1.0)
+    fast, info = run("wudi2", base, models, variant="lora")
+    loop, info_loop = run("wudi2", base, models, variant="lora", solver="iterative")
+    assert info["solver"] == "closed_form"
+    torch.testing.assert_close(fast, loop, rtol=1e-9, atol=1e-10)
+    assert info["loss_final"] == pytest.approx(info_loop["loss_final"], rel=1e-8)
+    assert info["loss_final"] < info["loss_init"]
+
+
+def test_wudi2_minimizer_zeroes_the_gradient_and_ranks_follow_the_rule():
+    base, models, taus = setup((20, 30), 2, scale=1.0)
+    out, info = run("wudi2", base, models, variant="lora", solver="minimizer", rank=4)
+    assert info["rank"] == [4, 4]
+    x = out - base
+    grad = sum((x - (u[:, :4] * s[:4]) @ vh[:4]) @ (vh[:4].T * s[:4] ** 2) @ vh[:4] / t.square().sum()
+               for t in taus for u, s, vh in [torch.linalg.svd(t, full_matrices=False)])
+    assert float(grad.norm()) < 1e-10 * float(x.norm())
+    assert info["loss_final"] < info["loss_init"]
+    _, info = run("wudi2", base, models, rank="knee", steps=5)
+    expect = [choose_rank("knee", (20, 30), torch.linalg.svdvals(t)) for t in taus]
+    assert info["rank"] == expect
+
+
+# ------------------------------------------------------------------------------------------- swudi
+
+
+@pytest.mark.parametrize("shape,T", [((30, 20), 2), ((12, 30), 3), ((8, 8), 1)])
+def test_swudi_unfiltered_full_mask_is_D_C_inverse(shape, T):
+    base, models, taus = setup(shape, T)
+    C, D = wudi_C_D(taus)
+    out, _ = run("swudi", base, models, filter=False, rho=1.0)
+    torch.testing.assert_close(out - base, D @ torch.linalg.inv(C), rtol=1e-8, atol=1e-12)
+
+
+def rk4_flow(theta0, C, D, t, steps):
+    x, h = theta0.clone(), t / steps
+    f = lambda y: -(y @ C - D)  # noqa: E731
+    for _ in range(steps):
+        k1 = f(x)
+        k2 = f(x + h / 2 * k1)
+        k3 = f(x + h / 2 * k2)
+        k4 = f(x + h * k3)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+@pytest.mark.parametrize("shape,T,init", [((20, 30), 2, "sum"), ((6, 30), 2, "mean"), ((30, 20), 3, "zero")])
+def test_swudi_is_the_integrated_gradient_flow(shape, T, init):
+    """rho = 1: the closed form equals dτ/dt = −(τC − D) integrated from θ0 (RK4, 3000 steps of 0.1)."""
+    base, models, taus = setup(shape, T)
+    C, D = wudi_C_D(taus)
+    theta0 = sum(taus) * {"sum": 1.0, "mean": 1.0 / T, "zero": 0.0}[init]
+    out, info = run("swudi", base, models, rho=1.0, init=init)
+    flow = rk4_flow(theta0, C, D, 300.0, 3000)
+    assert rel(out - base, flow) < 1e-9
+    # and the matrix exponential where C is invertible
+    if T * shape[0] >= shape[1]:
+        E = torch.linalg.matrix_exp(-300.0 * C)
+        closed = theta0 @ E + D @ torch.linalg.inv(C) @ (torch.eye(C.shape[0], dtype=F64) - E)
+        assert rel(out - base, closed) < 1e-9
+
+
+@pytest.mark.parametrize("shape,T,route", [((20, 30), 2, "cov"), ((8, 30), 2, "gram"), ((30, 20), 3, "cov"),
+                                           ((40, 12), 2, "cov"), ((5, 40), 3, "gram")])
+@pytest.mark.parametrize("kw", [{}, {"filter": False}, {"rho": 0.5, "init": "mean"}, {"t": 3.0, "init": "zero"}])
+def test_swudi_fast_route_equals_plain_eigh_reference(shape, T, route, kw):
+    base, models, taus = setup(shape, T)
+    out, info = run("swudi", base, models, **kw)
+    assert info["route"] == route
+    assert rel(out - base, dense_reference(taus, **kw)) < 1e-10
+    dense, dinfo = run("swudi", base, models, solver="dense", **kw)
+    assert dinfo["route"] == "dense" and rel(out - base, dense - base) < 1e-10
+
+
+def test_swudi_batched_matrices_are_independent():
+    base, models, taus = setup((3, 6, 20), 2)
+    out, info = run("swudi", base, models, rho=0.5)
+    for b in range(3):
+        assert rel(out[b] - base[b], dense_reference([t[b] for t in taus], rho=0.5)) < 1e-10
+    assert info["rank_used_max"] == 10  # ⌈0.5·20⌉ of the 12 nonzero eigenvalues
+
+
+def test_swudi_rank_deficient_and_zero_tasks_stay_finite():
+    # low-rank task vectors (rank 2 each, C of rank 4 of 16) and one task equal to the base
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(24, 16, generator=g, dtype=F64)
+    taus = [torch.randn(24, 2, generator=g, dtype=F64) @ torch.randn(2, 16, generator=g, dtype=F64) for _ in range(2)]
+    models = [base + t for t in taus] + [base.clone()]
+    for kw in ({}, {"filter": False, "rho": 1.0}):
+        out, info = run("swudi", base, models, **kw)
+        assert torch.isfinite(out).all()
+        assert rel(out - base, dense_reference(taus, **kw)) < 1e-9
+    out, info = run("swudi", base, models, filter=False, rho=1.0)
+    assert info["rank_used"] == 4
+    C, D = wudi_C_D(taus)
+    torch.testing.assert_close(out - base, D @ torch.linalg.pinv(C), rtol=1e-8, atol=1e-12)
+
+
+def test_swudi_float32_keeps_dtype_and_shape():
+    base, models, taus = setup((2, 12, 20), 3, dtype=torch.float32)
+    for name in ("swudi", "aswudi", "wudi", "wudi2"):
+        out, _ = run(name, base, models)
+        assert out.shape == base.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+    ref = dense_reference([t[0].double() for t in taus])
+    out, _ = run("swudi", base, models)
+    assert rel((out - base)[0].double(), ref) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------ aswudi
+
+
+def known_spectrum_taus(m, n, a, b, seed=0):
+    """Two tasks with disjoint input supports, rotated: C = R diag(a²/|a|², b²/|b|², 0…) Rᵀ."""
+    g = torch.Generator().manual_seed(seed)
+    R, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    taus = []
+    for off, vals in ((0, a), (len(a), b)):
+        U, _ = torch.linalg.qr(torch.randn(m, len(vals), generator=g, dtype=F64))
+        E = torch.zeros(len(vals), n, dtype=F64)
+        E[range(len(vals)), range(off, off + len(vals))] = 1.0
+        taus.append(U @ torch.diag(torch.tensor(vals, dtype=F64)) @ E @ R.T)
+    s = torch.cat([torch.tensor(a) / torch.tensor(a).norm(), torch.tensor(b) / torch.tensor(b).norm()])
+    return taus, s.double().sort(descending=True).values
+
+
+@pytest.mark.parametrize("m,n", [(6, 24), (12, 8)])  # gram route (T·m = 12 < 24) and cov route
+@pytest.mark.parametrize("rule", ["participation_sqrt", "gavish_donoho", "knee", "energy:0.9", 3, 0.5])
+def test_aswudi_picks_the_rank_its_rule_defines(m, n, rule):
+    a = [8.0, 4.0, 2.0, 1.0][: min(m, n // 2)]
+    b = [5.0, 1.0, 0.5, 0.25][: min(m, n // 2)]
+    taus, s = known_spectrum_taus(m, n, a, b)
+    base = torch.zeros(m, n, dtype=F64)
+    shape = (2 * m, n)
+    padded = torch.cat([s, torch.zeros(min(shape) - len(s), dtype=F64)])
+    expect = choose_rank(rule, shape, padded)
+    out, info = run("aswudi", base, [base + t for t in taus], rank=rule)
+    assert info["rank"] == expect
+    assert info["rank_used"] == min(expect, len(s))
+    # the result is the exact minimiser on the top-K eigenspace of C
+    C, D = wudi_C_D(taus)
+    lam, Q = torch.linalg.eigh(C)
+    Qk, lk = Q[:, -info["rank_used"]:], lam[-info["rank_used"]:]
+    theta0 = sum(taus)
+    ref = theta0 - theta0 @ Qk @ Qk.T + D @ Qk @ torch.diag(1 / lk) @ Qk.T
+    assert rel(out, ref) < 1e-10
+
+
+def test_aswudi_known_spectrum_distinct_rules():
+    taus, s = known_spectrum_taus(6, 24, [8.0, 4.0, 2.0, 1.0], [5.0, 1.0, 0.5, 0.25])
+    base = torch.zeros(6, 24, dtype=F64)
+    got = {r: run("aswudi", base, [base + t for t in taus], rank=r)[1]["rank"] for r in ("participation_sqrt", 2)}
+    # √λ = a/|a| ∪ b/|b| = [.975, .868, .434, .217, .195, .108, .097, .049]: (Σ√λ)²/Σλ = 8.66/2 → 5
+    assert got == {"participation_sqrt": 5, 2: 2}
