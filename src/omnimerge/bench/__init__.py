@@ -35,3 +35,26 @@ __all__ = [
     "chance_accuracy", "generate", "generic_caption", "majority_baseline", "normalize",
     "parse_box", "sample_sheet", "score",
 ]
+
+# The model layer (tiny Qwen2-VL, tokenizer, processor, training, evaluation). Imported lazily by
+# attribute, so that ``import omnimerge.bench`` stays as light as the task generators. The functions
+# ``train`` and ``evaluate`` share their modules' names, so they are not re-exported here (an imported
+# submodule would shadow them): use ``from omnimerge.bench.train import train`` and
+# ``from omnimerge.bench.evaluate import evaluate``.
+_LAZY = {
+    "BenchConfig": "model", "BenchProcessor": "model", "build_tokenizer": "model", "build_processor": "model",
+    "build_base_model": "model", "load_processor": "model", "load_model": "model", "save_checkpoint": "model",
+    "save_adapter": "model", "format_prompt": "model",
+    "extract_text_model": "train", "base_items": "train", "expert_items": "train",
+    "multitask_items": "train", "text_items": "train",
+    "evaluate_tasks": "evaluate", "predict": "evaluate",
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
