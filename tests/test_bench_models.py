@@ -20,6 +20,15 @@ MICRO = BenchConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, i
                     vision_depth=1, vision_embed_dim=16, vision_heads=2, image_size=32, batch_size=8)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Micro models gain nothing from threads, and oversubscribed threads on a busy machine are slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def proc():
     return build_processor(MICRO)
@@ -46,6 +55,7 @@ def test_config_presets_and_cache_key():
     assert full.cache_key() == BenchConfig.full().cache_key()
     assert len(full.cache_key()) == 16 and int(full.cache_key(), 16) >= 0
     assert full.cache_key() != quick.cache_key() != full.replace(seed=1).cache_key()
+    assert full.cache_key(code=False) != full.cache_key()
     assert BenchConfig.from_dict(full.to_dict()) == full
     assert full.image_tokens == 16 and MICRO.image_tokens == 4
     with pytest.raises(ValueError, match="unknown"):
@@ -53,12 +63,28 @@ def test_config_presets_and_cache_key():
 
 
 def test_tokenizer_special_tokens_and_numbers():
-    tok = build_tokenizer(768)
+    tok = build_tokenizer(640)
     assert tok.convert_tokens_to_ids(IMAGE_PAD) == 5 and tok.pad_token == "<|endoftext|>"
     assert tok.eos_token == "<|im_end|>" and tok.image_token == IMAGE_PAD
-    for s in ("0", "42", "99", "150"):  # numbers are single tokens; OCR strings one token per character
-        assert len(tok(s, add_special_tokens=False)["input_ids"]) == 1
+    # digits are single tokens (Qwen2's pre-tokenizer), OCR strings one token per character
+    assert tok.convert_ids_to_tokens(tok("150", add_special_tokens=False)["input_ids"]) == list("150")
     assert tok.convert_ids_to_tokens(tok("XC7E", add_special_tokens=False)["input_ids"]) == list("XC7E")
+    prompt = format_prompt("What colour is the circle?", True)
+    assert len(tok(prompt, add_special_tokens=False)["input_ids"]) == 17
+
+
+def test_text_llm_folder_tokenizes_like_the_vlm(tmp_path, proc):
+    """transformers loads a qwen2 folder's tokenizer as Qwen2Tokenizer (its own pre-tokenizer) and a
+    qwen2_vl folder's as TokenizersBackend (tokenizer.json's): both must give the same ids."""
+    from transformers import AutoTokenizer
+
+    vlm = save_checkpoint(build_base_model(MICRO), tmp_path / "vlm", proc)
+    llm = save_checkpoint(extract_text_model(build_base_model(MICRO)), tmp_path / "llm", proc)
+    text = [format_prompt("Compute 6 + 3 - 4 + 3.", False) + "13", "orange square 3,5,4,7", "TTA2 x1,y1"]
+    want = [proc.encode_text(t) for t in text]
+    for folder in (vlm, llm):
+        tok = AutoTokenizer.from_pretrained(folder)
+        assert [tok(t, add_special_tokens=False)["input_ids"] for t in text] == want, type(tok).__name__
 
 
 def test_processor_expands_image_tokens(proc, items):
@@ -180,7 +206,11 @@ def test_evaluate_overfit_and_range(tmp_path, proc, items):
     arith = [it for it in items if it.task == "arithmetic"]
     assert evaluate(model, "vqa", vqa, proc) == 1.0
     assert evaluate(model, "arithmetic", arith, proc) == 1.0                 # the VLM's text path
-    assert evaluate(extract_text_model(model), "arithmetic", arith, proc) == 1.0  # the text LLM
+    text = extract_text_model(model)
+    assert evaluate(text, "arithmetic", arith, proc) == 1.0                   # the text LLM
+    text_folder = save_checkpoint(text, tmp_path / "text", proc)
+    assert not (text_folder / "preprocessor_config.json").exists()           # tokenizer only
+    assert evaluate(text_folder, "arithmetic", arith) == 1.0
     folder = save_checkpoint(model, tmp_path / "m", proc)
     assert evaluate(folder, "vqa", vqa) == 1.0                               # from a folder
     unseen = T.generate("vqa", "test", 10, seed=0, image_size=32)
@@ -188,3 +218,22 @@ def test_evaluate_overfit_and_range(tmp_path, proc, items):
     assert 0.0 <= acc <= 1.0 and len(preds) == 10
     # the hand-written greedy loop and transformers' generate agree
     assert predict(model, unseen + arith, proc) == predict(model, unseen + arith, proc, use_generate=True)
+
+
+def test_zoo_builds_once_and_evaluates(tmp_path):
+    from omnimerge.bench.experiment import accuracy_matrix, build_zoo, zoo_names
+
+    cfg = MICRO.replace(base_steps=2, expert_steps=1, lora_steps=1, multitask_steps=1, text_steps=1,
+                        base_items=24, train_items=8, test_items=3)
+    logged: list[str] = []
+    zoo = build_zoo(cfg, tmp_path, log=logged.append)
+    names = zoo_names()
+    assert len(names) == 15 and len(logged) == 15 and zoo.name == cfg.cache_key()
+    assert all((zoo / n / "bench.json").is_file() for n in names)
+    assert (zoo / "lora_vqa" / "adapter_config.json").is_file()
+    assert json.loads((zoo / "full_arithmetic" / "bench.json").read_text())["steps"] == 1
+    build_zoo(cfg, tmp_path, log=logged.append)                      # cached: nothing retrained
+    assert len(logged) == 15
+    matrix = accuracy_matrix({"base": zoo / "base", "lora_ocr": zoo / "lora_ocr", "text_llm": zoo / "text_llm"}, cfg)
+    assert set(matrix["base"]) == set(T.TASKS) and set(matrix["text_llm"]) == {"arithmetic"}
+    assert all(0.0 <= v <= 1.0 for row in matrix.values() for v in row.values())

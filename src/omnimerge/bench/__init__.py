@@ -45,7 +45,8 @@ _LAZY = {
     "BenchConfig": "model", "BenchProcessor": "model", "build_tokenizer": "model", "build_processor": "model",
     "build_base_model": "model", "load_processor": "model", "load_model": "model", "save_checkpoint": "model",
     "save_adapter": "model", "format_prompt": "model",
-    "extract_text_model": "train", "base_items": "train", "expert_items": "train",
+    "extract_text_model": "train", "train_base": "train", "train_expert": "train",
+    "train_multitask": "train", "train_text_llm": "train", "base_items": "train", "expert_items": "train",
     "multitask_items": "train", "text_items": "train",
     "evaluate_tasks": "evaluate", "predict": "evaluate",
 }

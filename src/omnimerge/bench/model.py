@@ -88,7 +88,7 @@ class BenchConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 384
     rope_theta: float = 10000.0
-    vocab_size: int = 768  # the tasks' text saturates at 765 BPE tokens: every number 0-99 is one token
+    vocab_size: int = 640  # the corpus saturates at 603 BPE tokens; the rest are unused rows, as in Qwen
     # vision tower (Qwen2-VL ViT) and images
     vision_depth: int = 2
     vision_embed_dim: int = 64
@@ -97,24 +97,24 @@ class BenchConfig:
     image_size: int = 64
     patch_size: int = 8
     merge_size: int = 2
-    init_std: float = 0.02  # initializer_range of the text and vision configs
+    init_std: float = 0.08  # initializer_range of the text and vision configs (HF's 0.02 learns slower here)
     # optimisation
-    batch_size: int = 32
-    base_steps: int = 600
-    expert_steps: int = 300
-    lora_steps: int = 300
-    multitask_steps: int = 900
-    text_steps: int = 300
-    base_lr: float = 2e-3
-    expert_lr: float = 1e-3
-    lora_lr: float = 3e-3
-    text_lr: float = 1e-3
+    batch_size: int = 16
+    base_steps: int = 2500
+    expert_steps: int = 700
+    lora_steps: int = 700
+    multitask_steps: int = 2000
+    text_steps: int = 2000    # every text-only training: the text LLM and the VLM's arithmetic experts
+    base_lr: float = 3e-3
+    expert_lr: float = 2e-3
+    lora_lr: float = 5e-3
+    text_lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_frac: float = 0.05
     min_lr_frac: float = 0.1
     grad_clip: float = 1.0
     base_data: str = "dense"          # the base's pretraining descriptions: "dense" or "generic"
-    base_items: int = 20000           # items in the base's pretraining set
+    base_items: int = 24000           # items in the base's pretraining set
     base_task_fraction: float = 0.1   # share of them that are the tasks' own items
     lora_r: int = 8
     lora_alpha: int = 16
@@ -133,11 +133,12 @@ class BenchConfig:
 
     @classmethod
     def quick(cls) -> "BenchConfig":
-        """The preset of ``omnimerge bench --quick`` (minutes): a smaller model, fewer steps and items."""
+        """The preset of ``omnimerge bench --quick`` (minutes): a smaller model, fewer steps and items.
+        A smoke run of the whole pipeline, not a measurement: its experts are barely trained."""
         return cls(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
-                   vision_embed_dim=32, vision_heads=2, vision_depth=1,
-                   base_steps=60, expert_steps=30, lora_steps=30, multitask_steps=60, text_steps=30,
-                   train_items=500, val_items=20, test_items=50)
+                   vision_depth=1, vision_embed_dim=32, vision_heads=2,
+                   base_steps=300, expert_steps=60, lora_steps=60, multitask_steps=150, text_steps=100,
+                   base_items=4000, train_items=1000, val_items=20, test_items=50)
 
     def replace(self, **changes) -> "BenchConfig":
         return dataclasses.replace(self, **changes)
@@ -153,14 +154,15 @@ class BenchConfig:
             raise ValueError(f"unknown BenchConfig fields: {', '.join(unknown)}")
         return cls(**data)
 
-    def cache_key(self, *, fields: tuple[str, ...] | None = None) -> str:
-        """A stable hex digest of the fields (all, or ``fields``), the bench version and the tasks'
-        module version, for naming cached models. Same config -> same key, in any process."""
-        data = self.to_dict()
-        if fields is not None:
-            data = {k: data[k] for k in fields}
-        blob = json.dumps({"bench_version": BENCH_VERSION, "config": data}, sort_keys=True,
-                          separators=(",", ":"))
+    def cache_key(self, *, code: bool = True) -> str:
+        """A stable 16-hex-digit digest naming trained models in a cache: every field, ``BENCH_VERSION``
+        and (``code=True``) the source of the modules that decide what training produces (tasks, data,
+        model, train), so that editing a task generator or the training loop retrains. Same config and
+        code -> same key, in any process and on any machine."""
+        data = {"bench_version": BENCH_VERSION, "config": self.to_dict()}
+        if code:
+            data["code"] = _code_digest()
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -171,6 +173,15 @@ class BenchConfig:
     def image_tokens(self) -> int:
         """Visual tokens per image (after the 2x2 merge)."""
         return (self.image_size // (self.patch_size * self.merge_size)) ** 2
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("tasks.py", "data.py", "model.py", "train.py"):
+        h.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -186,10 +197,10 @@ def _mrope_section(head_dim: int) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 def _corpus() -> list[str]:
-    """The tokenizer's training text: every question template filled in, the answers, captions.
-
-    OCR strings are left out on purpose, so they tokenize one character per token (the alphabet is
-    all capitals and digits, which no other text merges)."""
+    """The tokenizer's training text: every question template filled in, the answers, the base's
+    descriptions. OCR strings are left out on purpose, so they tokenize one character per token (the
+    alphabet is capitals and digits; digits are always single tokens, and no other text merges
+    capitals)."""
     lines: list[str] = []
     colours, shapes = list(T.COLOURS), list(T.SHAPES)
     fills = dict(shape=shapes, colour=colours, label=list("ABCDE"))
@@ -212,21 +223,33 @@ def _corpus() -> list[str]:
     from .data import DESCRIBE, dense_caption
 
     lines += list(DESCRIBE) * 20
+    lines += [format_prompt("", False), "user", "assistant"] * 50
     for task in T.VISION_TASKS:
         for item in T.generate(task, "train", 200, seed=54321, image_size=64):
             if task != "ocr":
                 lines.append(dense_caption(item))
-    lines += [str(i) for i in range(100)] * 4 + [f" {i}" for i in range(100)] * 2
     lines += ["yes", "no", "top left", "top right", "bottom left", "bottom right"] * 4
     return lines
 
 
+# Qwen2's pre-tokenizer: transformers maps model_type "qwen2" to ``Qwen2Tokenizer``, which rebuilds
+# its pre-tokenizer from this regex whatever tokenizer.json says; training the BPE with the same one
+# makes the text LLM's folder (loaded as Qwen2Tokenizer) and the VLM's (loaded as TokenizersBackend)
+# tokenize identically. Digits are single pre-tokens, as in Qwen.
+QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                           r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
 @functools.lru_cache(maxsize=8)
 def _tokenizer_json(vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -236,7 +259,7 @@ def _tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def build_tokenizer(vocab_size: int = 768):
+def build_tokenizer(vocab_size: int = 640):
     """A byte-level BPE tokenizer (fast, ``PreTrainedTokenizerFast``) trained on the tasks' text, with
     the Qwen-VL special tokens at ids 0-6 (pad ``<|endoftext|>``, eos ``<|im_end|>``) and
     ``image_token``/``video_token`` attributes. Deterministic: same vocab_size -> same tokenizer."""
@@ -276,19 +299,21 @@ class BenchProcessor:
     Padding is on the ``padding_side`` (default left, for generation).
     """
 
-    def __init__(self, tokenizer, image_processor):
+    def __init__(self, tokenizer, image_processor=None):
         self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        self.image_processor = image_processor   # None: a text LLM's processor (text only)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.pad_token_id = tokenizer.pad_token_id
         self.eos_token_id = tokenizer.convert_tokens_to_ids(IM_END)
-        self.merge_size = image_processor.merge_size
+        self.merge_size = image_processor.merge_size if image_processor is not None else None
 
     # -- pieces, used by training to build labels
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def images_to_tensors(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.image_processor is None:
+            raise ValueError("this processor has no image processor (a text LLM's); it takes no images")
         out = self.image_processor(list(images), return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
 
@@ -345,13 +370,20 @@ class BenchProcessor:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True, **kw)
 
     # -- saving / loading
+    def text_only(self) -> "BenchProcessor":
+        """The same tokenizer without the image processor (what a text LLM's folder holds)."""
+        return BenchProcessor(self.tokenizer, None)
+
     def save_pretrained(self, folder) -> Path:
         """Write tokenizer files, ``preprocessor_config.json`` (``Qwen2VLImageProcessorPil``) and
         ``processor_config.json`` (``PaddleOCRVLProcessor``, see the module docstring), so the folder
-        loads with :func:`load_processor` and with ``transformers.AutoProcessor``."""
+        loads with :func:`load_processor` and with ``transformers.AutoProcessor``. Without an image
+        processor, only the tokenizer files."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(folder)
+        if self.image_processor is None:
+            return folder
         self.image_processor.save_pretrained(folder)
         ip = json.loads((folder / "preprocessor_config.json").read_text())
         ip["image_processor_type"] = "Qwen2VLImageProcessorPil"
@@ -368,6 +400,8 @@ class BenchProcessor:
 
         folder = Path(folder)
         tok = AutoTokenizer.from_pretrained(folder)
+        if not (folder / "preprocessor_config.json").is_file():
+            return cls(tok, None)
         cfg = json.loads((folder / "preprocessor_config.json").read_text())
         keep = ("patch_size", "merge_size", "temporal_patch_size", "size", "image_mean", "image_std",
                 "do_resize", "do_rescale", "do_normalize", "rescale_factor", "resample", "do_convert_rgb")
@@ -463,6 +497,8 @@ def save_checkpoint(model, folder, processor: BenchProcessor, *, extra: dict | N
     model.generation_config = generation_config()
     with _quiet():
         model.save_pretrained(folder)
+    if getattr(model.config, "model_type", None) != "qwen2_vl":
+        processor = processor.text_only()   # a text LLM's folder: tokenizer only
     processor.save_pretrained(folder)
     if extra is not None:
         (folder / "bench.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")

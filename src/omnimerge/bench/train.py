@@ -35,7 +35,8 @@ from .model import (
 )
 
 __all__ = [
-    "train", "Encoded", "encode_items", "collate", "LORA_TARGET", "trainable_parameters",
+    "train", "train_base", "train_expert", "train_multitask", "train_text_llm", "expert_steps",
+    "Encoded", "encode_items", "collate", "LORA_TARGET", "trainable_parameters",
     "extract_text_model", "base_items", "describe_items", "dense_caption", "expert_items", "multitask_items", "text_items",
     "save_checkpoint", "save_adapter", "load_model", "load_processor",
 ]
@@ -189,6 +190,53 @@ def train(model, items: Sequence[T.Item], cfg: BenchConfig, *, steps: int, lr: f
         inner = model.get_base_model() if lora else model
         inner.model.rope_deltas = None
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe: the bench's models, each from its config fields
+# --------------------------------------------------------------------------------------------
+
+def expert_steps(cfg: BenchConfig, task: str, *, lora: bool = False) -> int:
+    """Optimizer steps of an expert: ``cfg.text_steps`` for a text-only task (a text-only step costs
+    about half an image step), else ``cfg.lora_steps`` / ``cfg.expert_steps``."""
+    if task in T.TEXT_TASKS:
+        return cfg.text_steps
+    return cfg.lora_steps if lora else cfg.expert_steps
+
+
+def train_base(cfg: BenchConfig, processor: BenchProcessor | None = None, **kw):
+    """The base VLM: a fresh model, every parameter trained on :func:`base_items`."""
+    from .model import build_base_model
+
+    return train(build_base_model(cfg), base_items(cfg), cfg, steps=cfg.base_steps, lr=cfg.base_lr,
+                 trainable="all", processor=processor, **kw)
+
+
+def train_expert(base, task: str, cfg: BenchConfig, *, lora: bool = False,
+                 processor: BenchProcessor | None = None, **kw):
+    """One task's expert from ``base`` (a model, modified in place, or a folder): the language
+    backbone fully fine-tuned, or a LoRA (a PEFT model) with ``lora=True``."""
+    model = load_model(base) if isinstance(base, (str, Path)) else base
+    text = task in T.TEXT_TASKS
+    lr = cfg.lora_lr if lora else (cfg.text_lr if text else cfg.expert_lr)
+    return train(model, expert_items(cfg, task), cfg, steps=expert_steps(cfg, task, lora=lora), lr=lr,
+                 lora=lora, processor=processor, **kw)
+
+
+def train_multitask(base, cfg: BenchConfig, processor: BenchProcessor | None = None, **kw):
+    """The multi-task model (the upper bound): the language backbone trained on the union of the
+    experts' training sets."""
+    model = load_model(base) if isinstance(base, (str, Path)) else base
+    return train(model, multitask_items(cfg), cfg, steps=cfg.multitask_steps, lr=cfg.expert_lr,
+                 processor=processor, **kw)
+
+
+def train_text_llm(base, cfg: BenchConfig, processor: BenchProcessor | None = None, **kw):
+    """The text LLM: the base VLM's language backbone as a ``Qwen2ForCausalLM``, fine-tuned on the
+    text task(s)."""
+    model = load_model(base) if isinstance(base, (str, Path)) else base
+    return train(extract_text_model(model), text_items(cfg), cfg, steps=cfg.text_steps, lr=cfg.text_lr,
+                 processor=processor, **kw)
 
 
 # --------------------------------------------------------------------------------------------
