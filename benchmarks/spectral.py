@@ -2,9 +2,15 @@
 
 For each model size, the distinct language-layer matrix shapes are merged once (random low-rank
 + noise task vectors); a layer's time is the sum over its 7 matrices (q, k, v, o, gate, up, down).
-Prints, per method and number of tasks T: seconds per layer for the fast and the exact path, their
-ratio, the relative Frobenius error of the merged delta (fast vs exact), and the extrapolated time
-of a whole backbone (layers x seconds per layer).
+Prints, per method and number of tasks T: seconds per layer for the fast and the exact path — wall
+clock and CPU (time.process_time of this process, all threads) — their ratio, the relative
+Frobenius error of the merged delta (fast vs exact), and the extrapolated time of a whole backbone
+(layers x seconds per layer). The load average is printed at the start and the end: on a shared
+machine wall seconds grow with the load, CPU seconds much less.
+
+On a machine shared with other processes, run it with OMP_WAIT_POLICY=PASSIVE: with the default
+(spinning) policy, LAPACK's eigh and SVD, made of many short parallel regions, slowed down 10-15x
+under a load of 8 on 2 cores (eigh 2048²: 33.8 s against 2.3 s wall), and their CPU seconds 10x.
 
     python benchmarks/spectral.py                       # 2B shapes exact+fast, 7B shapes fast, T = 2 and 5
     python benchmarks/spectral.py --sizes 7b --exact-sizes 7b --tasks 2   # the 7B exact path (hours)
@@ -13,6 +19,8 @@ of a whole backbone (layers x seconds per layer).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 import torch
@@ -37,6 +45,14 @@ METHODS = {
 }
 
 
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def task_vectors(shape, n_tasks, rank, noise, seed):
     g = torch.Generator().manual_seed(seed)
     m, n = shape
@@ -49,6 +65,7 @@ def task_vectors(shape, n_tasks, rank, noise, seed):
 
 
 def run_one(name, params, base, models, seed):
+    """(merged tensor, wall seconds, CPU seconds, report info) of one call."""
     method = get_method(name)
     defaults = {p.name: p.default for p in method.params}
     kw = {**defaults, **params}
@@ -56,9 +73,9 @@ def run_one(name, params, base, models, seed):
         if p.per_model:
             kw[p.name] = [kw[p.name]] * len(models) if not isinstance(kw[p.name], list) else kw[p.name]
     ctx = MethodContext("language.layers.0.mlp.up_proj.weight", torch.Generator().manual_seed(seed))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = method(base, models, ctx, **kw)
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, time.process_time() - c0, ctx.info
 
 
 def main():
@@ -70,12 +87,15 @@ def main():
     ap.add_argument("--rank", type=int, default=64, help="rank of each task vector's low-rank part")
     ap.add_argument("--noise", type=float, default=0.1, help="noise level relative to the low-rank part")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="also write the rows (and per-shape timings) to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     exact_sizes = set(filter(None, args.exact_sizes.split(",")))
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; task vectors: rank {args.rank} + noise "
-          f"{args.noise}")
+    start_wall, start_load = time.perf_counter(), loadavg()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}; task vectors: rank {args.rank} + noise {args.noise}; "
+          f"load average at start: {start_load}", flush=True)
     for size in args.sizes.split(","):
         spec = SIZES[size]
         for n_tasks in map(int, args.tasks.split(",")):
@@ -83,36 +103,59 @@ def main():
                     for shape in spec["shapes"]}
             for name in args.methods.split(","):
                 fast_params, exact_params = METHODS[name]
-                fast_s = exact_s = 0.0
+                measured = exact_params is not None and size in exact_sizes
+                fast_s = fast_c = exact_s = exact_c = 0.0
                 err_num = err_den = 0.0
+                shapes = []
                 for shape, count in spec["shapes"].items():
                     base, models = data[shape]
-                    fast, t = run_one(name, fast_params, base, models, seed=1)
+                    fast, t, c, info = run_one(name, fast_params, base, models, seed=1)
                     fast_s += count * t
-                    if exact_params is not None and size in exact_sizes:
-                        exact, te = run_one(name, exact_params, base, models, seed=1)
+                    fast_c += count * c
+                    entry = {"shape": list(shape), "count": count, "fast_s": t, "fast_cpu_s": c,
+                             "route": info.get("route") or info.get("path")}
+                    line = f"    {size} T={n_tasks} {name:8s} {shape[0]:>5}x{shape[1]:<5} fast {t:8.2f} s (CPU {c:8.2f})"
+                    if measured:
+                        exact, te, ce, _ = run_one(name, exact_params, base, models, seed=1)
                         exact_s += count * te
-                        err_num += count * float((fast - exact).double().norm() ** 2)
-                        err_den += count * float((exact - base).double().norm() ** 2)
-                measured = exact_params is not None and size in exact_sizes
-                row = {"size": size, "T": n_tasks, "method": name, "fast_s": fast_s,
-                       "exact_s": exact_s if measured else None,
+                        exact_c += count * ce
+                        num = float((fast - exact).double().norm() ** 2)
+                        den = float((exact - base).double().norm() ** 2)
+                        err_num += count * num
+                        err_den += count * den
+                        entry.update(exact_s=te, exact_cpu_s=ce, rel_err=(num / den) ** 0.5 if den else None)
+                        line += f"  exact {te:8.2f} s (CPU {ce:8.2f})  rel.err {entry['rel_err']:.1e}"
+                        del exact
+                    del fast
+                    shapes.append(entry)
+                    print(line + (f"  [{entry['route']}]" if entry["route"] else ""), flush=True)
+                row = {"size": size, "T": n_tasks, "method": name, "fast_s": fast_s, "fast_cpu_s": fast_c,
+                       "exact_s": exact_s if measured else None, "exact_cpu_s": exact_c if measured else None,
                        "ratio": exact_s / fast_s if measured and fast_s else None,
                        "rel_err": (err_num / err_den) ** 0.5 if measured and err_den else None,
-                       "backbone_min": fast_s * spec["layers"] / 60}
+                       "backbone_min": fast_s * spec["layers"] / 60,
+                       "backbone_cpu_min": fast_c * spec["layers"] / 60, "load": loadavg(), "shapes": shapes}
                 rows.append(row)
-                print(f"{size} T={n_tasks} {name:16s} fast {fast_s:8.2f} s/layer"
-                      + (f"  exact {exact_s:8.2f} s/layer  x{row['ratio']:.1f}  rel.err {row['rel_err']:.1e}"
-                         if measured else "  exact (not timed)")
-                      + f"  -> {spec['layers']} layers: {row['backbone_min']:.1f} min", flush=True)
-    print("\n| size | T | method | fast s/layer | exact s/layer | exact/fast | rel. error | backbone (fast) |")
+                print(f"{size} T={n_tasks} {name:16s} fast {fast_s:8.2f} s/layer (CPU {fast_c:8.2f})"
+                      + (f"  exact {exact_s:8.2f} s/layer (CPU {exact_c:8.2f})  x{row['ratio']:.1f}  "
+                         f"rel.err {row['rel_err']:.1e}" if measured else "  exact (not timed)")
+                      + f"  -> {spec['layers']} layers: {row['backbone_min']:.1f} min (CPU {row['backbone_cpu_min']:.1f})"
+                      + f"  load {row['load']}", flush=True)
+    end_load = loadavg()
+    print(f"\nload average at start: {start_load}; at end: {end_load}; {time.perf_counter() - start_wall:.0f} s in all")
+    print("\n| size | T | method | fast s/layer (CPU s) | exact s/layer (CPU s) | exact/fast | rel. error "
+          "| backbone, fast: wall (CPU) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ex = f"{r['exact_s']:.2f}" if r["exact_s"] is not None else "—"
+        ex = f"{r['exact_s']:.1f} ({r['exact_cpu_s']:.1f})" if r["exact_s"] is not None else "—"
         ra = f"{r['ratio']:.1f}×" if r["ratio"] else "—"
         er = f"{r['rel_err']:.1e}" if r["rel_err"] is not None else "—"
-        print(f"| {r['size']} | {r['T']} | {r['method']} | {r['fast_s']:.2f} | {ex} | {ra} | {er} | "
-              f"{r['backbone_min']:.1f} min |")
+        print(f"| {r['size']} | {r['T']} | {r['method']} | {r['fast_s']:.1f} ({r['fast_cpu_s']:.1f}) | {ex} | {ra} "
+              f"| {er} | {r['backbone_min']:.1f} min ({r['backbone_cpu_min']:.1f}) |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "load_start": start_load, "load_end": end_load, "rows": rows}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,15 @@ class Zoo:
     def experts(self, family: str, n: int = 3) -> list[Path]:
         return [self.expert(family, i) for i in range(1, n + 1)]
 
+    def on_backbone(self, family: str, text_family: str, i: int = 1) -> Path:
+        """A `family` model 'trained from' the text LLM `base(text_family)`: that language model plus
+        noise on its layers, with encoders of its own (as vision/audio LLMs share one base LLM)."""
+        def make(p: Path) -> Path:
+            raw = build_tiny(family, p.with_name(p.name + "-raw"), seed=i, backbone=self.base(text_family))
+            return make_expert(raw, p, seed=200 + i, scale=0.02)
+
+        return self._once(f"{family}-on-{text_family}{i}", make)
+
     def text(self, family: str, **kw) -> Path:
         """A text LLM built with another seed than the VLMs (a 'different' model of the same shape)."""
         tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))

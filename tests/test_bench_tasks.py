@@ -271,3 +271,26 @@ def test_sample_sheet_writes_png(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         with Image.open(path) as img:
             assert img.width >= 4 * 128
+
+
+def test_layouts_sit_on_the_visual_token_cells(test_items):
+    """At 64 px the bench model's visual tokens are 16 x 16 px cells (patch 8, merge 2): OCR glyphs,
+    chart columns and grounding boxes are laid out on them (docs/bench.md says why)."""
+    for it in test_items["ocr"]:
+        sc = it.meta["scene"]
+        ink = np.asarray(it.image).astype(int).sum(-1) < np.asarray(sc["paper"]).sum() - 60
+        ys, xs = np.nonzero(ink)
+        assert set(ys // 16) == {sc["row"]}                                  # one row of cells
+        cols = sorted(set(xs // 16))
+        assert cols == list(range(sc["col"], sc["col"] + len(sc["text"])))   # one glyph per cell
+        for c in cols:                                                       # glyphs clear the cell edges
+            assert 0 < xs[xs // 16 == c].min() % 16 and xs[xs // 16 == c].max() % 16 < 15
+    for it in test_items["chart"]:
+        assert len(it.meta["scene"]["values"]) == 4
+        for i, g in enumerate(chart_geometry(it.meta["scene"])):
+            assert 16 * i <= g["l"] and g["r"] < 16 * (i + 1)
+    for it in test_items["grounding"]:
+        for o in it.meta["scene"]["objects"]:
+            assert all(v % 8 == 0 for v in o["box_px"])                      # whole cells of the 8 x 8 grid
+        x1, y1, x2, y2 = it.meta["box"]
+        assert 2 <= x2 - x1 + 1 <= 3 and x2 - x1 == y2 - y1

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import omnimerge
 from omnimerge.checkpoints import load_checkpoint
-from omnimerge.tiny import FAMILIES, PAIRS, VLM_FAMILIES
+from omnimerge.tiny import AUDIO_FAMILIES, FAMILIES, PAIRS, VLM_FAMILIES
 
 # --- the test's own reading of the raw key space ------------------------------------------------
 # Per layout: (decoder prefix, lm_head key, vision prefixes, projector prefixes). Read off the files
@@ -32,6 +32,11 @@ LLAVA_HUB = ("language_model.model.", "language_model.lm_head.weight", ("vision_
 LLAVA_T5 = ("model.language_model.", "lm_head.weight", ("model.vision_tower.",),
             ("model.multi_modal_projector.", "model.image_newline"))
 IDEFICS3 = ("model.text_model.", "lm_head.weight", ("model.vision_model.",), ("model.connector.",))
+# Audio-language (Qwen2-Audio): a fifth entry, the audio tower prefixes.
+QWEN2_AUDIO_HUB = ("language_model.model.", "language_model.lm_head.weight", (), ("multi_modal_projector.",),
+                   ("audio_tower.",))
+QWEN2_AUDIO_T5 = ("model.language_model.", "lm_head.weight", (), ("model.multi_modal_projector.",),
+                  ("model.audio_tower.",))
 
 LAYOUT = {
     **{f: {True: TEXT, False: TEXT} for f in ("qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3_text")},
@@ -39,6 +44,7 @@ LAYOUT = {
     **{f: {True: QWEN3_VL, False: QWEN3_VL} for f in ("qwen3_vl", "qwen3_vl_moe")},
     **{f: {True: LLAVA_HUB, False: LLAVA_T5} for f in ("llava", "llava_onevision", "internvl", "gemma3", "mistral3")},
     **{f: {True: IDEFICS3, False: IDEFICS3} for f in ("idefics3", "smolvlm")},
+    "qwen2_audio": {True: QWEN2_AUDIO_HUB, False: QWEN2_AUDIO_T5},
 }
 # The family a model_type belongs to, where the name differs (SmolVLM is Idefics3's architecture).
 FAMILY_NAME = {"smolvlm": "idefics3"}
@@ -46,7 +52,7 @@ FAMILY_NAME = {"smolvlm": "idefics3"}
 
 def expected(raw: str, layout) -> tuple[str, str] | None:
     """(component, canonical key or the tail it must end with) for one raw key; None if unknown."""
-    dec, head, vision, projector = layout
+    dec, head, vision, projector, *audio = layout
     if raw == head:
         return "lm_head", "lm_head.weight"
     if raw == dec + "embed_tokens.weight":
@@ -59,6 +65,9 @@ def expected(raw: str, layout) -> tuple[str, str] | None:
     for p in vision:
         if raw.startswith(p):
             return "vision", raw[len(p):]
+    for p in audio[0] if audio else ():
+        if raw.startswith(p):
+            return "audio", raw[len(p):]
     return None
 
 
@@ -89,7 +98,7 @@ def test_every_raw_key_in_its_component(zoo, family, original):
     assert ckpt.family.name == FAMILY_NAME.get(family, family)
     assert cfg["model_type"] in ckpt.family.model_types
     assert not ckpt.inferred and ckpt.note == ""
-    assert ckpt.family.kind == ("vlm" if family in VLM_FAMILIES else "text")
+    assert ckpt.family.kind == ("vlm" if family in VLM_FAMILIES else "audio" if family in AUDIO_FAMILIES else "text")
 
     keys = raw_keys(folder)
     assert set(ckpt.raw_to_canon) == set(keys)
@@ -109,6 +118,8 @@ def test_every_raw_key_in_its_component(zoo, family, original):
     assert "other" not in ckpt.components()
     if family in VLM_FAMILIES:
         assert seen == {"language", "embed", "lm_head", "vision", "projector"}
+    elif family in AUDIO_FAMILIES:
+        assert seen == {"language", "embed", "lm_head", "audio", "projector"}
     else:
         assert seen == {"language", "embed", "lm_head"}
     by_comp = ckpt.components()

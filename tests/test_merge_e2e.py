@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import omnimerge
@@ -222,6 +223,9 @@ def test_report_and_card(zoo, tmp_path):
     assert report["tensors"]["visual.blocks.0.attn.qkv.weight"]["action"] == "copy"
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model:") and "- merge" in card and "arXiv:2306.01708" in card
+    header = yaml.safe_load(card.split("---\n")[1])  # the front matter the Hub renders
+    assert header == {"base_model": [base.name] + [e.name for e in experts], "base_model_relation": "merge",
+                      "library_name": "transformers", "tags": ["merge", "omnimerge", "ties"]}
     recorded = omnimerge.load_recipe(out / "omnimerge.yaml")
     assert recorded.base == str(base) and recorded.method == "ties"
     assert re.search(r"preprocessor_config\.json|chat_template", " ".join(p.name for p in out.iterdir()))

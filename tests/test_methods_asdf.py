@@ -55,7 +55,7 @@ def small_gram(monkeypatch):
     """Send matrices with min(m, n) >= 32 down the fast route (Gram spectrum, randomized or projection)."""
     monkeypatch.setattr(linalg, "GRAM_MIN", 32)
     routes = []
-    top_svd, project = linalg.top_svd, linalg._trunc_project
+    top_svd, project = linalg.top_svd, linalg.project_top
 
     def spy_top(*a, **kw):
         routes.append(("randomized", kw.get("iters")))
@@ -66,7 +66,7 @@ def small_gram(monkeypatch):
         return project(*a, **kw)
 
     monkeypatch.setattr(linalg, "top_svd", spy_top)
-    monkeypatch.setattr(linalg, "_trunc_project", spy_project)
+    monkeypatch.setattr(linalg, "project_top", spy_project)
     return routes
 
 

@@ -148,6 +148,29 @@ def test_tsv_fast_equals_exact_for_other_rank_rules(fast, n, rank):
     assert c_fast.info["rank"] == c_exact.info["rank"]
 
 
+@pytest.mark.parametrize("kind", ["gap", "flat"])
+def test_tsv_small_rank_takes_the_randomized_finder_only_where_it_converges(fast, monkeypatch, kind):
+    """k <= r·RANDOMIZED_FRACTION: the randomized SVD where the task's spectrum falls off after k (with
+    the iterations it prescribes), else the Gram eigenvectors; either way the exact path's result."""
+    monkeypatch.setattr(spectral, "RANDOMIZED_FRACTION", 0.25)
+    calls = []
+    top_svd = spectral.top_svd
+    monkeypatch.setattr(spectral, "top_svd", lambda *a, **kw: calls.append(kw["iters"]) or top_svd(*a, **kw))
+    g = torch.Generator().manual_seed(14)
+    m, n, k = 48, 72, 4
+    taus = []
+    for _ in range(2):
+        u, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64))
+        s = (torch.cat([torch.full((k,), 10.0), torch.full((m - k,), 1e-3)]) if kind == "gap"
+             else torch.arange(1, m + 1, dtype=torch.float64) ** -0.3)
+        taus.append((u * s) @ v.T)
+    z = torch.zeros(m, n, dtype=torch.float64)
+    fast_out = run("tsv", z, taus, rank=k)
+    assert (calls and all(p is not None for p in calls)) if kind == "gap" else calls == []
+    assert rel(fast_out, run("tsv", z, taus, rank=k, exact=True)) < 1e-8
+
+
 def test_fast_path_on_a_decaying_spectrum_float32(fast):
     # task vectors with a shared low-rank part and a power-law spectrum, like fine-tuning deltas
     g = torch.Generator().manual_seed(4)

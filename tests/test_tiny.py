@@ -26,7 +26,7 @@ def load(path):
 
 def test_required_families_present():
     assert REQUIRED <= set(tiny.FAMILIES)
-    assert set(tiny.TEXT_FAMILIES) | set(tiny.VLM_FAMILIES) == set(tiny.FAMILIES)
+    assert set(tiny.TEXT_FAMILIES) | set(tiny.VLM_FAMILIES) | set(tiny.AUDIO_FAMILIES) == set(tiny.FAMILIES)
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
@@ -42,6 +42,11 @@ def test_build_load_forward(built, family):
             second = model(**tiny.dummy_inputs(model, image=True)).logits  # other random pixels
             assert torch.isfinite(first).all()
             assert not torch.allclose(first[0, -1], second[0, -1])  # the image reaches the text
+        if family in tiny.AUDIO_FAMILIES:
+            first = model(**tiny.dummy_inputs(model, audio=True)).logits
+            second = model(**tiny.dummy_inputs(model, audio=True)).logits  # another random clip
+            assert torch.isfinite(first).all()
+            assert not torch.allclose(first[0, -1], second[0, -1])  # the audio reaches the text
 
 
 @pytest.mark.parametrize("family", tiny.VLM_FAMILIES)
@@ -52,6 +57,27 @@ def test_tokenizer_matches_config(built, family):
     assert tok.convert_tokens_to_ids(image_token) == tiny.image_token_id(config)
     assert len(tok) <= config.get_text_config().vocab_size
     assert json.loads((built[family] / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("family", tiny.AUDIO_FAMILIES)
+def test_audio_token_and_feature_extractor_match_config(built, family):
+    tok = transformers.AutoTokenizer.from_pretrained(built[family])
+    config = transformers.AutoConfig.from_pretrained(built[family])
+    assert tok.convert_tokens_to_ids(tiny.SPECS[family].tokens["audio_token_index"]) == tiny.audio_token_id(config)
+    features = transformers.AutoFeatureExtractor.from_pretrained(built[family])
+    clip = torch.randn(features.sampling_rate).numpy()  # one second
+    got = features(clip, sampling_rate=features.sampling_rate, return_tensors="pt")["input_features"]
+    assert tuple(got.shape) == (1, config.audio_config.num_mel_bins, 2 * config.audio_config.max_source_positions)
+
+
+def test_backbone_option_copies_the_language_model(tmp_path):
+    text = tiny.build_tiny("qwen2", tmp_path / "text", seed=7)
+    audio = load(tiny.build_tiny("qwen2_audio", tmp_path / "audio", seed=1, backbone=text))
+    donor, fresh = load(text), tiny.build_model("qwen2_audio", seed=1)
+    assert all(torch.equal(v, donor.get_decoder().state_dict()[k]) for k, v in audio.get_decoder().state_dict().items())
+    assert torch.equal(audio.get_output_embeddings().weight, donor.get_output_embeddings().weight)
+    tower = dict(fresh.named_parameters())
+    assert all(torch.equal(p, tower[k]) for k, p in audio.named_parameters() if "audio_tower" in k), "encoder: its own"
 
 
 def language_shapes(model):

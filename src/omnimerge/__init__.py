@@ -13,4 +13,11 @@ def merge(recipe, out=None, **kwargs):
     return _merge(recipe, out, **kwargs)
 
 
-__all__ = ["OmnimergeError", "Recipe", "load_recipe", "merge", "parse_recipe", "__version__"]
+def extract(model, base, out=None, **kwargs):
+    """Write ``model`` − ``base`` as a PEFT LoRA adapter over ``base``; see :func:`omnimerge.lora_out.extract`."""
+    from .lora_out import extract as _extract
+
+    return _extract(model, base, out, **kwargs)
+
+
+__all__ = ["OmnimergeError", "Recipe", "extract", "load_recipe", "merge", "parse_recipe", "__version__"]

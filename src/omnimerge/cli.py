@@ -25,6 +25,23 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
+_AS_LORA_HELP = ("write the merged delta over the base as a PEFT LoRA adapter instead of full weights; the rank "
+                 "per tensor by a rank rule: 16, 0.25 (of min(m, n)), knee, energy:0.9, ... (1.0 = full rank)")
+_PUSH_HELP = "after writing, upload OUTPUT to this Hugging Face Hub repo (created if missing)"
+
+
+def _wrote(result) -> None:
+    plan, a = result.plan, result.adapter
+    if a is not None:
+        ranks = a["ranks"]
+        out.print(f"wrote {result.out} (LoRA adapter: {a['lora_modules']} modules, rank {ranks['min']}–{ranks['max']}, "
+                  f"{_gb(a['bytes'])}; relative error {a['relative_error']:.2%}) in {result.seconds:.1f} s")
+    else:
+        out.print(f"wrote {result.out} ({len(plan.jobs)} tensors, {_gb(plan.out_bytes)}) in {result.seconds:.1f} s")
+    if result.url:
+        out.print(f"uploaded to {result.url}")
+
+
 @app.command()
 def merge(
     recipe: Path = typer.Argument(..., help="recipe YAML file"),
@@ -34,6 +51,14 @@ def merge(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read .bin/.pt pickles (weights_only=True)"),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
+    as_lora: Optional[str] = typer.Option(None, "--as-lora", metavar="RANK", help=_AS_LORA_HELP),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="REPO", help=_PUSH_HELP),
+    private: bool = typer.Option(False, "--private", help="with --push-to-hub: create the repo as private"),
+    executor: str = typer.Option("local", "--executor", help="local, or ray: spread the shards over a Ray cluster "
+                                 "(pip install 'omnimerge[ray]'; see docs/distributed.md)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", metavar="ADDRESS",
+                                              help="with --executor ray: the cluster (default: $RAY_ADDRESS, else a "
+                                              "local one)"),
 ):
     """Merge the models of RECIPE into OUTPUT."""
     from .engine import merge as run_merge
@@ -41,20 +66,55 @@ def merge(
     if output is None and not dry_run:
         raise OmnimergeError("give an output folder with -o OUTPUT (or --dry-run to only check the recipe)")
     result = run_merge(recipe, output, force=force, dry_run=dry_run, device=device, allow_pickle=allow_pickle,
-                       progress=progress)
-    plan = result.plan
-    for note in plan.notes:
+                       progress=progress, as_lora=as_lora, push_to_hub=push_to_hub, private=private,
+                       executor=executor, ray_address=ray_address)
+    results = result if isinstance(result, dict) else {None: result}  # `skeletons:`: one result per output
+    for note in dict.fromkeys(n for r in results.values() for n in r.plan.notes):
+        err.print(f"[yellow]note[/]: {escape(note)}")
+    for label, result in results.items():
+        plan = result.plan
+        if dry_run:
+            where = f"{label}/: " if label else ""
+            table = Table(title=f"plan: {where}{plan.recipe.method} → {plan.skeleton.name} ({len(plan.jobs)} "
+                                f"tensors, {_gb(plan.out_bytes)} in {len(plan.shards())} shard(s))")
+            for col in ("component", "action", "from", "tensors", "size", "note"):
+                table.add_column(col)
+            for r in plan.summary():
+                table.add_row(r["component"], r["action"], r["from"], str(r["tensors"]), _gb(r["bytes"]), r["note"])
+            out.print(table)
+        else:
+            _wrote(result)
+
+
+@app.command()
+def extract(
+    model: str = typer.Argument(..., help="the fine-tuned model (folder, LoRA adapter folder or cached hub id)"),
+    base: str = typer.Option(..., "--base", help="the model it was fine-tuned from; the adapter applies to it"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="adapter folder to write"),
+    rank: str = typer.Option("16", "--rank", metavar="RULE", help="rank rule: 16, 0.25, knee, energy:0.9, ... (1.0 = full)"),
+    out_dtype: Optional[str] = typer.Option(None, "--out-dtype", help="dtype of the LoRA factors (default float32)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check the inputs; write nothing"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read .bin/.pt pickles (weights_only=True)"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="REPO", help=_PUSH_HELP),
+    private: bool = typer.Option(False, "--private", help="with --push-to-hub: create the repo as private"),
+):
+    """Write MODEL − BASE as a PEFT LoRA adapter over BASE."""
+    from .lora_out import extract as run_extract
+
+    if output is None and not dry_run:
+        raise OmnimergeError("give an output folder with -o OUTPUT (or --dry-run to only check the inputs)")
+    result = run_extract(model, base, output, rank=rank, force=force, dry_run=dry_run, device=device,
+                         allow_pickle=allow_pickle, progress=progress, out_dtype=out_dtype, push_to_hub=push_to_hub,
+                         private=private)
+    for note in result.plan.notes:
         err.print(f"[yellow]note[/]: {escape(note)}")
     if dry_run:
-        table = Table(title=f"plan: {plan.recipe.method} → {plan.skeleton.name} ({len(plan.jobs)} tensors, "
-                            f"{_gb(plan.out_bytes)} in {len(plan.shards())} shard(s))")
-        for col in ("component", "action", "from", "tensors", "size", "note"):
-            table.add_column(col)
-        for r in plan.summary():
-            table.add_row(r["component"], r["action"], r["from"], str(r["tensors"]), _gb(r["bytes"]), r["note"])
-        out.print(table)
-        return
-    out.print(f"wrote {result.out} ({len(plan.jobs)} tensors, {_gb(plan.out_bytes)}) in {result.seconds:.1f} s")
+        out.print(f"ok: {result.plan.models[0].path} − {result.plan.base.path}, {len(result.plan.jobs)} tensors")
+    else:
+        _wrote(result)
 
 
 @app.command()
@@ -140,6 +200,83 @@ def analyze(
                       f"{s['mean_pairwise_cosine']:.3f}", f"{s['mean_sign_conflict']:.3f}")
     out.print(table)
     out.print(f"wrote {output / 'analysis.json'} and {len(result.get('plots', []))} plots in {result['seconds']:.1f} s")
+
+
+def _key_values(items: list[str], flag: str, example: str) -> dict[str, str]:
+    """``KEY=VALUE`` options (``--set``, ``--model-arg``) as a dict; a clear error for anything else."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise OmnimergeError(f"{flag} {item!r}: write KEY=VALUE, e.g. {flag} {example}")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _bench_value(text: str):
+    """A --set value: int, float, true/false, else the string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@app.command()
+def bench(
+    output: Path = typer.Option(Path("omnimerge-bench"), "-o", "--output", help="folder for the report"),
+    quick: bool = typer.Option(False, "--quick", help="a smoke run in minutes: smaller model, fewer steps and items"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated methods (default: every registered one)"),
+    settings: str = typer.Option("full,lora", "--settings", help="expert settings to merge: full, lora or both"),
+    sweep: bool = typer.Option(False, "--sweep", help="choose each method's scale/density on the validation split first"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="trained-model cache (default ~/.cache/omnimerge/bench)"),
+    set_: list[str] = typer.Option([], "--set", help="override a size/training field, e.g. --set base_steps=5000"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    keep_merged: bool = typer.Option(False, "--keep-merged", help="keep the merged checkpoints under OUTPUT/merged"),
+    force: bool = typer.Option(False, "--force", help="write into a non-empty folder that is not a bench report"),
+):
+    """The offline benchmark: train tiny Qwen2-VL experts (cached), merge them with every method, report."""
+    from .bench.runner import bench as run
+
+    overrides = {k: _bench_value(v) for k, v in _key_values(set_, "--set", "base_steps=5000").items()}
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    result, files = run(output, quick=quick, overrides=overrides, cache_dir=cache_dir, methods=chosen,
+                        settings=tuple(s.strip() for s in settings.split(",") if s.strip()), sweep=sweep,
+                        keep_merged=keep_merged, force=force, log=lambda m: err.print(escape(m), highlight=False))
+    out.print((output / "report.md").read_text(), highlight=False, markup=False, soft_wrap=True)
+    out.print(f"wrote {', '.join(p.name for p in files)} to {output} ({result.timings['total_s']:.0f} s)")
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Argument(..., help="a merged checkpoint folder"),
+    tasks: str = typer.Option(..., "--tasks", help="lmms-eval tasks, comma-separated; 'paper' = the paper's five"),
+    device: str = typer.Option("cuda", "--device", help="cuda or cpu"),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="lmms-eval's output folder (with samples)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="items per task (a smoke run)"),
+    model_arg: list[str] = typer.Option([], "--model-arg", help="extra lmms-eval model argument KEY=VALUE"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the lmms-eval command, run nothing"),
+):
+    """Evaluate a merged real checkpoint with lmms-eval (optional dependency), with its family's model type."""
+    import shlex
+
+    from .evaluation import lmms_eval_command, run_lmms_eval
+
+    extra = _key_values(model_arg, "--model-arg", "max_pixels=802816")
+    kw = dict(device=device, batch_size=batch_size, output=output, limit=limit, model_args=extra)
+    if dry_run:
+        out.print(shlex.join(lmms_eval_command(model, tasks, **kw)), highlight=False, markup=False, soft_wrap=True)
+        return 0
+    return run_lmms_eval(model, tasks, **kw)
 
 
 @app.command()

@@ -58,7 +58,7 @@ def run_demo(workdir: str | Path, console: Console | None = None) -> list[dict]:
     for method in list_methods():
         recipe = {
             "method": method.name,
-            "models": [{"path": str(e)} for e in experts],
+            "models": [{"path": str(e)} for e in experts[: method.max_models]],  # slerp takes one
             "skeleton": str(base),
             **({"base": str(base)} if method.needs_base else {}),
         }

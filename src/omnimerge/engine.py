@@ -27,7 +27,7 @@ from .checkpoints.safetensors_io import StreamingSafetensorsWriter
 from .errors import OmnimergeError
 from .methods import MethodContext
 from .plan import Job, Plan, build_plan
-from .recipe import ComponentMethod, Take, load_recipe
+from .recipe import ComponentMethod, Take, load_recipe, parse_recipe
 
 
 @dataclass
@@ -36,16 +36,24 @@ class MergeResult:
     plan: Plan
     seconds: float
     report: dict[str, Any] | None
+    adapter: dict[str, Any] | None = None  # --as-lora / extract: the adapter's summary (report.json "lora")
+    url: str | None = None  # --push-to-hub: the Hub repo it was uploaded to
 
 
 # --- reading and computing ----------------------------------------------------------------------
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``. A sum is NaN/Inf whenever an entry is, and one reduction is ~20x cheaper
+    than ``isfinite(t).all()``; only a sum that overflowed needs the entry-wise check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _read_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
     if job.action == "copy":
         return [job.source.read(job.canonical)]
     tensors = []
     for m in plan.inputs():
         t = m.read(job.canonical)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not _all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise OmnimergeError(
                 f"{m.describe(job.canonical)} holds {bad} NaN/Inf value(s); the model is broken — fix or "
@@ -71,7 +79,7 @@ def compute(plan: Plan, job: Job, tensors: list[torch.Tensor], device: str) -> t
     gen = torch.Generator(device=device).manual_seed(job.seed)
     ctx = MethodContext(job.canonical, gen)
     out = job.method(base, models, ctx, **job.params)
-    if not bool(torch.isfinite(out).all()):
+    if not _all_finite(out):
         raise OmnimergeError(f"method '{job.method.name}' produced NaN/Inf for '{job.out_key}'; check its parameters")
     info = dict(ctx.info)
     info["norm"] = float(out.float().norm())
@@ -85,19 +93,111 @@ def compute(plan: Plan, job: Job, tensors: list[torch.Tensor], device: str) -> t
     return out, info
 
 
-def _release_freed_tensors_to_the_os() -> None:
-    """Make glibc serve large blocks with mmap so that a freed tensor's memory goes back to the OS.
+# On a GPU, consecutive small merges are computed as one step: their inputs cross in one copy per
+# dtype and their results come back in one copy, with one synchronisation, instead of a few small
+# copies and synchronisations per tensor (norms and biases are most of a model's tensors).
+SMALL_TENSOR = 1 << 20  # output bytes up to which a merge joins a GPU batch
+BATCH_BYTES = 64 << 20  # input + output bytes of one batch, at most
 
-    By default glibc raises its mmap threshold after the first large free, after which tensors of
-    that size come from heaps that are rarely trimmed: resident memory then creeps up to many
-    times the largest tensor. A fixed 1 MiB threshold keeps peak memory at the few tensors in
-    flight (measured: 300 -> 190 MiB peak, 225 -> 8 MiB retained, merging 16 MiB tensors)."""
+
+def _steps(plan: Plan, jobs: list[Job], device: str) -> list[list[Job]]:
+    """``jobs`` in order, grouped into the steps computed together (one job each on the CPU)."""
+    if device == "cpu":
+        return [[j] for j in jobs]
+    steps: list[list[Job]] = []
+    size, batching = 0, False
+    for j in jobs:
+        small = j.action == "merge" and j.rows is None and j.nbytes <= SMALL_TENSOR
+        cost = j.nbytes * (len(plan.inputs()) + 1)
+        if small and batching and size + cost <= BATCH_BYTES:
+            steps[-1].append(j)
+            size += cost
+        else:
+            steps.append([j])
+            size, batching = cost, small
+    return steps
+
+
+def _read_step(plan: Plan, step: list[Job]) -> list[list[torch.Tensor]]:
+    return [_read_inputs(plan, j) for j in step]
+
+
+def _moved(tensors: list[torch.Tensor], device: str) -> list[torch.Tensor]:
+    """``tensors`` on ``device``, moved in one copy per dtype (packed flat, then split into views)."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).to(device)
+        for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            out[i] = part.view(tensors[i].shape)
+    return out
+
+
+def compute_many(plan: Plan, jobs: list[Job], inputs: list[list[torch.Tensor]],
+                 device: str) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """``compute`` for each job of a step (see ``_steps``); the same results, one transfer each way."""
+    if len(jobs) == 1:
+        if device == "cpu" and jobs[0].action == "merge":  # let the read dtype's copies go before the merge
+            inputs[0][:] = [t.to(plan.compute_dtype) for t in inputs[0]]
+        return [compute(plan, jobs[0], inputs[0], device)]
+    moved = iter(_moved([t for ts in inputs for t in ts], device))
+    outs, stats, infos = [], [], []
+    for job, ts in zip(jobs, inputs):
+        xs = [next(moved).to(plan.compute_dtype) for _ in ts]
+        base = xs[0] if plan.base is not None else None
+        models = xs[1:] if plan.base is not None else xs
+        ctx = MethodContext(job.canonical, torch.Generator(device=device).manual_seed(job.seed))
+        out = job.method(base, models, ctx, **job.params)
+        o = out.float()
+        delta = (out - base).float().norm() if base is not None else o.new_zeros(())
+        stats.append(torch.stack([torch.isfinite(o).all().float(), o.norm(), delta]))
+        outs.append(out.to(job.out_dtype))
+        infos.append(dict(ctx.info))
+    facts = torch.stack(stats).cpu().tolist()  # the one synchronisation
+    results = []
+    for job, out, (finite, norm, delta), info in zip(jobs, _moved(outs, "cpu"), facts, infos):
+        if not finite:
+            raise OmnimergeError(f"method '{job.method.name}' produced NaN/Inf for '{job.out_key}'; check its "
+                                 "parameters")
+        info["norm"] = norm
+        if plan.base is not None:
+            info["delta_norm"] = delta
+        results.append((out, info))
+    return results
+
+
+def _release_freed_tensors_to_the_os() -> None:
+    """Set glibc's allocator for a merge: tensors up to 1 GiB are reused from the heap; the heap is
+    given back to the OS when the merge ends (``_give_memory_back``).
+
+    glibc's default serves blocks over 32 MiB (and, once larger ones were freed, smaller ones too)
+    with mmap: every new tensor is then fresh pages from the kernel, and filling them costs more
+    than the arithmetic — a bf16 -> float32 conversion or a subtraction 4x slower, a whole merge
+    2-3x. Reusing freed blocks costs 10-30% more peak memory (measured on the memory test's
+    merges: task arithmetic 167 -> 185 MiB, TIES 272 -> 350 MiB for 16 MiB tensors) and keeps the
+    peak resident until the end; tensors over 1 GiB (large embeddings) still come from mmap and go
+    back at once."""
     if not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD (a fixed value also stops glibc's own adjusting)
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep freed heap memory for the next tensor
+        libc.mallopt(-8, 1)  # M_ARENA_MAX: the reader's, writer's and compute's blocks share one heap
+    except (OSError, AttributeError):
+        pass
+
+
+def _give_memory_back() -> None:
+    """Return the heap's free memory to the OS (after a merge; see ``_release_freed_tensors_to_the_os``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -137,8 +237,12 @@ class _Progress:
 
 # --- the merge ----------------------------------------------------------------------------------
 def execute(plan: Plan, out: str | Path, *, force: bool = False, device: str = "cpu",
-            progress: bool | None = None, on_tensor: Callable[[Job], None] | None = None) -> MergeResult:
-    """Write the plan's output to ``out`` atomically."""
+            progress: bool | None = None, on_tensor: Callable[[Job], None] | None = None,
+            executor: str = "local", ray_address: str | None = None) -> MergeResult:
+    """Write the plan's output to ``out`` atomically.
+
+    ``executor="ray"`` spreads the output shards over a Ray cluster (``ray_address``, or a local one;
+    see :mod:`omnimerge.executors.ray`): the bytes written are the same as the local executor's."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise OmnimergeError("--device cuda: no CUDA device is available to torch here; use --device cpu")
     _release_freed_tensors_to_the_os()
@@ -147,54 +251,87 @@ def execute(plan: Plan, out: str | Path, *, force: bool = False, device: str = "
     folder.check_space(plan.out_bytes)
     shards = plan.shards()
     names = shard_filenames(len(shards))
-    report: dict[str, Any] = {}
     bar = _Progress(_progress_enabled(progress), len(plan.jobs), plan.out_bytes)
-    with folder as tmp, ThreadPoolExecutor(1, "omnimerge-read") as reader, \
-            ThreadPoolExecutor(1, "omnimerge-write") as writer_pool:
-        writers: list[StreamingSafetensorsWriter] = []
+
+    def done(job: Job) -> None:
+        bar.advance(job.nbytes)
+        if on_tensor:
+            on_tensor(job)
+
+    with folder as tmp:
         try:
-            queue = [job for shard in shards for job in shard]
-            pending_read = reader.submit(_read_inputs, plan, queue[0]) if queue else None
-            pending_write = None
-            i = 0
-            for s, shard in enumerate(shards):
-                w = StreamingSafetensorsWriter(tmp / names[s], [(j.out_key, j.out_dtype, j.shape) for j in shard])
-                writers.append(w)
-                for job in shard:
-                    start = time.perf_counter()
-                    tensors = pending_read.result()
-                    i += 1
-                    pending_read = reader.submit(_read_inputs, plan, queue[i]) if i < len(queue) else None
-                    result, info = compute(plan, job, tensors, device)
-                    del tensors
-                    if pending_write is not None:
-                        pending_write.result()
-                    pending_write = writer_pool.submit(w.write, job.out_key, result)
-                    report[job.out_key] = _tensor_report(plan, job, info, time.perf_counter() - start, names[s])
-                    bar.advance(job.nbytes)
-                    if on_tensor:
-                        on_tensor(job)
-                if pending_write is not None:
-                    pending_write.result()
-                    pending_write = None
-                w.close()
+            targets = [(shard, tmp / name) for shard, name in zip(shards, names)]
+            if executor == "ray":
+                from .executors.ray import run_shards
+
+                report = run_shards(plan, targets, device=device, address=ray_address, on_tensor=done)
+            elif executor == "local":
+                report = stream_shards(plan, targets, device=device, on_tensor=done)
+            else:
+                raise OmnimergeError(f"unknown executor '{executor}'; use local or ray")
             _write_side_files(plan, tmp, shards, names, report, time.perf_counter() - t0)
             folder.commit()
         except OSError as e:
-            for w in writers:
-                w.abort()
             if e.errno == errno.ENOSPC:
                 raise OmnimergeError(f"disk full while writing {folder.out}; nothing was left behind. Free space "
                                      "and run again") from None
             raise OmnimergeError(f"cannot write {folder.out}: {e}; nothing was left behind") from None
+        finally:
+            bar.close()
+            _give_memory_back()
+    seconds = time.perf_counter() - t0
+    return MergeResult(folder.out, plan, seconds, report)
+
+
+def stream_shards(plan: Plan, targets: list[tuple[list[Job], Path]], *, device: str = "cpu",
+                  on_tensor: Callable[[Job], None] | None = None) -> dict[str, Any]:
+    """Write each ``(jobs, path)`` shard file of ``targets``; returns the per-tensor report.
+
+    The inputs of the next tensor are read while this one is computed (one reader thread), and a
+    result is written while the next is computed (one writer thread). On an error, the files being
+    written are closed and the error raised (the caller removes its temporary folder)."""
+    report: dict[str, Any] = {}
+    writers: list[StreamingSafetensorsWriter] = []
+    with ThreadPoolExecutor(1, "omnimerge-read") as reader, ThreadPoolExecutor(1, "omnimerge-write") as writer_pool:
+        try:
+            steps = [_steps(plan, jobs, device) for jobs, _ in targets]
+            queue = [step for shard in steps for step in shard]
+            pending_read = reader.submit(_read_step, plan, queue[0]) if queue else None
+            pending_write = None
+            i = 0
+            for (jobs, path), shard in zip(targets, steps):
+                w = StreamingSafetensorsWriter(path, [(j.out_key, j.out_dtype, j.shape) for j in jobs])
+                writers.append(w)
+                for step in shard:
+                    start = time.perf_counter()
+                    inputs = pending_read.result()
+                    i += 1
+                    pending_read = reader.submit(_read_step, plan, queue[i]) if i < len(queue) else None
+                    results = compute_many(plan, step, inputs, device)
+                    del inputs
+                    if pending_write is not None:
+                        pending_write.result()
+                    pending_write = writer_pool.submit(_write_step, w, step, [r for r, _ in results])
+                    seconds = (time.perf_counter() - start) / len(step)
+                    for job, (_, info) in zip(step, results):
+                        report[job.out_key] = _tensor_report(plan, job, info, seconds, path.name)
+                        if on_tensor:
+                            on_tensor(job)
+                    del results
+                if pending_write is not None:
+                    pending_write.result()
+                    pending_write = None
+                w.close()
         except BaseException:
             for w in writers:
                 w.abort()
             raise
-        finally:
-            bar.close()
-    seconds = time.perf_counter() - t0
-    return MergeResult(folder.out, plan, seconds, report)
+    return report
+
+
+def _write_step(w: StreamingSafetensorsWriter, step: list[Job], results: list[torch.Tensor]) -> None:
+    for job, t in zip(step, results):
+        w.write(job.out_key, t)
 
 
 def _tensor_report(plan: Plan, job: Job, info: dict, seconds: float, shard: str) -> dict[str, Any]:
@@ -245,7 +382,8 @@ def _write_side_files(plan: Plan, tmp: Path, shards: list[list[Job]], names: lis
 
     card = model_card(method=method, reference=get_method(method).reference,
                       base=plan.recipe.base, models=[e.path for e in plan.recipe.models],
-                      skeleton=str(plan.skeleton.name), recipe_yaml=recipe_yaml, components=components)
+                      skeleton=str(plan.skeleton.name), recipe_yaml=recipe_yaml, components=components,
+                      paths={spec: ck.path for spec, ck in plan.refs.items()})
     (tmp / "README.md").write_text(card)
     write_json(tmp / "report.json", {
         "omnimerge_version": __version__,
@@ -286,19 +424,65 @@ def resolved_recipe(plan: Plan) -> dict:
 
 def merge(recipe, out: str | Path | None = None, *, force: bool = False, dry_run: bool = False,
           device: str = "cpu", allow_pickle: bool = False, progress: bool | None = None,
-          relative_to: str | Path | None = None) -> MergeResult:
+          relative_to: str | Path | None = None, as_lora=None, push_to_hub: str | None = None,
+          private: bool = False, executor: str = "local",
+          ray_address: str | None = None) -> MergeResult | dict[str, MergeResult]:
     """Merge per ``recipe`` (a path to YAML, a dict or a Recipe) into the folder ``out``.
 
-    With ``dry_run`` only the plan is built and validated; nothing is written.
+    ``as_lora`` (a rank rule) writes the merged delta over the base as a PEFT LoRA adapter instead
+    of full weights (see :mod:`omnimerge.lora_out`); ``push_to_hub`` uploads ``out`` to that Hub
+    repo afterwards (created if missing, ``private`` if asked).
+
+    ``executor="ray"`` spreads the shards over a Ray cluster at ``ray_address`` (default: a local one).
+
+    With ``dry_run`` only the plan is built and validated; nothing is written. A recipe with
+    ``skeletons:`` writes ``out/<label>/`` per skeleton and returns ``{label: MergeResult}``
+    (see :mod:`omnimerge.modality`).
     """
     if isinstance(recipe, (str, Path)):
         relative_to = relative_to or Path(recipe).parent
         recipe = load_recipe(recipe)
+    recipe = parse_recipe(recipe)
+    if executor not in ("local", "ray"):
+        raise OmnimergeError(f"unknown executor '{executor}'; use local or ray")
+    if executor == "ray":
+        if recipe.skeletons or as_lora is not None:
+            raise OmnimergeError("--executor ray writes one merged model; --as-lora and `skeletons:` run on the "
+                                 "local executor")
+        from .executors.ray import require_ray
+
+        require_ray()
+    if push_to_hub:
+        from .hub import check_repo_id
+
+        check_repo_id(push_to_hub)
+    if recipe.skeletons and (as_lora is not None or push_to_hub):
+        raise OmnimergeError("--as-lora and --push-to-hub take a recipe with one skeleton; `skeletons:` writes "
+                             "several outputs (upload each folder with `hf upload REPO FOLDER`)")
+    if recipe.skeletons:
+        from .modality import merge_skeletons
+
+        return merge_skeletons(recipe, out, force=force, dry_run=dry_run, device=device, allow_pickle=allow_pickle,
+                               progress=progress, relative_to=relative_to)
     plan = build_plan(recipe, relative_to=relative_to, allow_pickle=allow_pickle)
+    if as_lora is not None:
+        from .lora_out import write_lora
+
+        result = write_lora(plan, out, as_lora, force=force, dry_run=dry_run, device=device, progress=progress)
+        return _push(result, push_to_hub, private)
     if dry_run:
         if out is not None:
             OutputFolder(out, force, protect=[m.path for m in plan.inputs()])
         return MergeResult(None, plan, 0.0, None)
     if out is None:
         raise OmnimergeError("no output folder given")
-    return execute(plan, out, force=force, device=device, progress=progress)
+    return _push(execute(plan, out, force=force, device=device, progress=progress, executor=executor,
+                         ray_address=ray_address), push_to_hub, private)
+
+
+def _push(result: MergeResult, repo: str | None, private: bool) -> MergeResult:
+    if repo and result.out is not None:
+        from .hub import push_folder
+
+        result.url = push_folder(result.out, repo, private=private)
+    return result

@@ -131,6 +131,18 @@ def _check_parameters(recipe: Recipe, methods: dict[str, Method]) -> None:
                 _validate_value(m, name, value, f"models[{i}] ({entry.label})")
 
 
+def _check_model_count(recipe: Recipe, methods: dict[str, Method]) -> None:
+    n = len(recipe.models)
+    for comp, m in methods.items():
+        lo, hi = m.min_models, m.max_models
+        if n < lo or (hi is not None and n > hi):
+            where = "method" if comp == "*" else f"components.{comp}.method"
+            want = f"exactly {lo}" if lo == hi else (f"{lo} to {hi}" if hi is not None else f"at least {lo}")
+            besides = " besides the base" if m.needs_base else ""
+            raise OmnimergeError(f"{where}: '{m.name}' merges {want} model(s){besides} under `models:`, the recipe "
+                                 f"lists {n}")
+
+
 def resolve_params(method: Method, key: str, entries: list[ModelEntry], component_params: dict[str, ParamValue],
                    global_params: dict[str, ParamValue]) -> dict[str, Any]:
     """Parameter values for one canonical key: per model > component > recipe > default."""
@@ -164,6 +176,7 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
         elif pol == "merge":
             methods[comp] = methods["*"]
     _check_parameters(recipe, methods)
+    _check_model_count(recipe, methods)
 
     cache: dict[str, Checkpoint] = {}
 
@@ -184,8 +197,8 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
         if m.needs_base and base is None:
             where = "method" if comp == "*" else f"components.{comp}.method"
             raise OmnimergeError(f"{where}: '{m.name}' needs a `base:` model (task vectors are θ_i − θ_base); add one")
-    if recipe.skeleton:
-        skeleton = ref(recipe.skeleton)
+    if recipe.skeleton or recipe.skeletons:  # several skeletons: this plans the first; modality.build_plans all
+        skeleton = ref(recipe.skeleton or recipe.skeletons[0])
     else:
         vlm = [m for m in ([base] if base else []) + models if m.family.kind in ("vlm", "audio")]
         skeleton = vlm[0] if vlm else (base or models[0])

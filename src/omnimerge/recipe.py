@@ -109,6 +109,7 @@ class Recipe(BaseModel):
     models: list[ModelEntry] = Field(min_length=1)
     base: str | None = None
     skeleton: str | None = None
+    skeletons: list[str] | None = Field(None, min_length=1, description="modality merging: one output per skeleton")
     parameters: dict[str, ParamValue] = {}
     components: dict[ComponentName, Policy] = {}
     dtype: DTypeName = "float32"
@@ -126,6 +127,16 @@ class Recipe(BaseModel):
     @property
     def shard_bytes(self) -> int:
         return parse_size(self.shard_size)
+
+    @model_validator(mode="after")
+    def _one_kind_of_skeleton(self):
+        if self.skeletons is not None:
+            if self.skeleton is not None:
+                raise ValueError("give `skeleton:` (one output) or `skeletons:` (one output per skeleton), not both")
+            dup = sorted({s for s in self.skeletons if self.skeletons.count(s) > 1})
+            if dup:
+                raise ValueError(f"skeletons: {', '.join(dup)} listed more than once")
+        return self
 
     def policy(self, component: str) -> Policy:
         return self.components.get(component, "merge" if component == "language" else "keep")
@@ -168,6 +179,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         return data
     if not isinstance(data, dict):
         raise OmnimergeError(f"{source}: a recipe must be a mapping of fields, got {type(data).__name__}")
+    if "merge_method" in data:  # a mergekit configuration: translated field by field
+        from .mergekit_format import from_mergekit
+
+        data = from_mergekit(data, source)
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:

@@ -31,7 +31,7 @@ SPECIAL_TOKENS = (
     "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
     "<image>", "<video>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
     "<fake_token_around_image>", "<global-img>", "<img>", "</img>", "<IMG_CONTEXT>",
-    "[IMG]", "[IMG_BREAK]", "[IMG_END]",
+    "[IMG]", "[IMG_BREAK]", "[IMG_END]", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
 )
 TOKEN_ID = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
 BASIC_IDS = dict(pad_token_id=TOKEN_ID["<pad>"], bos_token_id=TOKEN_ID["<s>"], eos_token_id=TOKEN_ID["</s>"])
@@ -46,6 +46,15 @@ def _vit(**extra) -> Callable[[int], dict]:
     base = dict(hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=2,
                 num_attention_heads=2, image_size=IMAGE, patch_size=PATCH)
     return lambda h: {**base, **extra}
+
+
+# Audio tower (Whisper-style encoder): MEL_BINS x 2*AUDIO_POSITIONS frames -> AUDIO_POSITIONS // 2 tokens.
+MEL_BINS, AUDIO_POSITIONS = 16, 16
+
+
+def _qwen2_audio(h: int) -> dict:
+    return dict(d_model=VISION_WIDTH, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=2 * VISION_WIDTH,
+                num_mel_bins=MEL_BINS, max_source_positions=AUDIO_POSITIONS)
 
 
 def _qwen2_vl_vision(h: int) -> dict:
@@ -77,6 +86,7 @@ class Spec:
     tokens: dict = field(default_factory=dict)  # config attribute -> special token
     text_type: str | None = None  # model_type of text_config, where the VLM takes several
     image_placeholder: str = "<image>"  # what the chat template writes for an image
+    audio: Callable[[int], dict] | None = None  # text hidden size -> audio-config kwargs (audio-language models)
 
 
 QWEN_VL_TOKENS = dict(image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
@@ -122,16 +132,20 @@ SPECS: dict[str, Spec] = {
                      tokens=dict(image_token_id="<image>")),
     "smolvlm": Spec("SmolVLMConfig", "SmolVLMForConditionalGeneration", vision=_vit(), text_type="llama",
                     tokens=dict(image_token_id="<image>")),
+    "qwen2_audio": Spec("Qwen2AudioConfig", "Qwen2AudioForConditionalGeneration", text_type="qwen2",
+                        audio=_qwen2_audio, tokens=dict(audio_token_index="<|AUDIO|>"),
+                        image_placeholder="<|audio_bos|><|AUDIO|><|audio_eos|>"),
 }
 FAMILIES = tuple(SPECS)
-TEXT_FAMILIES = tuple(f for f, s in SPECS.items() if s.vision is None)
+TEXT_FAMILIES = tuple(f for f, s in SPECS.items() if s.vision is None and s.audio is None)
 VLM_FAMILIES = tuple(f for f, s in SPECS.items() if s.vision is not None)
+AUDIO_FAMILIES = tuple(f for f, s in SPECS.items() if s.audio is not None)
 QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # take grid_thw and a Qwen image processor
 # (text LLM, VLM) whose language tensors have identical names-after-prefix and shapes.
 PAIRS = (
     ("qwen2", "qwen2_vl"), ("qwen2", "qwen2_5_vl"), ("qwen2", "internvl"), ("qwen2", "llava_onevision"),
     ("qwen3", "qwen3_vl"), ("llama", "llava"), ("llama", "idefics3"), ("llama", "smolvlm"),
-    ("mistral", "mistral3"), ("gemma3_text", "gemma3"),
+    ("mistral", "mistral3"), ("gemma3_text", "gemma3"), ("qwen2", "qwen2_audio"),
 )
 
 CORPUS = [
@@ -176,12 +190,13 @@ def make_config(family: str, *, num_layers=None, vocab_size=None, tie_word_embed
     spec = SPECS[family]
     text = _text_kwargs(spec, num_layers, vocab_size, hidden_size, intermediate_size, tie_word_embeddings)
     cls = getattr(transformers, spec.config)
-    if spec.vision is None:
+    if spec.vision is None and spec.audio is None:
         config = cls(**text)
     else:
         tokens = {k: TOKEN_ID[v] for k, v in spec.tokens.items()}
-        config = cls(text_config=text, vision_config=spec.vision(text["hidden_size"]),
-                     tie_word_embeddings=tie_word_embeddings, **spec.top, **tokens)
+        tower = ({"vision_config": spec.vision(text["hidden_size"])} if spec.vision else
+                 {"audio_config": spec.audio(text["hidden_size"])})
+        config = cls(text_config=text, **tower, tie_word_embeddings=tie_word_embeddings, **spec.top, **tokens)
     config.architectures = [spec.arch]
     return config
 
@@ -203,12 +218,19 @@ def build_model(family: str, *, seed: int = 0, dtype=torch.float32, **config_kwa
 def build_tiny(family: str, out_dir, *, seed: int = 0, num_layers: int | None = None,
                vocab_size: int | None = None, tie_word_embeddings: bool = False, dtype=torch.float32,
                hidden_size=None, intermediate_size=None, tokenizer: bool = True,
-               save_original_format: bool = True) -> Path:
-    """Build a tiny `family` model and save it (weights, config, tokenizer) to `out_dir`."""
+               save_original_format: bool = True, backbone=None) -> Path:
+    """Build a tiny `family` model and save it (weights, config, tokenizer) to `out_dir`.
+
+    With `backbone` (a saved tiny model of the same language shapes, e.g. a text LLM of `PAIRS`), the
+    language model (decoder, embeddings, lm_head) is that model's: a multimodal model "trained from"
+    that base LLM, with encoders of its own.
+    """
     out = Path(out_dir)
     model = build_model(family, seed=seed, dtype=dtype, num_layers=num_layers, vocab_size=vocab_size,
                         tie_word_embeddings=tie_word_embeddings, hidden_size=hidden_size,
                         intermediate_size=intermediate_size)
+    if backbone is not None:
+        _copy_backbone(backbone, model)
     model.save_pretrained(out, save_original_format=save_original_format)
     _generation_config().save_pretrained(out)
     if tokenizer:
@@ -216,7 +238,20 @@ def build_tiny(family: str, out_dir, *, seed: int = 0, num_layers: int | None = 
         make_tokenizer(vocab, SPECS[family].image_placeholder).save_pretrained(out)
     if tokenizer and family in QWEN_VL:
         _qwen_image_processor(model.config).save_pretrained(out)
+    if tokenizer and family in AUDIO_FAMILIES:
+        _audio_feature_extractor(model.config).save_pretrained(out)
     return out
+
+
+def _copy_backbone(folder, model) -> None:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    donor = getattr(transformers, config.architectures[0]).from_pretrained(folder)
+    with torch.no_grad():
+        model.get_decoder().load_state_dict(donor.get_decoder().state_dict())
+        if not model.config.get_text_config().tie_word_embeddings:
+            model.get_output_embeddings().weight.copy_(donor.get_output_embeddings().weight)
 
 
 def _generation_config():
@@ -233,6 +268,15 @@ def _qwen_image_processor(config):
     return Qwen2VLImageProcessorPil(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                                     temporal_patch_size=v.temporal_patch_size,
                                     size={"shortest_edge": side * side, "longest_edge": (4 * side) ** 2})
+
+
+def _audio_feature_extractor(config):
+    """Log-mel features of the shape the tiny audio tower takes: a 1 s clip at 16 kHz -> 2*AUDIO_POSITIONS frames."""
+    from transformers import WhisperFeatureExtractor
+
+    rate, frames = 16000, 2 * config.audio_config.max_source_positions
+    return WhisperFeatureExtractor(feature_size=config.audio_config.num_mel_bins, sampling_rate=rate,
+                                   hop_length=rate // frames, chunk_length=1, n_fft=512)
 
 
 def make_tokenizer(vocab_size: int = TEXT_DIMS["vocab_size"], image_placeholder: str = "<image>"):
@@ -343,6 +387,17 @@ IMAGE_INPUTS = {
     "internvl": _internvl_image, "gemma3": _gemma3_image, "mistral3": _mistral3_image,
     "idefics3": _idefics3_image, "smolvlm": _idefics3_image,
 }
+
+
+def _qwen2_audio_input(c):
+    a = c.audio_config
+    frames = 2 * a.max_source_positions  # what the encoder's position table covers
+    tokens = ((frames - 1) // 2 + 1 - 2) // 2 + 1  # a stride-2 convolution, then average pooling by 2
+    return tokens, dict(input_features=torch.randn(1, a.num_mel_bins, frames),
+                        feature_attention_mask=torch.ones(1, frames, dtype=torch.long))
+
+
+AUDIO_INPUTS = {"qwen2_audio": _qwen2_audio_input}
 # Families whose forward wants a 0/1 mask of the image positions, and its argument name.
 TOKEN_TYPE_ARG = {**dict.fromkeys(QWEN_VL, "mm_token_type_ids"), "gemma3": "token_type_ids"}
 
@@ -355,8 +410,17 @@ def image_token_id(config) -> int:
     raise ValueError(f"{config.model_type}: config has no image token id")
 
 
-def dummy_inputs(model, image: bool = False) -> dict[str, torch.Tensor]:
-    """Keyword arguments for `model(**inputs)`: 8 text ids, plus an image and its placeholder tokens if `image`.
+def audio_token_id(config) -> int:
+    """The id of the audio placeholder token of an audio-language config."""
+    for name in ("audio_token_id", "audio_token_index"):
+        if getattr(config, name, None) is not None:
+            return getattr(config, name)
+    raise ValueError(f"{config.model_type}: config has no audio token id")
+
+
+def dummy_inputs(model, image: bool = False, audio: bool = False) -> dict[str, torch.Tensor]:
+    """Keyword arguments for `model(**inputs)`: 8 text ids, plus an image (or an audio clip) and its
+    placeholder tokens if `image` (`audio`).
 
     Reads only `model.config` (and the model's dtype/device); LLaVA-OneVision gets two images (multi-image mode).
     """
@@ -372,6 +436,12 @@ def dummy_inputs(model, image: bool = False) -> dict[str, torch.Tensor]:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         if config.model_type in TOKEN_TYPE_ARG:
             inputs[TOKEN_TYPE_ARG[config.model_type]] = (text == image_token_id(config)).long()[None]
+    elif audio:
+        if config.model_type not in AUDIO_INPUTS:
+            raise ValueError(f"no audio inputs for model_type {config.model_type!r}")
+        n, inputs = AUDIO_INPUTS[config.model_type](config)
+        text = torch.cat([text[:4], torch.full((n,), audio_token_id(config)), text[4:]])
+        inputs["input_features"] = inputs["input_features"].to(model.dtype)
     ids = text[None]
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **inputs}
     return {k: v.to(model.device) for k, v in inputs.items()}

@@ -49,8 +49,8 @@ def _forward(model, inputs: dict) -> torch.Tensor:
         return model(**inputs).logits
 
 
-def verify(out: str | Path, *, image: bool = True) -> VerifyResult:
-    """Load ``out`` with the class in its config, run text (and image) forward passes, check logits
+def verify(out: str | Path, *, image: bool = True, audio: bool = True) -> VerifyResult:
+    """Load ``out`` with the class in its config, run text (and image or audio) forward passes, check logits
     are finite, and check that tensors the recipe kept equal the skeleton's bytes."""
     from .tiny import dummy_inputs
 
@@ -69,11 +69,19 @@ def verify(out: str | Path, *, image: bool = True) -> VerifyResult:
     if image and "vision_config" in config:
         try:
             inputs = dummy_inputs(model, image=True)
-        except (KeyError, NotImplementedError) as e:
+        except (KeyError, NotImplementedError, ValueError) as e:
             res.add("image forward", True, f"skipped: no image inputs known for this family ({e})")
         else:
             logits = _forward(model, inputs)
             res.add("image forward", bool(torch.isfinite(logits).all()), f"logits {tuple(logits.shape)} finite")
+    if audio and "audio_config" in config:
+        try:
+            inputs = dummy_inputs(model, audio=True)
+        except ValueError as e:
+            res.add("audio forward", True, f"skipped: no audio inputs known for this family ({e})")
+        else:
+            logits = _forward(model, inputs)
+            res.add("audio forward", bool(torch.isfinite(logits).all()), f"logits {tuple(logits.shape)} finite")
     _check_kept(out, res)
     return res
 

@@ -86,8 +86,9 @@ def base_items(cfg) -> list[T.Item]:
 
 
 def multitask_items(cfg) -> list[T.Item]:
-    """The union of the experts' training sets (the multi-task upper bound)."""
-    return [it for task in T.TASKS for it in expert_items(cfg, task)]
+    """The union of the five vision experts' training sets (the multi-task upper bound of capability
+    merging). The text task is left out: it is what backbone merging brings in from the text LLM."""
+    return [it for task in T.VISION_TASKS for it in expert_items(cfg, task)]
 
 
 def text_items(cfg) -> list[T.Item]:

@@ -24,9 +24,12 @@ from .evaluate import evaluate
 from .model import BenchConfig, build_processor, load_model, save_adapter, save_checkpoint
 from .train import train_base, train_expert, train_multitask, train_text_llm
 
-__all__ = ["ZOO_ORDER", "zoo_names", "build_zoo", "test_sets", "accuracy_matrix"]
+__all__ = ["ZOO_ORDER", "EXPERT_TASKS", "zoo_names", "build_zoo", "test_sets", "accuracy_matrix"]
 
 ZOO_ORDER = ("base", "full", "lora", "multitask", "text_llm")
+# The experts that capability merging merges: the paper's five vision tasks. The text task belongs to
+# the text LLM (backbone merging).
+EXPERT_TASKS = T.VISION_TASKS
 
 
 def zoo_names(kinds=ZOO_ORDER) -> list[str]:
@@ -34,7 +37,7 @@ def zoo_names(kinds=ZOO_ORDER) -> list[str]:
     names = []
     for kind in kinds:
         if kind in ("full", "lora"):
-            names += [f"{kind}_{task}" for task in T.TASKS]
+            names += [f"{kind}_{task}" for task in EXPERT_TASKS]
         else:
             names.append(kind)
     return names
@@ -59,7 +62,8 @@ def build_zoo(cfg: BenchConfig, root, *, kinds=ZOO_ORDER, log: Callable[[str], N
         if _done(folder):
             return
         wall, cpu, history = time.perf_counter(), time.process_time(), []
-        model = fn(history)
+        step_log = (lambda msg: log(f"{name}: {msg}")) if log else None
+        model = fn(history=history, log=step_log, log_every=250)
         info = {"name": name, "cache_key": cfg.cache_key(), "steps": len(history),
                 "train_wall_s": round(time.perf_counter() - wall, 2), "train_cpu_s": round(time.process_time() - cpu, 2),
                 "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None}
@@ -75,20 +79,20 @@ def build_zoo(cfg: BenchConfig, root, *, kinds=ZOO_ORDER, log: Callable[[str], N
         save_adapter(model, folder, base, extra=info)
 
     if "base" in kinds:
-        fit("base", lambda h: train_base(cfg, processor, history=h), checkpoint)
+        fit("base", lambda **kw: train_base(cfg, processor, **kw), checkpoint)
     if not _done(base):
         raise FileNotFoundError(f"{base}: no trained base; build the zoo with 'base' in kinds first")
     for kind in ("full", "lora"):
         if kind in kinds:
-            for task in T.TASKS:
+            for task in EXPERT_TASKS:
                 fit(f"{kind}_{task}",
-                    lambda h, task=task, kind=kind: train_expert(base, task, cfg, lora=kind == "lora",
-                                                                processor=processor, history=h),
+                    lambda task=task, kind=kind, **kw: train_expert(base, task, cfg, lora=kind == "lora",
+                                                                   processor=processor, **kw),
                     adapter if kind == "lora" else checkpoint)
     if "multitask" in kinds:
-        fit("multitask", lambda h: train_multitask(base, cfg, processor, history=h), checkpoint)
+        fit("multitask", lambda **kw: train_multitask(base, cfg, processor, **kw), checkpoint)
     if "text_llm" in kinds:
-        fit("text_llm", lambda h: train_text_llm(base, cfg, processor, history=h), checkpoint)
+        fit("text_llm", lambda **kw: train_text_llm(base, cfg, processor, **kw), checkpoint)
     return zoo
 
 
@@ -98,17 +102,19 @@ def test_sets(cfg: BenchConfig, split: str = "test") -> dict[str, list[T.Item]]:
     return {task: T.generate(task, split, n, seed=cfg.data_seed, image_size=cfg.image_size) for task in T.TASKS}
 
 
-def accuracy_matrix(folders: dict[str, Path], cfg: BenchConfig, *, split: str = "test") -> dict[str, dict[str, float]]:
-    """name -> task -> accuracy for model folders (checkpoints or adapters); a text LLM is scored on
-    the text tasks only."""
-    sets = test_sets(cfg, split)
-    processor = build_processor(cfg)
+def accuracy_matrix(folders: dict[str, Path], cfg: BenchConfig, *, split: str = "test",
+                    tasks=T.TASKS, sets: dict[str, list[T.Item]] | None = None,
+                    processor=None) -> dict[str, dict[str, float]]:
+    """name -> task -> accuracy for model folders (checkpoints or adapters) on ``tasks`` of ``sets``
+    (default: :func:`test_sets` of ``split``); a text LLM is scored on the text tasks only."""
+    sets = sets if sets is not None else test_sets(cfg, split)
+    processor = processor or build_processor(cfg)
     out = {}
     for name, folder in folders.items():
         model = load_model(folder)
         vlm = model.config.model_type == "qwen2_vl"
-        out[name] = {task: evaluate(model, task, items, processor, batch_size=cfg.eval_batch_size)
-                     for task, items in sets.items() if vlm or task in T.TEXT_TASKS}
+        out[name] = {task: evaluate(model, task, sets[task], processor, batch_size=cfg.eval_batch_size)
+                     for task in tasks if vlm or task in T.TEXT_TASKS}
     return out
 
 

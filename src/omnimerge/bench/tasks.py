@@ -66,11 +66,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")  # quadrant index 0..3
 OCR_ALPHABET = "ACEHKPTX2347"  # visually distinct in Aileron at ~18 px
-GROUNDING_GRID = 10
+GROUNDING_GRID = 8          # boxes are answered in cells of an 8 x 8 grid (8 px = one patch at 64 px)
 GEOMETRY_GRID = 8           # the geometry background is an 8 x 8 grid of unit squares
 GEOMETRY_ANGLES = (30, 45, 60, 90, 120, 150)
-CHART_MAX = 8               # chart values are integers 1..CHART_MAX
-CHART_LABELS = "ABCDE"
+CHART_MAX = 6               # chart values are integers 1..CHART_MAX; one unit = S / 8 px (a patch at 64 px)
+CHART_LABELS = "ABCD"       # four bars/points, each centred in a quarter of the width
 
 WHITE = (255, 255, 255)
 BLACK = (20, 20, 20)
@@ -115,7 +115,6 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
     "arithmetic": {
         "chain3": ("What is {expr}?", "Compute {expr}.", "Calculate {expr}."),
         "chain4": ("What is {expr}?", "Compute {expr}.", "Calculate {expr}."),
-        "mul": ("What is {expr}?", "Compute {expr}.", "Calculate {expr}."),
         "paren": ("What is {expr}?", "Compute {expr}.", "Calculate {expr}."),
     },
     "caption": {
@@ -272,30 +271,6 @@ def _quadrant_scene(rng: random.Random, S: int) -> dict:
     return {"kind": "shapes", "size": S, "objects": objects}
 
 
-def _free_scene(rng: random.Random, S: int) -> dict:
-    """2-4 non-overlapping objects of distinct colours anywhere in the image."""
-    lo, hi = round(0.22 * S), round(0.40 * S)
-    gap = 2
-    while True:
-        k = rng.randint(2, 4)
-        colours = rng.sample(list(COLOURS), k)
-        boxes: list[list[int]] = []
-        for _ in range(200):
-            s = rng.randint(lo, hi)
-            l, t = rng.randint(1, S - s - 1), rng.randint(1, S - s - 1)
-            box = [l, t, l + s, t + s]
-            if all(box[0] >= o[2] + gap or o[0] >= box[2] + gap or
-                   box[1] >= o[3] + gap or o[1] >= box[3] + gap for o in boxes):
-                boxes.append(box)
-                if len(boxes) == k:
-                    break
-        if len(boxes) == k:
-            break
-    objects = [{"shape": rng.choice(SHAPES), "colour": c, "box_px": b}
-               for c, b in zip(colours, boxes)]
-    return {"kind": "shapes", "size": S, "objects": objects}
-
-
 def _render_shapes(scene: dict) -> Image.Image:
     img, draw = _new(scene["size"])
     for o in scene["objects"]:
@@ -349,8 +324,32 @@ def grid_box(box_px, size: int, grid: int = GROUNDING_GRID) -> list[int]:
     return [x1, y1, min(x2, grid - 1), min(y2, grid - 1)]
 
 
+def _grid_scene(rng: random.Random, S: int, grid: int = GROUNDING_GRID) -> dict:
+    """2-4 non-overlapping objects of distinct colours whose boxes are whole cells of a ``grid`` x
+    ``grid`` partition (2-3 cells a side, a free cell between objects), so every box has one exact
+    grid answer."""
+    while True:
+        k = rng.randint(2, 4)
+        colours = rng.sample(list(COLOURS), k)
+        cells: list[list[int]] = []     # inclusive cell boxes x1, y1, x2, y2
+        for _ in range(200):
+            w = rng.randint(2, 3)
+            x, y = rng.randint(0, grid - w), rng.randint(0, grid - w)
+            box = [x, y, x + w - 1, y + w - 1]
+            if all(box[0] > o[2] + 1 or o[0] > box[2] + 1 or box[1] > o[3] + 1 or o[1] > box[3] + 1
+                   for o in cells):
+                cells.append(box)
+                if len(cells) == k:
+                    break
+        if len(cells) == k:
+            break
+    px = [[round(c * S / grid) for c in (b[0], b[1], b[2] + 1, b[3] + 1)] for b in cells]
+    objects = [{"shape": rng.choice(SHAPES), "colour": c, "box_px": b} for c, b in zip(colours, px)]
+    return {"kind": "shapes", "size": S, "objects": objects}
+
+
 def _grounding(rng: random.Random, S: int) -> _Draft:
-    scene = _free_scene(rng, S)
+    scene = _grid_scene(rng, S)
     target = rng.randrange(len(scene["objects"]))
     o = scene["objects"][target]
     tpl = TEMPLATES["grounding"]["box"]
@@ -450,24 +449,24 @@ def _geometry(rng: random.Random, S: int) -> _Draft:
 # --------------------------------------------------------------------------------------------
 
 def _chart_layout(S: int) -> dict:
-    fs = max(8, round(0.15 * S))
-    top, side = max(3, S // 20), max(3, S // 20)
-    bottom = S - fs - 3                        # y of the axis; labels below it
-    unit = (bottom - top) / CHART_MAX
-    return {"font": fs, "top": top, "side": side, "bottom": bottom, "unit": unit}
+    """The plot spans rows S/8 .. 7S/8 (CHART_MAX units of S/8 px); the labels sit in the last S/8."""
+    top, bottom = S // 8, S - S // 8            # bottom: y of the axis; labels below it
+    return {"font": max(6, S // 8), "top": top, "side": 0, "bottom": bottom, "unit": (bottom - top) / CHART_MAX}
 
 
 def chart_geometry(scene: dict) -> list[dict]:
-    """Pixel placement of each bar/point: centre x, top y (of bar or point), bar left/right."""
+    """Pixel placement of each bar/point: centre x, top y (of bar or point), bar left/right. Value i
+    sits in the middle of column i of ``len(values)`` equal columns (quarters: the tiny bench model's
+    visual tokens at 64 px)."""
     S, k = scene["size"], len(scene["values"])
     lay = _chart_layout(S)
-    slot = (S - 2 * lay["side"]) / k
+    slot = S / k
     out = []
     for i, v in enumerate(scene["values"]):
-        cx = lay["side"] + slot * (i + 0.5)
-        half = slot * 0.3
+        cx = slot * (i + 0.5)
+        half = slot * 0.25
         out.append({"cx": round(cx), "top": lay["bottom"] - round(v * lay["unit"]),
-                    "l": round(cx - half), "r": round(cx + half)})
+                    "l": round(cx - half), "r": round(cx + half) - 1})
     return out
 
 
@@ -500,7 +499,7 @@ def _render_chart(scene: dict) -> Image.Image:
 
 def _chart(rng: random.Random, S: int) -> _Draft:
     kind = rng.choice(("bar", "line"))
-    k = rng.randint(3, 5)
+    k = len(CHART_LABELS)
     while True:
         values = [rng.randint(1, CHART_MAX) for _ in range(k)]
         if values.count(max(values)) == 1 and values.count(min(values)) == 1:
@@ -527,36 +526,43 @@ def _chart(rng: random.Random, S: int) -> _Draft:
 # OCR
 # --------------------------------------------------------------------------------------------
 
+OCR_CELLS = 4  # a text line is OCR_CELLS character cells, each S / OCR_CELLS wide
+
+
 @functools.lru_cache(maxsize=None)
 def _ocr_font_size(S: int) -> int:
-    """Largest size (<= 0.3 S) at which any 4 characters of the alphabet fit in 0.9 S."""
+    """Largest font size at which every character of the alphabet fits in a cell of S / OCR_CELLS
+    pixels (with a pixel to spare)."""
+    cell = S // OCR_CELLS
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    best = 8
-    for size in range(8, max(9, int(0.3 * S) + 1)):
+    best = 4
+    for size in range(4, 2 * cell):
         font = _font(size)
-        wide = max(_ink_box(draw, c * 4, font)[2] - _ink_box(draw, c * 4, font)[0]
-                   for c in OCR_ALPHABET)
-        if wide + 1 <= 0.9 * S:
+        boxes = [_ink_box(draw, c, font) for c in OCR_ALPHABET]
+        if all(b[2] - b[0] < cell - 1 and b[3] - b[1] < cell - 1 for b in boxes):
             best = size
     return best
 
 
 def _render_ocr(scene: dict) -> Image.Image:
-    img, draw = _new(scene["size"], tuple(scene["paper"]))
+    """Monospaced: character i centred in cell i of the row ``scene["row"]`` (cells of S / 4 pixels,
+    which are the tiny bench model's visual tokens at 64 px; like a licence plate or a form field)."""
+    S = scene["size"]
+    cell = S // OCR_CELLS
+    img, draw = _new(S, tuple(scene["paper"]))
     font = _font(scene["font"])
-    _text(draw, (scene["x"], scene["y"]), scene["text"], font,
-          TEXT_COLOURS[scene["ink"]], bold=True)
+    for i, c in enumerate(scene["text"]):
+        x0, y0, x1, y1 = _ink_box(draw, c, font)
+        _text(draw, ((scene["col"] + i) * cell + (cell - (x1 - x0)) // 2,
+                     scene["row"] * cell + (cell - (y1 - y0)) // 2), c, font, TEXT_COLOURS[scene["ink"]], bold=True)
     return img
 
 
 def _ocr(rng: random.Random, S: int) -> _Draft:
-    text = "".join(rng.choice(OCR_ALPHABET) for _ in range(rng.choice((3, 4))))
-    size = _ocr_font_size(S)
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    x0, y0, x1, y1 = _ink_box(draw, text, _font(size))
-    w, h = x1 - x0 + 1, y1 - y0
-    scene = {"kind": "text", "size": S, "text": text, "font": size,
-             "x": rng.randint(2, max(2, S - w - 2)), "y": rng.randint(2, max(2, S - h - 2)),
+    n = rng.choice((3, 4))
+    text = "".join(rng.choice(OCR_ALPHABET) for _ in range(n))
+    scene = {"kind": "text", "size": S, "text": text, "font": _ocr_font_size(S),
+             "row": rng.randrange(OCR_CELLS), "col": rng.randint(0, OCR_CELLS - n),
              "ink": rng.choice(sorted(TEXT_COLOURS)), "paper": list(rng.choice(PAPER_COLOURS))}
     tpl = TEMPLATES["ocr"]["read"]
     ti = _pick(rng, tpl)
@@ -585,18 +591,13 @@ def _chain(rng: random.Random, k: int) -> tuple[str, int]:
 
 
 def _arithmetic(rng: random.Random, S: int) -> _Draft:
-    qtype = rng.choice(("chain3", "chain4", "mul", "paren"))
+    # chains of single digits and a bracketed product: multi-step, and learnable by the tiny model in
+    # minutes (a times table to memorise, "a * b + c", was not: 9 % after 1250 steps)
+    qtype = rng.choice(("chain3", "chain4", "paren"))
     if qtype == "chain3":
         expr, value = _chain(rng, 3)
     elif qtype == "chain4":
         expr, value = _chain(rng, 4)
-    elif qtype == "mul":
-        while True:
-            a, b, c, form = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9), rng.randrange(3)
-            expr, value = ((f"{a} * {b} + {c}", a * b + c), (f"{a} * {b} - {c}", a * b - c),
-                           (f"{c} + {a} * {b}", a * b + c))[form]
-            if value >= 0:
-                break
     else:
         while True:
             a, b, c, form = rng.randint(1, 9), rng.randint(1, 9), rng.randint(2, 5), rng.randrange(4)

@@ -236,7 +236,7 @@ def train_text_llm(base, cfg: BenchConfig, processor: BenchProcessor | None = No
     text task(s)."""
     model = load_model(base) if isinstance(base, (str, Path)) else base
     return train(extract_text_model(model), text_items(cfg), cfg, steps=cfg.text_steps, lr=cfg.text_lr,
-                 processor=processor, **kw)
+                 processor=processor, batch_size=cfg.text_batch_size, **kw)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,48 +1,154 @@
-"""Linear-algebra building blocks for the low-rank methods, with fast paths that keep exactness.
+"""Linear-algebra primitives of the low-rank methods, each exact or checked against the exact route.
 
-* ``spectrum``: singular values, from the smaller Gram matrix's eigenvalues (float64) for large
-  matrices — about 10x faster than ``svdvals`` on 3584x18944 on 2 CPU cores — else ``svdvals``.
-* ``top_svd``: the k leading singular triplets, by a seeded randomized range finder with power
-  iterations when k is small against min(m, n), else by a full SVD.
-* ``polar``: the orthonormal polar factor.
-All accept batches (..., m, n). Inputs are expected in float32/float64.
+Decompositions
+  ``svd``              the thin SVD, retried in float64 where float32 LAPACK fails to converge.
+  ``gram``             a aᵀ or aᵀ a (or the Gram matrix of rows stacked from several blocks), exactly
+                       symmetric, with only the upper block triangle multiplied; a float64 Gram matrix
+                       of a float32 matrix is accumulated over column blocks, never from a float64 copy.
+  ``eigh_desc``        eigenvalues (descending, ≥ 0) and eigenvectors of a symmetric PSD matrix.
+  ``spectrum``         singular values: the float64 Gram matrix's eigenvalues for large matrices
+                       (about 10x faster than ``svdvals`` on 3584×18944), else ``svdvals``.
+Leading components
+  ``top_svd``          the k leading singular triplets: a seeded randomized range finder (accurate only
+                       where the spectrum falls off after k), or a full SVD.
+  ``randomized_iters`` the subspace iterations after which the randomized finder is accurate for a known
+                       spectrum, or None where it would not converge within budget.
+  ``leading_svd``      the k leading singular triplets whatever the spectrum: the Gram spectrum, then
+                       ``top_svd`` where it converges, else the Gram matrix's eigenvectors.
+  ``truncate``         the best rank-k approximation: exact spectrum from the Gram matrix, then the
+                       randomized finder where the spectrum shows it converges, else a projection on the
+                       Gram matrix's top-k eigenvectors.
+Polar factors and inverse square roots
+  ``zero_rtol``, ``inv_sqrt_weights``, ``psd_inv_sqrt``, ``polar_exact``, ``polar_gram``,
+  ``two_block_inv_sqrt``, ``two_block_polar_weights``.
+
+Eigen-decompositions of Gram matrices run in float64 unless stated: a Gram matrix squares the
+condition number, and float32 eigenvectors of one are off by ~1e-2 near a rank cutoff (float64: ~1e-4
+of the merged delta, the level of a float32 SVD). Products with the data stay in the data's dtype
+where the factor they use is orthonormal (well conditioned), so rounding stays at the data's level.
+Inputs are float32 or float64; ``gram``, ``spectrum``, ``eigh_desc`` and ``top_svd`` take batches
+(…, m, n), the others one matrix.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
-GRAM_MIN = 512  # use the Gram route for spectra when min(m, n) is at least this
+GRAM_MIN = 512  # spectra (and truncations) go through the Gram matrix when min(m, n) is at least this
+GRAM_BLOCK_BYTES = 64 << 20  # column block converted at a time while accumulating a Gram matrix in another dtype
+GRAM_SPLIT_MIN = 1024  # Gram matrices of at least this size multiply only their upper block triangle ...
+GRAM_SPLIT = 4  # ... in about this many row blocks: (b + 1)/2b of the flops of a plain product
+
+POLAR_EPS_KAPPA = 1e-4  # polar_gram forms its product in float64 where ε·κ exceeds this (κ > 840 in float32)
+
+RAND_TOL = 1e-9  # randomized only if (σ_{q+1}/σ_k)^(2p+1) <= RAND_TOL for some p <= RAND_MAX_ITERS
+RAND_MAX_ITERS = 8
+RAND_OVERSAMPLE = 16
+RAND_COST = 8.0  # ... and its (2p+2)·2·m·n·q flops are at most RAND_COST·r³ (about an r×r eigh)
+
+
+# ------------------------------------------------------------------------- Gram matrices, spectra
+
+
+def _row_blocks(sizes: list[int]) -> list[tuple[int, int, int]]:
+    """(part, start, stop) row blocks of stacked parts: each part split so that the whole has about
+    GRAM_SPLIT blocks once it reaches GRAM_SPLIT_MIN rows."""
+    total = sum(sizes)
+    size = math.ceil(total / GRAM_SPLIT) if total >= GRAM_SPLIT_MIN else total
+    blocks = []
+    for p, rows in enumerate(sizes):
+        pieces = max(1, math.ceil(rows / max(size, 1)))
+        edges = [i * rows // pieces for i in range(pieces + 1)]
+        blocks += [(p, edges[i], edges[i + 1]) for i in range(pieces) if edges[i + 1] > edges[i]]
+    return blocks
+
+
+def gram(a: torch.Tensor | Sequence[torch.Tensor], *, side: str = "left", dtype: torch.dtype | None = None
+         ) -> torch.Tensor:
+    """``a aᵀ`` (side ``left``) or ``aᵀ a`` (``right``) in ``dtype`` (default: a's), for a (…, m, n).
+
+    ``a`` may also be a sequence of (…, m_i, n) blocks (side ``left``): the Gram matrix of their
+    row-wise concatenation, without forming it (block (i, j) is a_i a_jᵀ). Exactly symmetric; for
+    GRAM_SPLIT_MIN rows or more only the upper block triangle is multiplied, and a conversion to
+    ``dtype`` happens one column block (GRAM_BLOCK_BYTES) at a time.
+    """
+    if isinstance(a, torch.Tensor):
+        parts = [a if side == "left" else a.mT]
+    else:
+        if side != "left":
+            raise ValueError("gram of stacked blocks takes side='left'")
+        parts = list(a)
+    lead, cols = parts[0].shape[:-2], parts[0].shape[-1]
+    dtype = dtype or parts[0].dtype
+    xs = [p.reshape(-1, p.shape[-2], cols) for p in parts]  # (B, m_i, n)
+    batch = xs[0].shape[0]
+    sizes = [x.shape[1] for x in xs]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    total = sum(sizes)
+    blocks = _row_blocks(sizes)
+    convert = any(x.dtype != dtype for x in xs)
+    step = max(1, GRAM_BLOCK_BYTES // (max(total, 1) * torch.finfo(dtype).bits // 8)) if convert else max(cols, 1)
+    g = torch.zeros((batch, total, total), dtype=dtype, device=xs[0].device)
+    rows = [slice(offsets[p] + lo, offsets[p] + hi) for p, lo, hi in blocks]
+    for c in range(0, cols, step):
+        chunk = [x[..., c:c + step].to(dtype) for x in xs]
+        pieces = [chunk[p][:, lo:hi] for p, lo, hi in blocks]
+        for i, xi in enumerate(pieces):
+            for j in range(i, len(pieces)):
+                g[:, rows[i], rows[j]].baddbmm_(xi, pieces[j].mT)
+    for i, ri in enumerate(rows):  # mirror: exactly symmetric
+        d = g[:, ri, ri]
+        d.copy_(d.triu() + d.triu(1).mT)
+        for rj in rows[i + 1:]:
+            g[:, rj, ri] = g[:, ri, rj].mT
+    return g.reshape(*lead, total, total)
+
+
+def svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD (U, S, Vh) of ``a`` (…, m, n). Where LAPACK's float32 divide-and-conquer SVD
+    fails to converge (it does on some ill-conditioned matrices, e.g. a 448² concatenation of singular
+    vectors with condition number 1.5e3), the SVD is taken in float64 and rounded back."""
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if a.dtype == torch.float64:
+            raise
+        return tuple(x.to(a.dtype) for x in torch.linalg.svd(a.double(), full_matrices=False))
+
+
+def eigh_desc(g: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD matrix, in ``dtype``."""
+    lam, w = torch.linalg.eigh(g.to(dtype))
+    return lam.flip(-1).clamp_min(0), w.flip(-1)
 
 
 def spectrum(a: torch.Tensor, *, exact: bool = False) -> torch.Tensor:
-    """Singular values of ``a`` in descending order, in ``a``'s dtype.
+    """Singular values of ``a`` (…, m, n) in descending order, in ``a``'s dtype.
 
-    The Gram route squares the condition number, so singular values below about 1e-7·σ_1 (in
-    float64) are noise; the rank rules only look at the leading part of the spectrum.
+    From the float64 Gram matrix of the smaller side when min(m, n) >= GRAM_MIN (and not ``exact``):
+    that squares the condition number, so singular values below about 1e-7·σ_1 are noise; the rank
+    rules look at the leading part of the spectrum.
     """
     m, n = a.shape[-2], a.shape[-1]
     if exact or min(m, n) < GRAM_MIN:
         return torch.linalg.svdvals(a)
-    a64 = a.double()
-    g = a64 @ a64.mT if m <= n else a64.mT @ a64
-    ev = torch.linalg.eigvalsh(g).flip(-1).clamp_min(0)
-    return ev.sqrt().to(a.dtype)
+    g = gram(a, side="left" if m <= n else "right", dtype=torch.float64)
+    return torch.linalg.eigvalsh(g).flip(-1).clamp_min(0).sqrt().to(a.dtype)
 
 
-def _randomized(a: torch.Tensor, k: int, generator: torch.Generator | None, oversample: int, iters: int):
-    m, n = a.shape[-2], a.shape[-1]
-    q = min(k + oversample, min(m, n))
-    omega = torch.randn((*a.shape[:-2], n, q), generator=generator, dtype=a.dtype, device="cpu").to(a.device)
-    y = a @ omega
-    basis, _ = torch.linalg.qr(y)
-    for _ in range(iters):
-        z, _ = torch.linalg.qr(a.mT @ basis)
-        basis, _ = torch.linalg.qr(a @ z)
-    b = basis.mT @ a  # (q, n)
-    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
-    u = basis @ ub
-    return u[..., :k], s[..., :k], vh[..., :k, :]
+# ---------------------------------------------------------------------------- leading components
+
+
+def _cpu_generator(generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        return torch.Generator().manual_seed(0)
+    if generator.device.type != "cpu":  # draw a CPU seed from it: results do not depend on the device
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        return torch.Generator().manual_seed(seed)
+    return generator
 
 
 def top_svd(a: torch.Tensor, k: int, *, generator: torch.Generator | None = None, exact: bool = False,
@@ -51,70 +157,33 @@ def top_svd(a: torch.Tensor, k: int, *, generator: torch.Generator | None = None
 
     Randomized when 4k <= min(m, n) and not ``exact``: a Gaussian test matrix drawn from
     ``generator`` (seeded per tensor by the engine, so results are reproducible), ``iters``
-    subspace iterations, then an exact SVD of the small projected matrix.
+    subspace iterations, then an exact SVD of the small projected matrix. Else a full SVD.
     """
-    r = min(a.shape[-2], a.shape[-1])
+    m, n = a.shape[-2], a.shape[-1]
+    r = min(m, n)
     k = max(1, min(k, r))
     if exact or 4 * k > r:
-        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        u, s, vh = svd(a)
         return u[..., :k], s[..., :k], vh[..., :k, :]
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    elif generator.device.type != "cpu":
-        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator,
-                                                                    device=generator.device).item()))
-    return _randomized(a, k, generator, oversample, iters)
+    q = min(k + oversample, r)
+    omega = torch.randn((*a.shape[:-2], n, q), generator=_cpu_generator(generator), dtype=a.dtype).to(a.device)
+    basis, _ = torch.linalg.qr(a @ omega)
+    for _ in range(iters):
+        z, _ = torch.linalg.qr(a.mT @ basis)
+        basis, _ = torch.linalg.qr(a @ z)
+    ub, s, vh = svd(basis.mT @ a)
+    return (basis @ ub)[..., :k], s[..., :k], vh[..., :k, :]
 
 
-def polar(a: torch.Tensor) -> torch.Tensor:
-    """The orthonormal factor P Qᵀ of a = P Σ Qᵀ (the closest matrix with orthonormal columns/rows)."""
-    u, _, vh = torch.linalg.svd(a, full_matrices=False)
-    return u @ vh
+def randomized_iters(s: torch.Tensor, k: int, m: int, n: int) -> int | None:
+    """Subspace iterations p that make ``top_svd`` (oversample RAND_OVERSAMPLE) accurate for the
+    descending spectrum ``s`` of an m×n matrix: (σ_{q+1}/σ_k)^(2p+1) <= RAND_TOL with p <= RAND_MAX_ITERS
+    and a cost below RAND_COST·r³. None where no such p exists (no gap after k, or k large).
 
-
-# ------------------------------------------------------------------------------------------------
-# Rank-k truncation with a checked fast route (added for `asdf` and `task_arithmetic`'s `rank`).
-#
-# The randomized range finder of `top_svd` is accurate only where the spectrum falls off after k:
-# with its defaults (oversample 16, 3 iterations) the rank-k approximation was 15-86 % off (relative
-# Frobenius error) on power-law spectra σ_i = i^-α, α <= 1, at the knee's k (2048², measured).
-# `truncate` therefore takes the exact spectrum from the Gram matrix, uses the randomized finder
-# only when that spectrum shows it converges (with enough iterations, at a cost below an
-# eigendecomposition), and otherwise takes the top-k eigenvectors of the same Gram matrix and
-# projects: A_k = U_k U_kᵀ A (or A V_k V_kᵀ). The projection needs no division by σ, so zero or
-# tiny singular values are harmless, and it is float64-accurate in the subspace.
-
-import math  # noqa: E402  (kept in this section)
-
-RAND_TOL = 1e-9  # randomized only if (σ_{q+1}/σ_k)^(2p+1) <= RAND_TOL for some p <= RAND_MAX_ITERS
-RAND_MAX_ITERS = 8
-RAND_OVERSAMPLE = 16
-RAND_COST = 8.0  # ... and its (2p+2)·2·m·n·q flops are at most RAND_COST·r³ (about an r×r eigh)
-GRAM_BLOCK_BYTES = 64 << 20  # float64 block of the long side used while accumulating the Gram
-
-
-def _trunc_gram(a: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The float64 Gram matrix of the smaller side of a 2-D ``a``: (A Aᵀ, True) when m <= n, else
-    (Aᵀ A, False). Accumulated over blocks of the long side (the extra memory stays small) and, for
-    min(m, n) >= 1024, only over the upper block triangle (4 row blocks: 5/8 of the flops), then mirrored."""
-    m, n = a.shape
-    left = m <= n
-    r, long = (m, n) if left else (n, m)
-    step = max(1, GRAM_BLOCK_BYTES // (8 * r))
-    nb = 4 if r >= 1024 else 1
-    e = [i * r // nb for i in range(nb + 1)]
-    g = torch.zeros((r, r), dtype=torch.float64, device=a.device)
-    for c in range(0, long, step):
-        blk = (a[:, c:c + step] if left else a[c:c + step].mT).double()  # (r, step)
-        for i in range(nb):
-            for j in range(i, nb):
-                g[e[i]:e[i + 1], e[j]:e[j + 1]].addmm_(blk[e[i]:e[i + 1]], blk[e[j]:e[j + 1]].mT)
-    g = torch.triu(g) + torch.triu(g, 1).mT  # exactly symmetric
-    return g, left
-
-
-def _trunc_rand_iters(s: torch.Tensor, k: int, m: int, n: int) -> int | None:
-    """Subspace iterations that make the randomized finder converge for this spectrum, or None."""
+    The randomized finder is accurate only where the spectrum falls off after k: with a fixed 3
+    iterations, the rank-k approximation was 15-86 % off (relative Frobenius error) on power-law
+    spectra σ_i = i^-α, α <= 1, at the knee's k (2048², measured).
+    """
     r = min(m, n)
     if 4 * k > r:
         return None
@@ -131,8 +200,43 @@ def _trunc_rand_iters(s: torch.Tensor, k: int, m: int, n: int) -> int | None:
     return p
 
 
-def _trunc_project(a: torch.Tensor, vecs: torch.Tensor, k: int, left: bool) -> torch.Tensor:
-    """A projected on the span of the last k columns of ``vecs`` (eigh's order: ascending)."""
+def leading_svd(a: torch.Tensor, k: int, *, generator: torch.Generator | None = None, exact: bool = False):
+    """The k leading singular triplets (U (m, k), S (k,), Vh (k, n)) of one matrix, accurate whatever
+    its spectrum, in ``a``'s dtype.
+
+    A full SVD when ``exact`` or min(m, n) < GRAM_MIN. Else the float64 Gram matrix of the smaller
+    side: where 4k <= min(m, n), its eigenvalues first, and ``top_svd`` with the iterations
+    ``randomized_iters`` prescribes where it converges; otherwise the Gram matrix's top-k
+    eigenvectors give one side and one product the other (S V_kᵀ = U_kᵀ a, so no division by a
+    singular value ≤ 1e-7·σ_1: such components get S = 0 and a zero row).
+    """
+    m, n = a.shape
+    r = min(m, n)
+    k = max(1, min(int(k), r))
+    if exact or r < GRAM_MIN:
+        u, s, vh = svd(a)
+        return u[:, :k], s[:k], vh[:k]
+    left = m <= n
+    g = gram(a, side="left" if left else "right", dtype=torch.float64)
+    if 4 * k <= r:
+        s = torch.linalg.eigvalsh(g).flip(-1).clamp_min(0).sqrt()
+        iters = randomized_iters(s, k, m, n)
+        if iters is not None:
+            return top_svd(a, k, generator=generator, oversample=RAND_OVERSAMPLE, iters=iters)
+    lam, w = eigh_desc(g)
+    del g
+    s = lam[:k].sqrt()
+    keep = s > 1e-7 * s[0] if float(s[0]) > 0 else torch.zeros_like(s, dtype=torch.bool)
+    scale = torch.where(keep, 1.0 / torch.where(keep, s, 1.0), 0.0).to(a.dtype)
+    wk = w[:, :k].to(a.dtype)
+    other = (wk.mT @ a if left else (a @ wk).mT) * scale[:, None]  # V_kᵀ (k, n), or U_kᵀ (k, m)
+    s = torch.where(keep, s, 0.0).to(a.dtype)
+    return (wk, s, other) if left else (other.mT, s, wk.mT)
+
+
+def project_top(a: torch.Tensor, vecs: torch.Tensor, k: int, left: bool) -> torch.Tensor:
+    """``a`` projected on the span of the last k columns of ``vecs`` (eigh's ascending order), from the
+    left (U_k U_kᵀ a) or the right (a V_k V_kᵀ); through the complement when k > half of them."""
     r = vecs.shape[-1]
     v = vecs.to(a.dtype)
     if k <= r - k:
@@ -144,7 +248,7 @@ def _trunc_project(a: torch.Tensor, vecs: torch.Tensor, k: int, left: bool) -> t
     return a - (c @ (c.mT @ a) if left else (a @ c) @ c.mT)
 
 
-def _trunc_matrix(a, rank, generator, exact):
+def _truncate_matrix(a, rank, generator, exact):
     m, n = a.shape
     r = min(m, n)
     pick = rank if callable(rank) else (lambda _s: int(rank))
@@ -153,10 +257,11 @@ def _trunc_matrix(a, rank, generator, exact):
         return max(1, min(int(k), r))
 
     if exact or r < GRAM_MIN:
-        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        u, s, vh = svd(a)
         k = clip(pick(s))
         return (u[:, :k] * s[:k]) @ vh[:k], k
-    g, left = _trunc_gram(a)
+    left = m <= n
+    g = gram(a, side="left" if left else "right", dtype=torch.float64)
     vecs = None
     if not callable(rank) and 4 * clip(rank) > r:  # a known large k: the projection route for sure
         lam, vecs = torch.linalg.eigh(g)
@@ -166,14 +271,14 @@ def _trunc_matrix(a, rank, generator, exact):
     k = clip(pick(s))
     if float(s[0]) == 0.0:
         return torch.zeros_like(a), k
-    iters = None if vecs is not None else _trunc_rand_iters(s, k, m, n)
+    iters = None if vecs is not None else randomized_iters(s, k, m, n)
     if iters is not None:
         u, sv, vh = top_svd(a, k, generator=generator, oversample=RAND_OVERSAMPLE, iters=iters)
         return (u * sv) @ vh, k
     if vecs is None:
         _, vecs = torch.linalg.eigh(g)
     del g
-    return _trunc_project(a, vecs, k, left), k
+    return project_top(a, vecs, k, left), k
 
 
 def truncate(a: torch.Tensor, rank, *, generator: torch.Generator | None = None, exact: bool = False):
@@ -184,33 +289,25 @@ def truncate(a: torch.Tensor, rank, *, generator: torch.Generator | None = None,
     matrix, a list over the batch (row-major) for ndim > 2.
 
     Routes: ``exact`` or min(m, n) < GRAM_MIN: full SVD. Otherwise the spectrum from the float64
-    Gram matrix, then the randomized finder when the spectrum shows it converges (see
-    ``_trunc_rand_iters``), else the projection on the Gram matrix's top-k eigenvectors (an integer
-    ``rank`` with 4k > min(m, n) goes straight to the eigendecomposition).
+    Gram matrix, then ``top_svd`` where ``randomized_iters`` shows it converges, else the projection
+    on the Gram matrix's top-k eigenvectors (``project_top``: no division by σ, so zero or tiny
+    singular values are harmless; float64-accurate in the subspace). An integer ``rank`` with
+    4k > min(m, n) goes straight to the eigendecomposition.
     """
     if a.ndim < 2:
         raise ValueError(f"truncate needs a matrix or a batch of matrices, got shape {tuple(a.shape)}")
     if a.ndim == 2:
-        return _trunc_matrix(a, rank, generator, exact)
+        return _truncate_matrix(a, rank, generator, exact)
     m, n = a.shape[-2], a.shape[-1]
     outs, ks = [], []
     for x in a.reshape(-1, m, n):
-        t, k = _trunc_matrix(x, rank, generator, exact)
+        t, k = _truncate_matrix(x, rank, generator, exact)
         outs.append(t)
         ks.append(k)
     return torch.stack(outs).reshape(a.shape), ks
 
 
-# ================================================================================================
-# Gram-route building blocks for the spectral merges (methods/spectral.py: TSV, Iso-C, Iso-CTS).
-# Added after the functions above, which keep their behaviour. Everything here takes one matrix
-# (m, n); callers loop over batches.
-#
-# Eigen-decompositions of Gram matrices run in float64: a Gram matrix squares the condition number,
-# and float32 eigenvectors of one are off by ~1e-2 near a rank cutoff (float64: ~1e-4 of the merged
-# delta, the level of a float32 SVD). Products with the data stay in the data's dtype where the
-# factor they use is orthonormal (well conditioned), so rounding stays at the data's own level.
-# ================================================================================================
+# ------------------------------------------------------------ polar factors, inverse square roots
 
 
 def zero_rtol(dtype: torch.dtype) -> float:
@@ -221,39 +318,6 @@ def zero_rtol(dtype: torch.dtype) -> float:
     float64 Gram matrix's eigenvalues.
     """
     return max(100.0 * torch.finfo(dtype).eps, 1e-7)
-
-
-def gram(a: torch.Tensor, *, side: str = "left", dtype: torch.dtype | None = None, blocks: int = 4) -> torch.Tensor:
-    """``a aᵀ`` (side ``left``) or ``aᵀ a`` (``right``), computed in ``dtype`` (default: a's).
-
-    Symmetric by construction: for large results only the block upper triangle is multiplied
-    (``blocks`` row blocks: (b + 1) / 2b of the flops of a plain product) and mirrored.
-    """
-    x = a if side == "left" else a.mT
-    if dtype is not None and x.dtype != dtype:
-        x = x.to(dtype)
-    m = x.shape[-2]
-    if blocks <= 1 or m < 1024:
-        g = x @ x.mT
-        return (g + g.mT) / 2
-    edges = [i * m // blocks for i in range(blocks + 1)]
-    g = torch.empty((m, m), dtype=x.dtype, device=x.device)
-    for i in range(blocks):
-        xi = x[edges[i]:edges[i + 1]]
-        for j in range(i, blocks):
-            blk = xi @ x[edges[j]:edges[j + 1]].mT
-            if i == j:
-                blk = (blk + blk.mT) / 2
-            g[edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = blk
-            if j > i:
-                g[edges[j]:edges[j + 1], edges[i]:edges[i + 1]] = blk.mT
-    return g
-
-
-def eigh_desc(g: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD matrix, in ``dtype``."""
-    lam, w = torch.linalg.eigh(g.to(dtype))
-    return lam.flip(-1).clamp_min(0), w.flip(-1)
 
 
 def inv_sqrt_weights(lam: torch.Tensor, rtol: float) -> torch.Tensor:
@@ -273,11 +337,12 @@ def psd_inv_sqrt(g: torch.Tensor, rtol: float) -> torch.Tensor:
 
 
 def polar_exact(a: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
-    """The polar factor P Qᵀ of a = P Σ Qᵀ by a full SVD, leaving out directions whose singular
-    value is ≤ rtol·σ_max (their singular vectors are arbitrary). Equals ``polar`` on full-rank input."""
+    """The polar factor P Qᵀ of a = P Σ Qᵀ (the closest matrix with orthonormal columns or rows) by a
+    full SVD, leaving out directions whose singular value is ≤ rtol·σ_max (their singular vectors
+    are arbitrary)."""
     if rtol is None:
         rtol = zero_rtol(a.dtype)
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = svd(a)
     if s.numel() == 0:
         return torch.zeros_like(a)
     keep = s > rtol * s[0]
@@ -288,10 +353,11 @@ def polar_gram(a: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor
     """The polar factor of ``a`` through the Gram matrix of its smaller side, and its singular values.
 
     With a aᵀ = W Λ Wᵀ (rows ≤ columns; Gram and eigh in float64): polar(a) = H a with
-    H = W Λ^(-1/2) Wᵀ, formed and applied in a's dtype (one product with the big side). The error is
-    that of the data's own precision amplified by σ_1/σ_j in direction j, as with an SVD; measured on
-    float32 matrices with σ_1/σ_min up to 6e5: 3e-4 relative (Frobenius). Directions with
-    σ ≤ rtol·σ_max are left out. Returns (polar factor in a's dtype, singular values descending in
+    H = W Λ^(-1/2) Wᵀ (one product with the big side). H and the product are in a's dtype while
+    κ·ε <= POLAR_EPS_KAPPA (κ = σ_max/σ_min of the kept directions), else in float64: H's rounding
+    is amplified by κ, and the float32 error was about 0.03·ε·κ (measured: 4e-6 at κ = 77, 1.8e-4 at
+    κ = 1.3e5, 7.7e-3 at κ = 4.5e6 — a square sum of five task vectors; 5.7e-5 there in float64).
+    Directions with σ ≤ rtol·σ_max are left out. Returns (polar factor in a's dtype, singular values descending in
     float64, min(m, n) of them).
     """
     if rtol is None:
@@ -299,9 +365,13 @@ def polar_gram(a: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor
     wide = a.shape[-2] <= a.shape[-1]
     x = a if wide else a.mT
     lam, w = eigh_desc(gram(x, dtype=torch.float64))
-    wx = w.to(x.dtype)
-    h = (wx * inv_sqrt_weights(lam, rtol).to(x.dtype)) @ wx.mT
-    p = h @ x
+    weights = inv_sqrt_weights(lam, rtol)
+    kept = weights > 0
+    kappa = float((lam[kept].max() / lam[kept].min()).sqrt()) if bool(kept.any()) else 1.0
+    work = x.dtype if kappa * torch.finfo(x.dtype).eps <= POLAR_EPS_KAPPA else torch.float64
+    wx = w.to(work)
+    h = (wx * weights.to(work)) @ wx.mT
+    p = (h @ x.to(work)).to(x.dtype)
     return (p if wide else p.mT), lam.sqrt()
 
 

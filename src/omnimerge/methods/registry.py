@@ -126,6 +126,8 @@ class Method:
     needs_base: bool
     reference: str
     summary: str
+    min_models: int = 1  # how many models (besides the base) the method takes
+    max_models: int | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -141,13 +143,14 @@ class Method:
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, reference: str, summary: str):
-    """Decorator: register ``fn`` as method ``name``."""
+def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, reference: str, summary: str,
+             min_models: int = 1, max_models: int | None = None):
+    """Decorator: register ``fn`` as method ``name`` (taking min_models..max_models models besides the base)."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
-        _REGISTRY[name] = Method(name, fn, tuple(params), needs_base, reference, summary)
+        _REGISTRY[name] = Method(name, fn, tuple(params), needs_base, reference, summary, min_models, max_models)
         return fn
 
     return deco

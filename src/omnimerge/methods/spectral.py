@@ -31,8 +31,10 @@ path is no closer to the float64 truth than the fast one.
 * Iso-CTS (m ≤ n): the complement of the common space is spanned by the remaining Gram eigenvectors
   W_r, so each task's SVD is that of the small (r − k_c) × n matrix W_rᵀ τ_i, and the task block of U
   is W_r times the polar factor of a small matrix;
-* TSV with an explicit small rank (k ≤ r·``RANDOMIZED_FRACTION``): a seeded randomized SVD
-  (``linalg.top_svd``, the engine's per-tensor generator) per task instead of the Gram route.
+* TSV with a small rank (k ≤ r·``RANDOMIZED_FRACTION``) where the task's spectrum (the Gram
+  matrix's eigenvalues) shows that it converges (``linalg.randomized_iters``): a seeded randomized
+  SVD (``linalg.top_svd``, the engine's per-tensor generator) instead of the eigenvectors. A fixed
+  number of iterations is not enough: on slowly decaying spectra it was 15-86 % off.
 
 **Zero singular values.** Singular vectors of a zero singular value are arbitrary (a full SVD returns
 whatever LAPACK completes the basis with), and in TSV / Iso-CTS they would rotate the other tasks'
@@ -55,15 +57,13 @@ from typing import Callable
 import torch
 
 from ..errors import OmnimergeError
-from .linalg import (eigh_desc, gram, polar_exact, polar_gram, psd_inv_sqrt, top_svd, two_block_polar_weights,
-                     zero_rtol)
+from .linalg import (RAND_OVERSAMPLE, eigh_desc, gram, polar_exact, polar_gram, psd_inv_sqrt, randomized_iters,
+                     svd, top_svd, two_block_polar_weights, zero_rtol)
 from .ranks import RULE_DOC, check_rank_rule, choose_rank, needs_spectrum, rank_param
 from .registry import MethodContext, Param, register
 
 FAST_MIN = 256  # the fast path is taken when min(m, n) >= FAST_MIN (and exact is false)
-RANDOMIZED_FRACTION = 1 / 16  # TSV: randomized per-task SVD when an explicit rank k <= r * this
-RANDOMIZED_OVERSAMPLE_MIN = 16  # randomized SVD: oversample max(this, k) columns, i.e. q ≈ 2k
-RANDOMIZED_ITERS = 4  # randomized SVD: subspace iterations
+RANDOMIZED_FRACTION = 1 / 16  # TSV: try the randomized per-task SVD when k <= r * this (and it converges)
 DATA_RTOL = 1e-7  # singular values of the data (τ_i, Σ τ_i) at or below DATA_RTOL·σ_1 count as zero
 TASK_GRAM_DTYPE = torch.float64  # TSV per-task Gram matrices
 TASK_EIGH_DTYPE = torch.float64  # TSV per-task eigen-decompositions
@@ -172,22 +172,30 @@ def _task_svd(x: torch.Tensor, rule, n_tasks: int, fast: bool, generator):
     """
     r = min(x.shape)
     if not fast:
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        u, s, vh = svd(x)
         k = tsv_rank(rule, x.shape, n_tasks, s)
         keep = s[:k] > DATA_RTOL * s[0]
         return u[:, :k][:, keep], s[:k][keep], vh[:k][keep], k
-    if not needs_spectrum(rule):
+    # Gram route on the smaller side (the caller makes m <= n).
+    g = gram(x, dtype=TASK_GRAM_DTYPE)
+    s_all = None
+    if needs_spectrum(rule):
+        s_all = torch.linalg.eigvalsh(g.double()).flip(-1).clamp_min(0).sqrt()
+        k = tsv_rank(rule, x.shape, n_tasks, s_all.to(x.dtype))
+    else:
         k = tsv_rank(rule, x.shape, n_tasks)
-        if k <= r * RANDOMIZED_FRACTION:
-            u, s, vh = top_svd(x, k, generator=generator, oversample=max(RANDOMIZED_OVERSAMPLE_MIN, k),
-                               iters=RANDOMIZED_ITERS)
+    if k <= r * RANDOMIZED_FRACTION:  # a small k: the randomized finder, where the spectrum shows it converges
+        if s_all is None:
+            s_all = torch.linalg.eigvalsh(g.double()).flip(-1).clamp_min(0).sqrt()
+        iters = randomized_iters(s_all, k, *x.shape)
+        if iters is not None:
+            u, s, vh = top_svd(x, k, generator=generator, oversample=RAND_OVERSAMPLE, iters=iters)
             keep = s > DATA_RTOL * s[0]
             return u[:, keep].double(), s[keep], vh[keep], k
-    # Gram route on the smaller side (the caller makes m <= n).
-    lam, w = eigh_desc(gram(x, dtype=TASK_GRAM_DTYPE), dtype=TASK_EIGH_DTYPE)
+    lam, w = eigh_desc(g, dtype=TASK_EIGH_DTYPE)
+    del g
     lam, w = lam.double(), w.double()
     s_all = lam.sqrt()
-    k = tsv_rank(rule, x.shape, n_tasks, s_all.to(x.dtype))
     s = s_all[:k]
     keep = s > DATA_RTOL * s_all[0]
     u, s = w[:, :k][:, keep], s[keep]
@@ -294,7 +302,7 @@ def tsv(base, models, ctx, rank=PER_TASK, alpha=1.0, fallback="mean", exact=Fals
 def _iso_c_matrix(taus, exact: bool) -> torch.Tensor:
     total = torch.stack(taus).sum(0)
     if not _fast(total.shape, exact):
-        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        u, s, vh = svd(total)
         keep = s > DATA_RTOL * s[0]
         return s.mean() * (u[:, keep] @ vh[keep])
     p, s = polar_gram(total, DATA_RTOL)
@@ -332,14 +340,14 @@ def iso_cts_ranks(r: int, n_tasks: int, common_fraction: float) -> tuple[int, in
 
 def _iso_cts_exact(taus, kc: int, p: int, rtol: float) -> torch.Tensor:
     total = torch.stack(taus).sum(0)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = svd(total)
     sc = s[:kc]
     keep = sc > DATA_RTOL * s[0]
     uc, vhc = u[:, :kc][:, keep], vh[:kc][keep]
     us, ss, vhs = [], [], []
     for t in taus if p > 0 else []:
         w = t - uc @ (uc.mT @ t)
-        ut, st, vht = torch.linalg.svd(w, full_matrices=False)
+        ut, st, vht = svd(w)
         keep = st[:p] > DATA_RTOL * st[0]
         us.append(ut[:, :p][:, keep])
         vhs.append(vht[:p][keep])

@@ -41,6 +41,10 @@ Solvers
   nothing is excluded and nothing divides by zero. Both agree with the exact answer: in exact
   arithmetic g0 (and D) have no component along C's null space, so those directions contribute
   nothing either way.
+* Precision: C and G are formed in the data's dtype (``linalg.gram``: the upper block triangle only).
+  Without the filter (ψ = 1/λ) the eigendecomposition runs in float64 (``_eigh``): 1/λ amplifies a
+  float32 eigh's error in the eigenvectors of small eigenvalues (7e-3 of the merged delta measured
+  on 448×2368, T = 5). With the filter ψ ≤ t, and float32 is accurate (≤ 1e-4).
 * Mask (``swudi``): keep the top K = ⌈ρ·n⌉ of C's n eigenvalues; in the ``gram`` route that is the
   top min(K, r) of G's. ``aswudi``: K from a rank rule applied to the √eigenvalues (= singular
   values of F, length min(r, n)), with the rule seeing F's shape (r, n): an integer caps at
@@ -54,7 +58,8 @@ Defaults
   SGD-momentum iterate exactly in closed form (tested equal to the loop). ``rank: 1/T`` is the
   paper's k = ⌊min(m, n)/T⌋ (a token of this method's rank grammar: a ratio 1/T would depend on T
   and round badly); any other rank rule applies per task to the singular values of τ_i. Targets
-  and projectors use ``linalg.top_svd`` (exact SVD unless 4k ≤ min(m, n)).
+  and projectors use ``linalg.leading_svd`` (exact SVD for small matrices; else the Gram spectrum,
+  then a randomized finder where that spectrum shows it converges, else the Gram eigenvectors).
 * ``swudi`` / ``aswudi``: ``solver: fast``; ``dense`` is the n×n reference.
 """
 
@@ -66,7 +71,7 @@ from typing import Callable
 import torch
 
 from ..errors import OmnimergeError
-from .linalg import spectrum, top_svd
+from .linalg import gram, leading_svd, spectrum
 from .ranks import RULE_DOC, check_rank_rule, choose_rank, needs_spectrum
 from .registry import MethodContext, Param, register
 
@@ -225,6 +230,7 @@ def flow_response(t: float | None, keep: Callable[[torch.Tensor, int, int], torc
         z = (lam * t).clamp_min(tiny)
         return torch.where(mask, t * (-torch.expm1(-z)) / z, 0.0)
 
+    response.divides = t is None
     return response
 
 
@@ -247,6 +253,22 @@ def sgd_response(lr: float, momentum: float, steps: int) -> Response:
     return response
 
 
+def _eigh(mat: torch.Tensor, response: Response) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix, returned in its dtype.
+
+    Where the response divides by λ (no filter: ψ = 1/λ), the decomposition runs in float64: a
+    float32 eigh gets the eigenvectors of small eigenvalues wrong by about ε·λ_max/gap, which 1/λ
+    amplifies (measured: 7e-3 relative error of the merged delta for aswudi on 448×2368, T = 5;
+    7e-6 with a float64 eigh of the same float32 Gram matrix). The filtered response is bounded by
+    t, and a float32 eigh is accurate there. Eigenvalues are rounded back to the data's dtype, whose
+    ε sets the numerically-zero cut.
+    """
+    if getattr(response, "divides", False) and mat.dtype != torch.float64:
+        lam, vecs = torch.linalg.eigh(mat.double())
+        return lam.to(mat.dtype), vecs.to(mat.dtype)
+    return torch.linalg.eigh(mat)
+
+
 def _kept_columns(psi: torch.Tensor) -> int:
     """Number of trailing (largest-eigenvalue) columns with a nonzero response in any batch element."""
     nz = (psi != 0).any(0)
@@ -267,14 +289,15 @@ def _apply(vecs: torch.Tensor, psi: torch.Tensor, left: torch.Tensor) -> torch.T
 
 # ---------------------------------------------------------------------- WUDI spectral solutions
 
-_EIGH_COST = 10.0  # multiply-add equivalents per d³ of an eigendecomposition with vectors (2 CPU cores)
+_EIGH_COST = 6.0  # multiply-add equivalents per d³ of a float32 eigendecomposition with vectors (measured: 3584²)
+_SYM = 0.625  # a Gram matrix multiplies only its upper block triangle (linalg.gram)
 
 
 def _wudi_route(m: int, n: int, T: int) -> str:
     r = T * m
-    cov = _EIGH_COST * n**3 + 2 * T * m * n * n + (T + 2) * n**3
-    gram = _EIGH_COST * r**3 + 0.5 * (T + 1) * m * m * T * n + 2 * m * r * r + m * r * n
-    return "cov" if cov <= gram else "gram"
+    cov = _EIGH_COST * n**3 + _SYM * T * m * n * n + T * m * n * n + (T + 2) * n**3
+    in_gram = _EIGH_COST * r**3 + _SYM * r * r * n + 2 * m * r * r + m * r * n
+    return "cov" if cov <= in_gram else "gram"
 
 
 def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route: str = "auto"):
@@ -290,18 +313,15 @@ def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route:
     nus, invs = _norms(taus)
     theta0 = _sum(taus).mul_(c)
     if route == "gram":
-        G = taus[0].new_empty(B, r, r)
+        G = gram(taus)  # block (i, j) = τ_i τ_jᵀ, upper block triangle only; then scaled to M_i M_jᵀ
         for i in range(T):
-            for j in range(i, T):
-                blk = (taus[i] @ taus[j].mT) * (invs[i] * invs[j])
-                G[:, i * m:(i + 1) * m, j * m:(j + 1) * m] = blk
-                if j != i:
-                    G[:, j * m:(j + 1) * m, i * m:(i + 1) * m] = blk.mT
+            for j in range(T):
+                G[:, i * m:(i + 1) * m, j * m:(j + 1) * m] *= invs[i] * invs[j]
         # R0 = θ0 Fᵀ − A: column block j is Σ_i c ν_i G_ij − ν_j G_jj.
         R0 = sum(c * nus[i] * G[:, i * m:(i + 1) * m, :] for i in range(T))
         for j in range(T):
             R0[:, :, j * m:(j + 1) * m] -= nus[j] * G[:, j * m:(j + 1) * m, j * m:(j + 1) * m]
-        lam, U = torch.linalg.eigh(G)
+        lam, U = _eigh(G, response)
         del G
         psi = response(lam, r, n)
         W = _apply(U, psi, R0)  # (B, m, r); x = θ0 − W F
@@ -311,9 +331,9 @@ def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route:
             out.baddbmm_(W[:, :, j * m:(j + 1) * m] * invs[j], taus[j], alpha=-1.0)
         return out, {"route": "gram", "eig_dim": r}, lam, psi
     if route == "cov" and m >= n:
-        S = [(t.mT @ t) * (inv * inv) for t, inv in zip(taus, invs)]  # C_i = M_iᵀ M_i
+        S = [gram(t, side="right").mul_(inv * inv) for t, inv in zip(taus, invs)]  # C_i = M_iᵀ M_i
         C = sum(S)
-        lam, Q = torch.linalg.eigh(C)
+        lam, Q = _eigh(C, response)
         psi = response(lam, r, n)
         k = _kept_columns(psi)
         q, p = Q[..., n - k:], psi[..., n - k:].unsqueeze(-2)
@@ -329,9 +349,9 @@ def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route:
     C = taus[0].new_zeros(B, n, n)
     D = torch.zeros_like(taus[0])
     for t, inv in zip(taus, invs):
-        C += (t.mT @ t) * (inv * inv)
+        C += gram(t, side="right").mul_(inv * inv)
         D += ((t @ t.mT) @ t if m < n else t @ (t.mT @ t)) * (inv * inv)
-    lam, Q = torch.linalg.eigh(C)
+    lam, Q = _eigh(C, response)
     psi = response(lam, r, n)
     if route == "dense":
         # The textbook formula: τ = θ0 − θ0 Q diag(f) Qᵀ + D Q diag(f/λ) Qᵀ, f = λψ.
@@ -346,12 +366,12 @@ def general_spectral(theta0: torch.Tensor, F: torch.Tensor, A: torch.Tensor, res
     """θ0 − g0 Q ψ(Λ) Qᵀ for the loss ‖x Fᵀ − A‖² (F (B, r, n), A (B, m, r)), any θ0."""
     r, n = F.shape[-2], F.shape[-1]
     if r < n:
-        lam, U = torch.linalg.eigh(F @ F.mT)
+        lam, U = _eigh(F @ F.mT, response)
         psi = response(lam, r, n)
         R0 = theta0 @ F.mT - A
         return theta0 - _apply(U, psi, R0) @ F, lam, psi
     C = F.mT @ F
-    lam, Q = torch.linalg.eigh(C)
+    lam, Q = _eigh(C, response)
     psi = response(lam, r, n)
     g0 = theta0 @ C - A @ F
     return theta0 - _apply(Q, psi, g0), lam, psi
@@ -405,7 +425,7 @@ def _wudi_quadratic(taus: list[torch.Tensor]) -> _Quadratic:
         D = torch.zeros_like(taus[0])
         c0 = 0.0
         for t, inv in zip(taus, invs):
-            S = t.mT @ t
+            S = gram(t, side="right")
             C += S * (inv * inv)
             D += ((t @ t.mT) @ t if m < n else t @ S) * (inv * inv)
             c0 += float((S.double().square().sum((-2, -1)) * (inv * inv).double().flatten()).sum())
@@ -462,6 +482,12 @@ def wudi(base, models, ctx, alpha=1.0, solver="iterative", steps=300, lr=1e-5, t
         merged = _iterate(_sum(batch), quad, steps, lambda p: torch.optim.Adam(p, lr=lr), ctx, trace)
         ctx.info.update(steps=steps, lr=lr)
     return base + alpha * merged.reshape(shape).to(base.dtype)
+
+
+def _leading(t: torch.Tensor, k: int, generator):
+    """``linalg.leading_svd`` of each matrix of a batch (B, m, n): U (B, m, k), S (B, k), Vh (B, k, n)."""
+    parts = [leading_svd(x, k, generator=generator) for x in t]
+    return tuple(torch.stack(p) for p in zip(*parts))
 
 
 def _keep_all(desc: torch.Tensor, rows: int, n: int) -> torch.Tensor:
@@ -521,13 +547,13 @@ def wudi2(base, models, ctx, alpha=1.0, variant="full", rank="1/T", solver="auto
     for t, k, inv in zip(batch, ks, invs):
         kmax = int(k.max())
         mask = (torch.arange(kmax).unsqueeze(0) < k.unsqueeze(-1)).to(t.device, t.dtype)  # (B, kmax)
-        u, s, vh = top_svd(t, kmax, generator=ctx.generator)
+        u, s, vh = _leading(t, kmax, ctx.generator)
         s = s * mask
         P = s.unsqueeze(-1) * vh  # projector S_k V_kᵀ (B, k, n)
         if variant == "lora":
             AT = u * (s * s).unsqueeze(-2)  # Ť V S = U S² for Ť = U S Vᵀ
         else:
-            u2, s2, vh2 = top_svd(t - mean, kmax, generator=ctx.generator)
+            u2, s2, vh2 = _leading(t - mean, kmax, ctx.generator)
             target = (u2 * (s2 * mask).unsqueeze(-2)) @ vh2 + mean
             AT = target @ P.mT
         Fs.append(P * inv)

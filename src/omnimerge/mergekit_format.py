@@ -1,0 +1,555 @@
+"""mergekit's YAML, read as an omnimerge recipe: the translation of every field, with mergekit's conventions.
+
+A mapping with a top-level ``merge_method`` is a mergekit configuration. ``from_mergekit`` turns it into the
+fields of an omnimerge Recipe so that the merge computes what mergekit 0.1.5 computes for it:
+
+* method names map one to one (``linear`` is our ``average``); mergekit's defaults, which differ from ours
+  (``density: 1``, ``normalize``/``rescale`` per method), are written out explicitly;
+* ``base_model`` is removed from the models of the methods that need a base (mergekit skips its task vector
+  and its parameters) and added to the models of ``linear`` when it is not listed (mergekit adds it);
+* DARE's ``density`` (a keep probability) becomes our drop rate ``p = 1 − density``; ``rescale: true`` is our
+  ``rescale: l1`` (match the task vector's L1 norm), ``false`` is ``none``;
+* parameter values keep mergekit's precedence (model > slice > global > mergekit's default); filters
+  (substrings of mergekit's tensor names such as ``model.layers.3.mlp.up_proj.weight``) become regular
+  expressions on our canonical keys (``language.layers.3.mlp.up_proj.weight``); gradients (a list of
+  numbers interpolated over the decoder layers) become one entry per layer, which needs the layer count,
+  read from the base model (or the first model);
+* every component is merged (mergekit merges every tensor, embeddings and lm_head included);
+* ``dtype`` is the dtype mergekit computes in: omnimerge computes in float32 (float64 if asked) and writes
+  ``out_dtype`` (or ``dtype`` when ``out_dtype`` is absent).
+
+What cannot be translated is refused with an OmnimergeError naming the field and the fix. Fields that have
+no effect here (``int8_mask``, ``chat_template: auto``, parameters the method ignores in mergekit too) are
+accepted; the ones that would surprise are logged as notes (logger ``omnimerge.mergekit``, printed on
+stderr when logging is not configured).
+docs/mergekit.md maps every field.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import OmnimergeError
+
+COMPONENTS_ALL_MERGED = {c: "merge" for c in ("language", "embed", "lm_head", "vision", "projector", "audio", "other")}
+REQUIRED = object()  # a mergekit parameter without a default
+log = logging.getLogger("omnimerge.mergekit")
+
+
+def is_mergekit(data: Any) -> bool:
+    return isinstance(data, dict) and "merge_method" in data
+
+
+# --- values -------------------------------------------------------------------------------------
+def _num(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise OmnimergeError(f"{where}: expected a number, got {v!r}")
+    try:
+        return float(v)
+    except ValueError:
+        raise OmnimergeError(f"{where}: expected a number, got {v!r}") from None
+
+
+def _bool(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise OmnimergeError(f"{where}: expected true or false, got {v!r}")
+    return v
+
+
+def _keep(v: Any, where: str) -> Any:
+    return _num(v, where)
+
+
+def _density_to_p(v: Any, where: str) -> float:
+    d = _num(v, where)
+    if not 0 < d <= 1:
+        raise OmnimergeError(f"{where}: DARE density (the fraction kept) must be in (0, 1], got {d!r}")
+    return 0.0 if d >= 1 else 1.0 - d
+
+
+def _rescale(v: Any, where: str) -> str:
+    return "l1" if _bool(v, where) else "none"
+
+
+@dataclass(frozen=True)
+class MkParam:
+    """A parameter of a mergekit method: its default there, and how it becomes ours."""
+
+    name: str  # mergekit's name
+    default: Any = REQUIRED
+    ours: str | None = None  # our parameter's name (None: accepted, no effect)
+    convert: Callable[[Any, str], Any] = _keep
+    per_input: bool = False  # per model in mergekit (else shared: only global / slice parameters)
+
+
+@dataclass(frozen=True)
+class MkMethod:
+    ours: str
+    base: str  # "required" or "ignored"
+    params: tuple[MkParam, ...]
+    min_non_base: int = 1
+    max_non_base: int | None = None
+
+    def param(self, name: str) -> MkParam | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+def _gta(ours: str, normalize: bool, rescale: bool, density: str | None, extra: tuple[MkParam, ...] = ()) -> MkMethod:
+    """mergekit's generalised task arithmetic family; ``density``: how its density reaches us."""
+    dens = {
+        None: MkParam("density", 1.0, None, per_input=True),  # task_arithmetic: no sparsification
+        "density": MkParam("density", 1.0, "density", per_input=True),
+        "p": MkParam("density", 1.0, "p", _density_to_p, per_input=True),
+    }[density]
+    return MkMethod(ours, "required", (
+        MkParam("weight", REQUIRED, "weight", per_input=True),
+        dens,
+        MkParam("lambda", 1.0, "lambda"),
+        MkParam("normalize", normalize, "normalize", _bool),
+        MkParam("rescale", rescale, "rescale" if density is not None else None, _rescale),
+        MkParam("int8_mask", False, None, _bool),
+        *extra,
+    ))
+
+
+_GAMMA = MkParam("gamma", 0.01, "gamma", per_input=True)
+_EPSILON = MkParam("epsilon", 0.15, "epsilon", per_input=True)
+
+# mergekit 0.1.5: mergekit/merge_methods/registry.py and the method modules (defaults as there).
+METHODS: dict[str, MkMethod] = {
+    "linear": MkMethod("average", "ignored", (MkParam("weight", REQUIRED, "weight", per_input=True),
+                                              MkParam("normalize", True, "normalize", _bool))),
+    "slerp": MkMethod("slerp", "required", (MkParam("t", REQUIRED, "t"),), 1, 1),
+    "model_stock": MkMethod("model_stock", "required", (MkParam("filter_wise", False, "filter_wise", _bool),), 2),
+    "task_arithmetic": _gta("task_arithmetic", False, False, None),
+    "ties": _gta("ties", True, False, "density"),
+    "dare_linear": _gta("dare_linear", False, True, "p"),
+    "dare_ties": _gta("dare_ties", False, True, "p"),
+    "breadcrumbs": _gta("breadcrumbs", False, False, "density", (_GAMMA,)),
+    "breadcrumbs_ties": _gta("breadcrumbs_ties", False, False, "density", (_GAMMA,)),
+    "della": _gta("della", True, True, "density", (_EPSILON,)),
+    "della_linear": _gta("della_linear", False, True, "density", (_EPSILON,)),
+}
+# Parameters of some supported mergekit method: a method that does not know one ignores it (as mergekit does).
+_KNOWN_PARAMS = sorted({p.name for m in METHODS.values() for p in m.params})
+_TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+              "tokenizer_source", "tokenizer", "chat_template", "modules")
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+# --- filters and gradients ----------------------------------------------------------------------
+# mergekit's names of the text decoder's tensors -> our canonical prefixes.
+_PREFIXES = (("model.layers.", "language.layers."), ("model.norm.", "language.norm."),
+             ("model.embed_tokens.", "embed."), ("lm_head.", "lm_head."))
+
+
+def _overlaps(prefix: str, f: str) -> list[str | None]:
+    """Where ``f`` starts inside ``prefix``: the rest of ``f`` after the prefix (None: ``f`` ends inside it)."""
+    out: list[str | None] = []
+    for p in range(len(prefix)):
+        head = prefix[p:]
+        if f.startswith(head):
+            out.append(f[len(head):])
+        elif head.startswith(f):
+            out.append(None)
+    return out
+
+
+def filter_regex(f: str | None) -> str | None:
+    """A regex on canonical keys matching exactly the keys whose mergekit name contains the substring ``f``.
+
+    mergekit matches ``filter`` as a substring of its tensor name (``model.layers.3.self_attn.q_proj.weight``,
+    ``model.embed_tokens.weight``, ``model.norm.weight``, ``lm_head.weight``); ours are regexes on canonical keys
+    (``language.layers.3.self_attn.q_proj.weight``, ``embed.weight``, ...). A filter that touches none of
+    the prefixes (``self_attn``, ``mlp``, ``q_proj``, ``layernorm``) stays a plain (escaped) substring. Tensors
+    outside the text decoder (vision, projector) are matched against their canonical key.
+    """
+    if f is None or f == "*":
+        return None
+    if not any(_overlaps(mk, f) or _overlaps(c, f) for mk, c in _PREFIXES):
+        return re.escape(f)
+    alts = []
+    for mk, canon in _PREFIXES:
+        alts.append("^" + re.escape(canon) + ".*" + re.escape(f))
+        for rest in _overlaps(mk, f):
+            alts.append("^" + re.escape(canon) + ("" if rest is None else re.escape(rest)))
+    outside = "|".join(re.escape(c) for _, c in _PREFIXES)
+    alts.append(f"^(?!{outside}).*" + re.escape(f))
+    return "|".join(dict.fromkeys(alts))
+
+
+def _layer_and(i: int, rx: str | None) -> str:
+    layer = rf"language\.layers\.{i}\."
+    return "^" + layer if rx is None else f"^(?=.*(?:{rx})){layer}"
+
+
+def _interpolate(values: list, t: float) -> Any:
+    """mergekit's gradient: numbers interpolate linearly at t·(n−1); other values are picked at ⌊t·(n−1)⌋."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return values[int(t * (len(values) - 1))]
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+@dataclass
+class _Context:
+    source: str
+    relative_to: Path | None
+    layer_spec: str | None  # the model whose layer count gradients use
+    _layers: int | None = None
+
+    def layers(self, where: str) -> int:
+        if self._layers is None:
+            if self.layer_spec is None:
+                raise OmnimergeError(f"{where}: a gradient needs the layer count, and there is no model to read it from")
+            self._layers = _layer_count(self.layer_spec, self.relative_to, where)
+        return self._layers
+
+
+def _layer_count(spec: str, relative_to: Path | None, where: str) -> int:
+    from .checkpoints.checkpoint import load_checkpoint
+
+    try:
+        n = load_checkpoint(spec, relative_to=relative_to).layer_count()
+    except OmnimergeError as e:
+        raise OmnimergeError(f"{where}: needs the decoder layer count of '{spec}', which cannot be read: {e}") from None
+    if n == 0:
+        raise OmnimergeError(f"{where}: '{spec}' has no decoder layers to spread a gradient or a slice over")
+    return n
+
+
+def _entries(setting: Any, where: str, conv: Callable[[Any, str], Any], ctx: _Context) -> list[dict] | None:
+    """A mergekit ParameterSetting -> our list of {filter, value} entries (None: no value, an empty list)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return [{"filter": None, "value": conv(setting, where)}]
+    if not isinstance(setting, list):
+        raise OmnimergeError(f"{where}: expected a value, a list of values (a gradient) or a list of "
+                             f"{{filter, value}}, got {setting!r}")
+    if not setting:
+        return None
+    if all(isinstance(e, (bool, int, float, str)) for e in setting):
+        return _gradient(None, setting, where, conv, ctx)
+    out: list[dict] = []
+    for j, cond in enumerate(setting):
+        w = f"{where}[{j}]"
+        if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"filter", "value"}:
+            raise OmnimergeError(f"{w}: each entry of a conditional list is {{filter: <substring>, value: ...}}, "
+                                 f"got {cond!r}")
+        f = cond.get("filter")
+        if f is not None and not isinstance(f, str):
+            raise OmnimergeError(f"{w}.filter: expected a string, got {f!r}")
+        rx = filter_regex(f)
+        v = cond["value"]
+        if isinstance(v, list):
+            if not v or not all(isinstance(e, (bool, int, float, str)) for e in v):
+                raise OmnimergeError(f"{w}.value: a gradient is a non-empty list of values, got {v!r}")
+            out += _gradient(rx, v, f"{w}.value", conv, ctx)
+        elif isinstance(v, (bool, int, float, str)):
+            out.append({"filter": rx, "value": conv(v, f"{w}.value")})
+        else:
+            raise OmnimergeError(f"{w}.value: expected a value or a gradient, got {v!r}")
+        if rx is None:
+            break  # a catch-all: later entries are never reached (as in mergekit)
+    return out
+
+
+def _gradient(rx: str | None, values: list, where: str, conv, ctx: _Context) -> list[dict]:
+    """Per-layer entries for layers 0..L−1 at t = i/(L−1) (t = 1 for one layer), then t = 0 for the rest
+    (embeddings, final norm, lm_head: mergekit plans them outside the layers, at t = 0)."""
+    n = ctx.layers(where)
+    for v in values:
+        conv(v, where)  # each value must be valid for the parameter
+    out = []
+    for i in range(n):
+        t = i / (n - 1) if n > 1 else 1.0
+        out.append({"filter": _layer_and(i, rx), "value": _interpolate_conv(values, t, where, conv)})
+    out.append({"filter": rx, "value": _interpolate_conv(values, 0.0, where, conv)})
+    return out
+
+
+def _interpolate_conv(values: list, t: float, where: str, conv) -> Any:
+    """Interpolate in mergekit's value space (numbers as floats), then convert (e.g. density -> p)."""
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    raw = _interpolate([float(v) for v in values] if numeric else values, t)
+    return conv(raw, where)
+
+
+def _chain(settings: list[tuple[Any, str]], default: Any, conv, ctx: _Context) -> Any:
+    """Our value for one parameter from mergekit settings in precedence order, then mergekit's default.
+
+    mergekit falls through to the next setting when no filter matches; so does our list, as long as a
+    catch-all ends it. Returns None when nothing is set and there is no default."""
+    out: list[dict] = []
+    for setting, where in settings:
+        ents = _entries(setting, where, conv, ctx)
+        if ents is None:
+            continue
+        out += ents
+        if any(e["filter"] is None for e in ents):
+            break
+    else:
+        if default is not REQUIRED:
+            out.append({"filter": None, "value": conv(default, "default")})
+    if not out:
+        return None
+    if len(out) == 1 and out[0]["filter"] is None:
+        return out[0]["value"]
+    return out
+
+
+# --- models -------------------------------------------------------------------------------------
+def _model_ref(ref: Any, where: str) -> dict:
+    """mergekit's model reference (``path``, ``org/name@rev``, ``model+lora``) -> our ModelEntry fields."""
+    if not isinstance(ref, str) or not ref:
+        raise OmnimergeError(f"{where}: give the model as a string (a folder or a hub id, optionally "
+                             f"`model+lora_adapter`), got {ref!r}")
+    if "+" in ref:
+        model, _, lora = ref.partition("+")
+        if not model or not lora or "+" in lora:
+            raise OmnimergeError(f"{where}: '{ref}': a model with a LoRA is written `base_model+adapter`")
+        return {"path": lora, "lora_base": model, "name": ref}
+    return {"path": ref}
+
+
+@dataclass
+class _Input:
+    ref: str
+    params: dict
+    where: str
+
+
+def _inputs_from_models(models: Any) -> list[_Input]:
+    if not isinstance(models, list) or not models:
+        raise OmnimergeError("models: a non-empty list of {model: ..., parameters: {...}}")
+    out = []
+    for i, m in enumerate(models):
+        where = f"models[{i}]"
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise OmnimergeError(f"{where}: expected {{model: <path or hub id>, parameters: {{...}}}}, got {m!r}")
+        extra = set(m) - {"model", "parameters"}
+        if extra:
+            raise OmnimergeError(f"{where}: unknown field(s) {', '.join(sorted(extra))}; a mergekit model entry has "
+                                 "`model` and `parameters`")
+        out.append(_Input(m["model"], _params_dict(m.get("parameters"), f"{where}.parameters"), where))
+    return out
+
+
+def _params_dict(p: Any, where: str) -> dict:
+    if p is None:
+        return {}
+    if not isinstance(p, dict):
+        raise OmnimergeError(f"{where}: expected a mapping of parameter names to values, got {p!r}")
+    return p
+
+
+def _inputs_from_slices(slices: Any, ctx: _Context) -> tuple[list[_Input], dict, str | None]:
+    """Only one slice covering every layer of every source (the same as `models:`) is supported."""
+    if not isinstance(slices, list) or len(slices) != 1:
+        raise OmnimergeError(
+            "slices: omnimerge merges whole models layer by layer; several slices (layer stacking, "
+            "frankenmerges) are not supported. Use `models:`, or one slice whose sources all span every layer"
+        )
+    s = slices[0]
+    if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
+        raise OmnimergeError("slices[0]: expected {sources: [{model: ..., layer_range: [0, N]}, ...]}")
+    extra = set(s) - {"sources", "base_model", "parameters", "residual_weight"}
+    if extra:
+        raise OmnimergeError(f"slices[0]: unknown field(s) {', '.join(sorted(extra))}")
+    if s.get("residual_weight") is not None:
+        raise OmnimergeError("slices[0].residual_weight: not supported by omnimerge; remove it")
+    out = []
+    for i, src in enumerate(s["sources"]):
+        where = f"slices[0].sources[{i}]"
+        if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+            raise OmnimergeError(f"{where}: expected {{model: ..., layer_range: [start, end], parameters: {{...}}}}")
+        extra = set(src) - {"model", "layer_range", "parameters"}
+        if extra:
+            raise OmnimergeError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
+        lr = src["layer_range"]
+        ref = src["model"]
+        if isinstance(ref, str):
+            n = _layer_count(ref.partition("+")[0] if "+" in ref else ref, ctx.relative_to, f"{where}.layer_range")
+            if not (isinstance(lr, list) and len(lr) == 2 and lr[0] == 0 and lr[1] == n):
+                raise OmnimergeError(
+                    f"{where}.layer_range: {lr!r} is not the whole model ('{ref}' has {n} layers: [0, {n}]); "
+                    "omnimerge merges whole models layer by layer, not layer ranges"
+                )
+        out.append(_Input(ref, _params_dict(src.get("parameters"), f"{where}.parameters"), where))
+    return out, _params_dict(s.get("parameters"), "slices[0].parameters"), s.get("base_model")
+
+
+# --- the translation ----------------------------------------------------------------------------
+def _dtype(v: Any, where: str) -> str:
+    name = v[len("torch."):] if isinstance(v, str) and v.startswith("torch.") else v
+    if name not in _DTYPES:
+        raise OmnimergeError(f"{where}: {v!r} is not a dtype omnimerge writes; use one of {', '.join(_DTYPES)}")
+    return name
+
+
+def from_mergekit(data: dict, source: str = "recipe") -> dict:
+    """Translate a mergekit configuration into the fields of an omnimerge Recipe (see the module docstring).
+
+    ``source`` names the file in errors; relative model paths (for the layer counts that gradients and
+    slices need) are resolved beside it when it is a file."""
+    try:
+        return _translate(data, source)
+    except OmnimergeError as e:
+        raise OmnimergeError(f"{source} (mergekit format): {e}") from None
+
+
+def _translate(data: dict, source: str) -> dict:
+    src = Path(source)
+    relative_to = src.parent if src.is_file() else None
+    unknown = set(data) - set(_TOP_LEVEL)
+    if unknown:
+        ours = unknown & {"method", "base", "skeleton", "components", "seed", "shard_size", "skeletons"}
+        hint = (" — omnimerge's own fields cannot be mixed into a mergekit configuration; write an omnimerge "
+                "recipe instead (docs/recipes.md)") if ours else ""
+        raise OmnimergeError(f"unknown field(s) {', '.join(sorted(unknown))}; mergekit's fields that "
+                             f"omnimerge reads: {', '.join(_TOP_LEVEL)}{hint}")
+    for key, fix in (("modules", "merge the whole model with `models:`"),
+                     ("tokenizer", "use `tokenizer_source: base` or a model; omnimerge does not build vocabularies")):
+        if data.get(key) is not None:
+            raise OmnimergeError(f"`{key}` is not supported by omnimerge; {fix}")
+    name = data["merge_method"]
+    if not isinstance(name, str) or name not in METHODS:
+        raise OmnimergeError(f"merge_method {name!r} is not supported; omnimerge reads mergekit's "
+                             f"{', '.join(METHODS)}")
+    mk = METHODS[name]
+    notes: list[str] = []
+
+    # inputs and base
+    base_ref = data.get("base_model")
+    if data.get("models") is not None and data.get("slices") is not None:
+        raise OmnimergeError("give `models:` or `slices:`, not both")
+    if data.get("slices") is not None:
+        probe = _Context(source, relative_to, None)
+        inputs, slice_params, slice_base = _inputs_from_slices(data["slices"], probe)
+        base_ref = slice_base or base_ref
+    elif data.get("models") is not None:
+        inputs, slice_params = _inputs_from_models(data["models"]), {}
+    else:
+        raise OmnimergeError("no `models:` (or `slices:`) to merge")
+    for r, w in [(base_ref, "base_model")] + [(i.ref, i.where + ".model") for i in inputs]:
+        if r is not None:
+            _model_ref(r, w)
+    if base_ref is not None and "+" in base_ref:
+        raise OmnimergeError(f"base_model: '{base_ref}': a base with a LoRA applied is not supported; merge the "
+                             "adapter into its model first (or give the adapter folder as a model)")
+    refs = [i.ref for i in inputs]
+    dup = sorted({r for r in refs if refs.count(r) > 1})
+    if dup:
+        raise OmnimergeError(f"models: {', '.join(dup)} listed more than once (mergekit refuses this too)")
+    if base_ref is not None and base_ref not in refs:
+        inputs.append(_Input(base_ref, {}, "base_model"))  # mergekit adds the base to the inputs
+    if mk.base == "required":
+        if base_ref is None:
+            raise OmnimergeError(f"mergekit's `{name}` needs `base_model:`")
+        non_base = [i for i in inputs if i.ref != base_ref]
+        for i in inputs:
+            if i.ref == base_ref and i.params:
+                notes.append(f"{i.where}: the parameters of the base model are ignored by `{name}` (as in mergekit)")
+    else:
+        non_base = inputs
+    n = len(non_base)
+    if n < mk.min_non_base or (mk.max_non_base is not None and n > mk.max_non_base):
+        want = f"exactly {mk.min_non_base}" if mk.min_non_base == mk.max_non_base else f"at least {mk.min_non_base}"
+        raise OmnimergeError(f"`{name}` merges {want} model(s) besides base_model, got {n}")
+
+    layer_spec = base_ref or inputs[0].ref
+    ctx = _Context(source, relative_to, layer_spec.partition("+")[0] if "+" in layer_spec else layer_spec)
+    glob = _params_dict(data.get("parameters"), "parameters")
+
+    # parameters
+    for scope, params in [("parameters", glob), ("slices[0].parameters", slice_params)]:
+        for k in params:
+            if mk.param(k) is None:
+                if k not in _KNOWN_PARAMS:
+                    raise OmnimergeError(f"{scope}.{k}: not a parameter of mergekit's `{name}` "
+                                         f"(its parameters: {', '.join(p.name for p in mk.params)})")
+                notes.append(f"{scope}.{k}: mergekit's `{name}` has no parameter '{k}'; ignored (mergekit ignores "
+                             "it too)")
+    ours_params: dict[str, Any] = {}
+    for p in mk.params:
+        if p.ours is None:
+            continue
+        settings = [(slice_params[p.name], f"slices[0].parameters.{p.name}")] if p.name in slice_params else []
+        if p.name in glob:
+            settings.append((glob[p.name], f"parameters.{p.name}"))
+        value = _chain(settings, p.default, p.convert, ctx)
+        if value is not None:
+            ours_params[p.ours] = value
+        elif not p.per_input:
+            raise OmnimergeError(f"parameters.{p.name}: mergekit's `{name}` needs it (it has no default); add it")
+
+    models_out = []
+    for inp in non_base:
+        entry = _model_ref(inp.ref, inp.where + ".model")
+        for k, v in inp.params.items():
+            p = mk.param(k)
+            if p is None or not p.per_input:
+                if p is None and k not in _KNOWN_PARAMS:
+                    raise OmnimergeError(f"{inp.where}.parameters.{k}: not a parameter of mergekit's `{name}` "
+                                         f"(its per-model parameters: "
+                                         f"{', '.join(q.name for q in mk.params if q.per_input) or 'none'})")
+                what = (f"mergekit's `{name}` has no parameter '{k}'" if p is None else
+                        f"'{k}' is a global parameter of mergekit's `{name}`, not a per-model one")
+                notes.append(f"{inp.where}.parameters.{k}: {what}; ignored (mergekit ignores it too)")
+                continue
+            if p.ours is None:
+                continue
+            entry[p.ours] = _chain([(v, f"{inp.where}.parameters.{k}")], REQUIRED, p.convert, ctx)
+        for p in mk.params:
+            if p.per_input and p.default is REQUIRED and p.ours not in entry and p.ours not in ours_params:
+                raise OmnimergeError(
+                    f"{inp.where} ('{inp.ref}'): mergekit's `{name}` needs `{p.name}` for every model (mergekit "
+                    f"stops without it); add `parameters: {{{p.name}: ...}}` to the model or to the global parameters"
+                )
+        models_out.append(entry)
+
+    # the rest
+    recipe: dict[str, Any] = {"method": mk.ours, "models": models_out, "parameters": ours_params,
+                              "components": dict(COMPONENTS_ALL_MERGED)}
+    if mk.base == "required":
+        recipe["base"] = base_ref
+    first = inputs[0].ref
+    # the output's architecture: the base, else the first model (for `model+adapter`, the model)
+    recipe["skeleton"] = base_ref if base_ref is not None else first.partition("+")[0]
+    dtype = _dtype(data["dtype"], "dtype") if data.get("dtype") is not None else None
+    out_dtype = _dtype(data["out_dtype"], "out_dtype") if data.get("out_dtype") is not None else None
+    recipe["dtype"] = "float64" if dtype == "float64" else "float32"
+    if out_dtype or dtype:
+        recipe["out_dtype"] = out_dtype or dtype
+    tok = data.get("tokenizer_source")
+    if tok is not None:
+        if tok == "union":
+            raise OmnimergeError("tokenizer_source: 'union' is not supported (omnimerge does not build vocabularies); "
+                                 "use `base` or one of the models")
+        if tok == "base":
+            if base_ref is None:
+                raise OmnimergeError("tokenizer_source: 'base' needs `base_model:`")
+            tok = base_ref
+        if not isinstance(tok, str) or "+" in tok:
+            raise OmnimergeError(f"tokenizer_source: {tok!r}: give `base`, a model folder or a hub id")
+        recipe["tokenizer_source"] = tok
+    ct = data.get("chat_template")
+    if ct is not None:
+        if ct != "auto":
+            raise OmnimergeError("chat_template: omnimerge copies the chat template of the skeleton (base_model, or "
+                                 "the first model) or of tokenizer_source; remove `chat_template`, or set it in "
+                                 "the output's tokenizer_config.json afterwards")
+        notes.append("chat_template: auto: omnimerge copies the chat template of the skeleton (or tokenizer_source)")
+    for note in notes:
+        log.warning("note: %s", note)
+    return recipe

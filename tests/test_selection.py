@@ -1,0 +1,59 @@
+"""Exact top-k by selection (TIES' trim): the same set as a full stable sort, ties broken by position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omnimerge.methods import selection
+from omnimerge.methods.selection import kth_largest, top_k_mask
+
+N = 5 * selection.SAMPLE  # above 4 × SAMPLE: the sampled route
+
+
+def by_sorting(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The definition: the k largest, ties at the k-th value taken in order of position (a stable sort)."""
+    mask = torch.zeros(values.numel(), dtype=torch.bool)
+    mask[torch.sort(-values.reshape(-1), stable=True).indices[:k]] = True
+    return mask.view(values.shape)
+
+
+def cases(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    yield "continuous", torch.randn(N, generator=g).abs()
+    # task vectors of bf16 weights: few distinct magnitudes, thousands of entries equal to the k-th
+    yield "bf16", ((torch.randn(N, generator=g) * 0.02).bfloat16().float()
+                   - (torch.randn(N, generator=g) * 0.02).bfloat16().float()).abs()
+    yield "integers", torch.randint(0, 5, (N,), generator=g).float()
+    yield "matrix", torch.randn(300, 1200, generator=g).abs()
+
+
+@pytest.mark.parametrize("density", [1e-5, 0.01, 0.2, 0.5, 0.9, 0.99999])
+def test_top_k_mask_is_the_stable_sort_definition(density):
+    for name, values in cases(int(density * 1e5)):
+        k = int(density * values.numel())
+        mask = top_k_mask(values, k)
+        assert mask.shape == values.shape and int(mask.sum()) == k, name
+        assert torch.equal(mask, by_sorting(values, k)), name
+        assert kth_largest(values, k) == values.reshape(-1).sort(descending=True).values[k - 1], name
+
+
+def test_exact_even_when_the_sample_misses(monkeypatch):
+    # a bracket of ±2 sample ranks misses the k-th largest most of the time: the full selection takes over
+    monkeypatch.setattr(selection, "_Z", 0.0)
+    for seed in range(5):
+        for name, values in cases(seed):
+            k = int(0.3 * values.numel())
+            assert torch.equal(top_k_mask(values, k), by_sorting(values, k)), name
+
+
+def test_small_inputs_and_edges():
+    v = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0])
+    assert top_k_mask(v, 2).tolist() == [True, False, True, False, False]  # ties: lowest positions first
+    assert top_k_mask(v, 0).tolist() == [False] * 5
+    assert top_k_mask(v, 5).tolist() == [True] * 5
+    assert top_k_mask(v, 7).tolist() == [True] * 5
+    assert top_k_mask(v, 4).tolist() == [True, False, True, True, True]
+    assert float(kth_largest(v, 4)) == 2.0
+    with pytest.raises(ValueError):
+        kth_largest(v, 0)
