@@ -412,8 +412,14 @@ def main() -> None:
         ok = [r[key] for r in results.get(name, []) if not r.get("failed")]
         return statistics.median(ok) if ok else None
 
+    def ratio(name, other):
+        """The median over repeats of name / other within each repeat (the load drifts between repeats)."""
+        pairs = [(a["wall"], b["wall"]) for a, b in zip(results.get(name, []), results.get(other, []))
+                 if not a.get("failed") and not b.get("failed")]
+        return statistics.median(x / y for x, y in pairs) if pairs else None
+
     load1 = os.getloadavg()
-    print(f"\nmedians over {args.repeats} run(s); load average now {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    print(f"\nmedians over {args.repeats} run(s) (ratios: the median of each repeat's ratio); load average now {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     print(f"{'run':36s} {'wall s':>8s} {'peak RSS GiB':>13s} {'/floor':>7s} {'/mergekit':>10s}")
     summary = {}
     for name, _ in runs:
@@ -423,12 +429,11 @@ def main() -> None:
             continue
         tool, _, m = name.partition(" ")
         tag = tool.removeprefix("omnimerge").removeprefix("mergekit").removeprefix("floor")
-        floor = med("floor" + tag) if tool != "floor" + tag else None
-        mk = med(f"mergekit{tag} {m}") if tool.startswith("omnimerge") else None
-        summary[name] = {"wall_s": w, "peak_rss_bytes": rss, "over_floor": w / floor if floor else None,
-                         "over_mergekit": w / mk if mk else None}
+        floor = ratio(name, "floor" + tag) if tool != "floor" + tag else None
+        mk = ratio(name, f"mergekit{tag} {m}") if tool.startswith("omnimerge") else None
+        summary[name] = {"wall_s": w, "peak_rss_bytes": rss, "over_floor": floor, "over_mergekit": mk}
         print(f"{name:36s} {w:8.1f} {rss / 2**30:13.2f} "
-              f"{(f'{w / floor:7.2f}' if floor else '      -')} {(f'{w / mk:10.2f}' if mk else '         -')}")
+              f"{(f'{floor:7.2f}' if floor else '      -')} {(f'{mk:10.2f}' if mk else '         -')}")
     if args.json:
         args.json.write_text(json.dumps({
             "shape": shape, "experts": args.experts, "input_bytes": [folder_bytes(f) for f in folders],

@@ -47,7 +47,7 @@ def files(folder: Path) -> dict[str, bytes]:
 def recipe(zoo, method: str, **params) -> dict:
     base = zoo.base("qwen2_vl")
     return {"method": method, "base": str(base), "models": [{"path": str(e)} for e in zoo.experts("qwen2_vl", 2)],
-            "parameters": params, "components": {"vision": "merge"}, "shard_size": "64KB"}
+            "parameters": params, "components": {"vision": "merge"}, "shard_size": "128KB"}
 
 
 def test_ray_writes_the_same_bytes_as_the_local_executor(zoo, tmp_path, ray_cluster):

@@ -218,7 +218,8 @@ def _training_info(folder: Path) -> dict[str, Any]:
 
 def _sweep(zoo: Path, setting: str, method: str, cfg: BenchConfig, vals, processor, work: Path, log) -> dict:
     """The grid point of :func:`sweep_grid` with the best mean validation accuracy over the five
-    expert tasks (ties: the first, i.e. the smallest values)."""
+    expert tasks (ties: the first, i.e. the smallest values); points the method refuses are passed
+    over, and with none left the defaults stand."""
     from .. import merge
     from ..errors import OmnimergeError
 
@@ -230,14 +231,17 @@ def _sweep(zoo: Path, setting: str, method: str, cfg: BenchConfig, vals, process
         folder = work / f"sweep_{setting}_{method}"
         try:
             merge(capability_recipe(zoo, setting, method, params, cfg.seed), folder, force=True, progress=False)
-        except OmnimergeError:
-            return {}
+        except OmnimergeError:  # a grid point the method refuses (e.g. della's epsilon against a density)
+            continue
         acc = accuracy_matrix({method: folder}, cfg, tasks=EXPERT_TASKS, sets=vals, processor=processor)[method]
         shutil.rmtree(folder, ignore_errors=True)
         mean = _mean(acc.values())
         if mean > best_acc:
             best, best_acc = params, mean
-    log(f"sweep      {setting:<4} {method:<16} chose {best} (validation avg {best_acc:.3f})")
+    if best_acc < 0:
+        log(f"sweep      {setting:<4} {method:<16} refused every grid point; defaults kept")
+    else:
+        log(f"sweep      {setting:<4} {method:<16} chose {best} (validation avg {best_acc:.3f})")
     return best
 
 

@@ -6,6 +6,7 @@ tensor; per-model parameters may be a list (one value per model) or a single sca
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 
 import torch
@@ -135,7 +136,7 @@ def _ties_combine(deltas: list[torch.Tensor], weights: list[float], normalize: b
     return num.div_(den.masked_fill_(den == 0, 1))
 
 
-def _dare(deltas: list[torch.Tensor], p: list[float], generator: torch.Generator,
+def _dare(deltas: Iterable[torch.Tensor], p: list[float], generator: torch.Generator,
           rescale: str = "inverse") -> list[torch.Tensor]:
     """Drop each entry of τ_i with probability p_i and rescale the rest (÷ (1 − p_i), to τ_i's L1 norm, or not);
     masks drawn in model order."""
@@ -144,7 +145,7 @@ def _dare(deltas: list[torch.Tensor], p: list[float], generator: torch.Generator
         keep = torch.rand(d.shape, generator=generator, device=generator.device) >= pi
         kept = d * keep.to(d.device)  # (3x faster than torch.where; dropped entries may be -0.0)
         if rescale == "inverse":
-            kept = kept / (1.0 - pi)
+            kept.div_(1.0 - pi)
         elif rescale == "l1":
             kept = _l1_rescale(kept, d)
         out.append(kept)
@@ -220,7 +221,8 @@ def dare_linear(base, models, ctx, p=0.5, weight=1.0, normalize=False, rescale="
     lam = _lambda(kw)
     w = _per_model(weight, len(models), "weight", ctx)
     ps = _per_model(p, len(models), "p", ctx)
-    return base + lam * _linear_combine(_dare(_deltas(base, models), ps, ctx.generator, rescale), w, normalize)
+    taus = (m - base for m in models)  # one at a time: each undropped copy is freed at once
+    return base + lam * _linear_combine(_dare(taus, ps, ctx.generator, rescale), w, normalize)
 
 
 @register(
@@ -235,5 +237,5 @@ def dare_ties(base, models, ctx, p=0.5, density=1.0, weight=1.0, normalize=True,
     w = _per_model(weight, len(models), "weight", ctx)
     dens = _per_model(density, len(models), "density", ctx)
     ps = _per_model(p, len(models), "p", ctx)
-    dropped = _dare(_deltas(base, models), ps, ctx.generator, rescale)
+    dropped = _dare((m - base for m in models), ps, ctx.generator, rescale)  # one task vector at a time
     return base + lam * _ties_combine([_trim(d, k, inplace=True) for d, k in zip(dropped, dens)], w, normalize)
