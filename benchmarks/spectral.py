@@ -4,8 +4,13 @@ For each model size, the distinct language-layer matrix shapes are merged once (
 + noise task vectors); a layer's time is the sum over its 7 matrices (q, k, v, o, gate, up, down).
 Prints, per method and number of tasks T: seconds per layer for the fast and the exact path — wall
 clock and CPU (time.process_time of this process, all threads) — their ratio, the relative
-Frobenius error of the merged delta (fast vs exact), and the extrapolated time of a whole backbone
-(layers x seconds per layer). The load average is printed at the start and the end: on a shared
+Frobenius error of each path's merged delta, and the extrapolated time of a whole backbone
+(layers x seconds per layer).
+
+The errors are measured against the definition computed in float64: the exact path run on float64
+copies of the same (float32) task vectors. Both float32 paths round, and where a method amplifies
+rounding (a polar factor of an ill-conditioned matrix) the float32 exact path is itself off; the
+fast path's error against the float32 exact path would then measure the exact path's rounding too. The load average is printed at the start and the end: on a shared
 machine wall seconds grow with the load, CPU seconds much less.
 
 On a machine shared with other processes, run it with OMP_WAIT_POLICY=PASSIVE: with the default
@@ -105,7 +110,7 @@ def main():
                 fast_params, exact_params = METHODS[name]
                 measured = exact_params is not None and size in exact_sizes
                 fast_s = fast_c = exact_s = exact_c = 0.0
-                err_num = err_den = 0.0
+                err_num = exact_num = err_den = 0.0
                 shapes = []
                 for shape, count in spec["shapes"].items():
                     base, models = data[shape]
@@ -117,15 +122,20 @@ def main():
                     line = f"    {size} T={n_tasks} {name:8s} {shape[0]:>5}x{shape[1]:<5} fast {t:8.2f} s (CPU {c:8.2f})"
                     if measured:
                         exact, te, ce, _ = run_one(name, exact_params, base, models, seed=1)
+                        truth, *_ = run_one(name, exact_params, base.double(), [x.double() for x in models], seed=1)
                         exact_s += count * te
                         exact_c += count * ce
-                        num = float((fast - exact).double().norm() ** 2)
-                        den = float((exact - base).double().norm() ** 2)
+                        den = float((truth - base.double()).norm() ** 2)
+                        num = float((fast.double() - truth).norm() ** 2)
+                        num_exact = float((exact.double() - truth).norm() ** 2)
                         err_num += count * num
+                        exact_num += count * num_exact
                         err_den += count * den
-                        entry.update(exact_s=te, exact_cpu_s=ce, rel_err=(num / den) ** 0.5 if den else None)
-                        line += f"  exact {te:8.2f} s (CPU {ce:8.2f})  rel.err {entry['rel_err']:.1e}"
-                        del exact
+                        entry.update(exact_s=te, exact_cpu_s=ce, rel_err=(num / den) ** 0.5 if den else None,
+                                     exact_rel_err=(num_exact / den) ** 0.5 if den else None)
+                        line += (f"  exact {te:8.2f} s (CPU {ce:8.2f})  rel.err fast {entry['rel_err']:.1e}"
+                                 f" exact {entry['exact_rel_err']:.1e}")
+                        del exact, truth
                     del fast
                     shapes.append(entry)
                     print(line + (f"  [{entry['route']}]" if entry["route"] else ""), flush=True)
@@ -133,25 +143,28 @@ def main():
                        "exact_s": exact_s if measured else None, "exact_cpu_s": exact_c if measured else None,
                        "ratio": exact_s / fast_s if measured and fast_s else None,
                        "rel_err": (err_num / err_den) ** 0.5 if measured and err_den else None,
+                       "exact_rel_err": (exact_num / err_den) ** 0.5 if measured and err_den else None,
                        "backbone_min": fast_s * spec["layers"] / 60,
                        "backbone_cpu_min": fast_c * spec["layers"] / 60, "load": loadavg(), "shapes": shapes}
                 rows.append(row)
                 print(f"{size} T={n_tasks} {name:16s} fast {fast_s:8.2f} s/layer (CPU {fast_c:8.2f})"
                       + (f"  exact {exact_s:8.2f} s/layer (CPU {exact_c:8.2f})  x{row['ratio']:.1f}  "
-                         f"rel.err {row['rel_err']:.1e}" if measured else "  exact (not timed)")
+                         f"rel.err fast {row['rel_err']:.1e} exact {row['exact_rel_err']:.1e}" if measured
+                         else "  exact (not timed)")
                       + f"  -> {spec['layers']} layers: {row['backbone_min']:.1f} min (CPU {row['backbone_cpu_min']:.1f})"
                       + f"  load {row['load']}", flush=True)
     end_load = loadavg()
     print(f"\nload average at start: {start_load}; at end: {end_load}; {time.perf_counter() - start_wall:.0f} s in all")
-    print("\n| size | T | method | fast s/layer (CPU s) | exact s/layer (CPU s) | exact/fast | rel. error "
-          "| backbone, fast: wall (CPU) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| size | T | method | fast s/layer (CPU s) | exact s/layer (CPU s) | exact/fast | rel. error fast "
+          "| rel. error exact | backbone, fast: wall (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ex = f"{r['exact_s']:.1f} ({r['exact_cpu_s']:.1f})" if r["exact_s"] is not None else "—"
         ra = f"{r['ratio']:.1f}×" if r["ratio"] else "—"
         er = f"{r['rel_err']:.1e}" if r["rel_err"] is not None else "—"
+        ee = f"{r['exact_rel_err']:.1e}" if r["exact_rel_err"] is not None else "—"
         print(f"| {r['size']} | {r['T']} | {r['method']} | {r['fast_s']:.1f} ({r['fast_cpu_s']:.1f}) | {ex} | {ra} "
-              f"| {er} | {r['backbone_min']:.1f} min ({r['backbone_cpu_min']:.1f}) |")
+              f"| {er} | {ee} | {r['backbone_min']:.1f} min ({r['backbone_cpu_min']:.1f}) |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "load_start": start_load, "load_end": end_load, "rows": rows}, f,

@@ -422,6 +422,22 @@ def test_aswudi_float32_eigendecomposes_in_float64():
     assert rel((out - base).double(), ref - base.double()) < 1e-4
 
 
+def test_aswudi_float32_keeps_the_small_eigenvalues_its_rule_chose():
+    """The numerically-zero cut of a float32 Gram matrix is ε·√max(rows, n)·λ_max, its typical rounding:
+    the pseudo-inverse's worst-case ε·max(rows, n) dropped 3 of the 19 directions the rule kept here
+    (real ones: σ about 1 % of σ_max) and was 3.3e-2 off the float64 result (1.4e-4 with this cut)."""
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 160, 960, 8
+    base = 0.02 * torch.randn(m, n, generator=g)
+    models = [base + 1e-3 * (torch.randn(m, k, generator=g) @ torch.randn(k, n, generator=g) / k**0.5
+                             + 0.02 * torch.randn(m, n, generator=g)) for _ in range(2)]
+    out, info = run("aswudi", base, models)
+    ref, ref_info = run("aswudi", base.double(), [x.double() for x in models])
+    assert info["route"] == "gram" and info["rank"] == ref_info["rank"] == 19
+    assert info["rank_used"] == ref_info["rank_used"] == 19
+    assert rel((out - base).double(), ref - base.double()) < 1e-3
+
+
 def test_aswudi_known_spectrum_distinct_rules():
     taus, s = known_spectrum_taus(6, 24, [8.0, 4.0, 2.0, 1.0], [5.0, 1.0, 0.5, 0.25])
     base = torch.zeros(6, 24, dtype=F64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -96,7 +97,17 @@ class OutputFolder:
 
     def __exit__(self, *exc) -> None:
         if not self._committed and self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            remove_tree(self.tmp)
+
+
+def remove_tree(path: Path, tries: int = 20) -> None:
+    """Remove a folder even while another process is still finishing a file in it: a file created
+    during a removal makes the last rmdir fail, so the removal is repeated until the folder is gone."""
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return
+        time.sleep(0.05)
 
 
 def write_json(path: Path, data) -> None:

@@ -11,7 +11,8 @@ The bytes are the same as the local executor's: a shard's layout (names, order, 
 by the plan, and every random draw is seeded by (recipe seed, canonical key), not by the worker.
 A task whose worker dies (node lost, process killed, out of memory) is run again, up to
 ``max_retries`` times, and rewrites its shard from the start; an error of the merge itself (bad
-input, NaN) is not retried but raised, and the other shards are cancelled.
+input, NaN) is not retried but raised, and the other shards are cancelled (and waited for, so
+that none writes into the temporary folder after it is removed).
 
 Parallelism is per shard: a merge spreads over at most as many workers as it has shards, so give
 the recipe a ``shard_size`` that makes enough of them (e.g. ``shard_size: 1GB``).
@@ -79,13 +80,25 @@ def run_shards(plan: Plan, targets: list[tuple[list[Job], Path]], *, device: str
                         if on_tensor:
                             on_tensor(job)
         except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            _cancel_and_wait(ray, list(pending))
             raise
         return {j.out_key: report[j.out_key] for jobs, _ in targets for j in jobs}
     finally:
         if started:
             ray.shutdown()
+
+
+STOP_TIMEOUT_S = 60.0  # how long an error waits for the cancelled shards' workers to stop
+
+
+def _cancel_and_wait(ray, refs: list) -> None:
+    """Cancel the shards still running and wait until their workers have stopped (or STOP_TIMEOUT_S has
+    passed): the caller removes the output's temporary folder next, and a worker still writing a shard
+    there would leave a file behind."""
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=STOP_TIMEOUT_S)
 
 
 def _result(ray, ref) -> dict[str, Any]:

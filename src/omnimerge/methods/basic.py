@@ -139,11 +139,16 @@ def _ties_combine(deltas: list[torch.Tensor], weights: list[float], normalize: b
 def _dare(deltas: Iterable[torch.Tensor], p: list[float], generator: torch.Generator,
           rescale: str = "inverse") -> list[torch.Tensor]:
     """Drop each entry of τ_i with probability p_i and rescale the rest (÷ (1 − p_i), to τ_i's L1 norm, or not);
-    masks drawn in model order."""
+    masks drawn in model order. ``deltas`` are overwritten (except with ``l1``, which needs the originals):
+    pass fresh task vectors."""
     out = []
     for d, pi in zip(deltas, p):
         keep = torch.rand(d.shape, generator=generator, device=generator.device) >= pi
-        kept = d * keep.to(d.device)  # (3x faster than torch.where; dropped entries may be -0.0)
+        if rescale == "l1":
+            kept = d * keep.to(d.device)  # (3x faster than torch.where; dropped entries may be -0.0)
+        else:  # in place: d is this function's own task vector (a fresh m - base)
+            kept = d.mul_(keep.to(d.device))
+        del keep
         if rescale == "inverse":
             kept.div_(1.0 - pi)
         elif rescale == "l1":
@@ -222,7 +227,7 @@ def dare_linear(base, models, ctx, p=0.5, weight=1.0, normalize=False, rescale="
     w = _per_model(weight, len(models), "weight", ctx)
     ps = _per_model(p, len(models), "p", ctx)
     taus = (m - base for m in models)  # one at a time: each undropped copy is freed at once
-    return base + lam * _linear_combine(_dare(taus, ps, ctx.generator, rescale), w, normalize)
+    return _linear_combine(_dare(taus, ps, ctx.generator, rescale), w, normalize).mul_(lam).add_(base)
 
 
 @register(
@@ -238,4 +243,6 @@ def dare_ties(base, models, ctx, p=0.5, density=1.0, weight=1.0, normalize=True,
     dens = _per_model(density, len(models), "density", ctx)
     ps = _per_model(p, len(models), "p", ctx)
     dropped = _dare((m - base for m in models), ps, ctx.generator, rescale)  # one task vector at a time
-    return base + lam * _ties_combine([_trim(d, k, inplace=True) for d, k in zip(dropped, dens)], w, normalize)
+    merged = _ties_combine([_trim(d, k, inplace=True) for d, k in zip(dropped, dens)], w, normalize)
+    del dropped
+    return merged.mul_(lam).add_(base)  # = base + λ·merged, without two more temporaries

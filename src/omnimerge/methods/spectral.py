@@ -179,7 +179,7 @@ def _task_svd(x: torch.Tensor, rule, n_tasks: int, fast: bool, generator):
     # Gram route on the smaller side (the caller makes m <= n).
     g = gram(x, dtype=TASK_GRAM_DTYPE)
     s_all = None
-    if needs_spectrum(rule):
+    if rule != PER_TASK and needs_spectrum(rule):  # per_task's k = ⌊r/T⌋ needs no spectrum
         s_all = torch.linalg.eigvalsh(g.double()).flip(-1).clamp_min(0).sqrt()
         k = tsv_rank(rule, x.shape, n_tasks, s_all.to(x.dtype))
     else:

@@ -36,8 +36,8 @@ Solvers
   A route is picked by a flop model (eigh cost ≈ 10·d³ against the products). ``dense`` is the
   plain n×n eigendecomposition of C with D formed explicitly, kept as the reference.
 * Eigenvalues that are numerically zero: without the exponential filter (ψ = 1/λ) eigenvalues at
-  or below ε·max(n, r)·λ_max (ε of the compute dtype; the pseudo-inverse's cut on the Gram) are
-  excluded. With the filter, ψ uses its limit ψ(0) = t (computed as t·(−expm1(−λt))/(λt)), so
+  or below ε·√max(n, r)·λ_max (ε of the compute dtype: the typical rounding error of a Gram matrix
+  formed in that dtype) are excluded. With the filter, ψ uses its limit ψ(0) = t (computed as t·(−expm1(−λt))/(λt)), so
   nothing is excluded and nothing divides by zero. Both agree with the exact answer: in exact
   arithmetic g0 (and D) have no component along C's null space, so those directions contribute
   nothing either way.
@@ -208,9 +208,15 @@ def _top_mask(lam: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _zero_tol(lam: torch.Tensor, rows: int, n: int) -> torch.Tensor:
-    """Eigenvalues at or below this (B, 1) are numerically zero for a Gram/covariance of F (rows×n)."""
+    """Eigenvalues at or below this (B, 1) are numerically zero for a Gram/covariance of F (rows×n)
+    formed in ``lam``'s dtype: ε·√max(rows, n)·λ_max, the typical size of its rounding error.
+
+    Not the pseudo-inverse's ε·max(rows, n) (a worst-case bound, and one meant for singular values):
+    applied to eigenvalues of a float32 Gram matrix it is 2e-3·λ_max for 1536×8960 and T = 2 and cut
+    real directions (σ down to 5 % of σ_max) that a rank rule had kept — aswudi was then 4-6 % off
+    the float64 result; with this cut 1e-5 to 7e-5 (benchmarks/spectral.py's 2B shapes)."""
     eps = torch.finfo(lam.dtype).eps
-    return eps * max(rows, n) * lam[..., -1:].clamp_min(0)
+    return eps * math.sqrt(max(rows, n)) * lam[..., -1:].clamp_min(0)
 
 
 def flow_response(t: float | None, keep: Callable[[torch.Tensor, int, int], torch.Tensor]) -> Response:
