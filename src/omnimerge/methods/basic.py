@@ -178,7 +178,7 @@ def average(base, models, ctx, weight=1.0, normalize=True):
 
 @register(
     "task_arithmetic", params=(_WEIGHT, _LAMBDA, _TA_RANK, _normalize(False, "divide Σ w_i τ_i by Σ w_i")),
-    needs_base=True, reference=_TA_REF,
+    needs_base=True, models_as_read=True, reference=_TA_REF,
     summary="Base plus the scaled weighted sum of task vectors: θ_b + λ Σ w_i τ_i "
     "(optionally truncated to a rank per matrix).",
 )
@@ -201,7 +201,7 @@ def task_arithmetic(base, models, ctx, weight=1.0, rank="full", normalize=False,
 @register(
     "ties", params=(_DENSITY, _WEIGHT_NONNEG, _LAMBDA,
                     _normalize(True, "the weighted disjoint mean (false: the weighted sum of the agreeing entries)"),
-                    _TIES_RESCALE), needs_base=True, reference=_TIES_REF,
+                    _TIES_RESCALE), needs_base=True, models_as_read=True, reference=_TIES_REF,
     summary="Trim each task vector to its top-density entries, elect signs, take the disjoint mean.",
 )
 def ties(base, models, ctx, density=0.2, weight=1.0, normalize=True, rescale="none", **kw):
@@ -219,7 +219,7 @@ def ties(base, models, ctx, density=0.2, weight=1.0, normalize=True, rescale="no
 
 @register(
     "dare_linear", params=(_P, _WEIGHT, _LAMBDA, _normalize(False, "divide Σ w_i τ̃_i by Σ w_i"), _DARE_RESCALE),
-    needs_base=True, reference=_DARE_REF,
+    needs_base=True, models_as_read=True, reference=_DARE_REF,
     summary="Randomly drop a fraction p of each task vector, rescale by 1/(1−p), then task arithmetic.",
 )
 def dare_linear(base, models, ctx, p=0.5, weight=1.0, normalize=False, rescale="inverse", **kw):
@@ -233,7 +233,7 @@ def dare_linear(base, models, ctx, p=0.5, weight=1.0, normalize=False, rescale="
 @register(
     "dare_ties", params=(_P, replace(_DENSITY, default=1.0), _WEIGHT_NONNEG, _LAMBDA,
                          _normalize(True, "the weighted disjoint mean (false: the weighted sum of the agreeing "
-                                    "entries, mergekit's default)"), _DARE_RESCALE), needs_base=True,
+                                    "entries, mergekit's default)"), _DARE_RESCALE), needs_base=True, models_as_read=True,
     reference=_DARE_REF + "; " + _TIES_REF,
     summary="DARE drop-and-rescale of each task vector, then TIES sign election and disjoint mean.",
 )

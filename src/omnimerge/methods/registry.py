@@ -6,7 +6,11 @@ A method function has the signature::
 
 * ``base`` is the base tensor (None when the method has ``needs_base=False`` and no base is given),
   ``models`` the aligned expert tensors; all are float tensors of one shape, in the compute dtype,
-  on the compute device.
+  on the compute device — except that a method registered with ``models_as_read=True`` gets the
+  models in the dtype they were read in (e.g. bfloat16) where that dtype promotes to the compute
+  dtype: such a method uses a model only in arithmetic with the base (``m - base``), whose type
+  promotion computes in the compute dtype and gives the same bits as converting first, without a
+  full-size converted copy of every model (a third less memory for TIES on three bf16 experts).
 * Parameters declared ``per_model=True`` arrive as a list with one value per model; the others
   arrive as one scalar.
 * The result is the merged tensor (not a delta) with the same shape as the inputs.
@@ -128,6 +132,7 @@ class Method:
     summary: str
     min_models: int = 1  # how many models (besides the base) the method takes
     max_models: int | None = None
+    models_as_read: bool = False  # models may arrive in their read dtype (see the module doc)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -144,13 +149,17 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, reference: str, summary: str,
-             min_models: int = 1, max_models: int | None = None):
-    """Decorator: register ``fn`` as method ``name`` (taking min_models..max_models models besides the base)."""
+             min_models: int = 1, max_models: int | None = None, models_as_read: bool = False):
+    """Decorator: register ``fn`` as method ``name`` (taking min_models..max_models models besides the base;
+    ``models_as_read``: see the module doc)."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
-        _REGISTRY[name] = Method(name, fn, tuple(params), needs_base, reference, summary, min_models, max_models)
+        if models_as_read and not needs_base:
+            raise ValueError(f"method {name!r}: models_as_read needs a base (models are used as m - base)")
+        _REGISTRY[name] = Method(name, fn, tuple(params), needs_base, reference, summary, min_models, max_models,
+                                 models_as_read)
         return fn
 
     return deco
