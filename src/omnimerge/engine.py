@@ -65,15 +65,17 @@ def _read_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
     return tensors
 
 
-def _models_as_read(plan: Plan, job: Job, tensors: list[torch.Tensor] | None = None) -> set[int]:
-    """Positions in a job's input list of the models that the method takes in their read dtype
-    (``Method.models_as_read``): those whose dtype promotes to the compute dtype. The base (position 0)
-    is always converted."""
-    if job.action != "merge" or plan.base is None or not job.method.models_as_read:
-        return set()
+def _compute_inputs(plan: Plan, job: Job, tensors: list[torch.Tensor], device: str) -> list[torch.Tensor]:
+    """A merge job's inputs on ``device`` in the compute dtype — but the models stay in their read dtype
+    where the method takes them so (``Method.models_as_read``) and that dtype promotes to the compute
+    dtype (so that keeping it is exact). The base (position 0) is always converted."""
     cd = plan.compute_dtype
-    return {i for i, t in enumerate(tensors or [])
-            if i > 0 and t.is_floating_point() and torch.promote_types(t.dtype, cd) == cd}
+    as_read = plan.base is not None and job.method.models_as_read
+
+    def keep(i: int, t: torch.Tensor) -> bool:
+        return as_read and i > 0 and t.is_floating_point() and torch.promote_types(t.dtype, cd) == cd
+
+    return [t.to(device=device) if keep(i, t) else t.to(device=device, dtype=cd) for i, t in enumerate(tensors)]
 
 
 def compute(plan: Plan, job: Job, tensors: list[torch.Tensor], device: str) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -82,9 +84,7 @@ def compute(plan: Plan, job: Job, tensors: list[torch.Tensor], device: str) -> t
         t = tensors[0]
         return (t if t.dtype == job.out_dtype else t.to(job.out_dtype)), {}
     full = tensors.pop() if job.rows is not None else None
-    as_read = _models_as_read(plan, job, tensors)
-    xs = [t.to(device=device) if i in as_read else t.to(device=device, dtype=plan.compute_dtype)
-          for i, t in enumerate(tensors)]
+    xs = _compute_inputs(plan, job, tensors, device)
     if job.rows is not None:
         xs = [x[: job.rows] for x in xs]
     base = xs[0] if plan.base is not None else None
@@ -151,9 +151,7 @@ def compute_many(plan: Plan, jobs: list[Job], inputs: list[list[torch.Tensor]],
     """``compute`` for each job of a step (see ``_steps``); the same results, one transfer each way."""
     if len(jobs) == 1:
         if device == "cpu" and jobs[0].action == "merge":  # let the read dtype's copies go before the merge
-            ts = inputs[0]
-            as_read = _models_as_read(plan, jobs[0], ts)  # (a read dtype kept is exact in the compute dtype)
-            ts[:] = [t if i in as_read else t.to(plan.compute_dtype) for i, t in enumerate(ts)]
+            inputs[0][:] = _compute_inputs(plan, jobs[0], inputs[0], device)
         return [compute(plan, jobs[0], inputs[0], device)]
     moved = iter(_moved([t for ts in inputs for t in ts], device))
     outs, stats, infos = [], [], []
