@@ -79,9 +79,12 @@ def _deltas(base: torch.Tensor, models: list[torch.Tensor]) -> list[torch.Tensor
     return [m - base for m in models]
 
 
-def _weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    out = torch.zeros_like(tensors[0])
+def _weighted_sum(tensors: Iterable[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ w_i t_i from +0.0, in order; ``tensors`` may be a generator (one task vector alive at a time)."""
+    out = None
     for t, w in zip(tensors, weights):
+        if out is None:
+            out = torch.zeros_like(t)
         out.add_(t, alpha=w)
     return out
 
@@ -99,7 +102,7 @@ def _trim(delta: torch.Tensor, density: float, inplace: bool = False) -> torch.T
     return delta.mul_(keep) if inplace else delta * keep
 
 
-def _linear_combine(taus: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+def _linear_combine(taus: Iterable[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
     """Σ w_i τ_i, divided by Σ w_i when ``normalize`` (unless |Σ w_i| < 1e-8, mergekit's guard)."""
     out = _weighted_sum(taus, weights)
     total = sum(weights)
@@ -185,7 +188,7 @@ def average(base, models, ctx, weight=1.0, normalize=True):
 def task_arithmetic(base, models, ctx, weight=1.0, rank="full", normalize=False, **kw):
     lam = _lambda(kw)
     w = _per_model(weight, len(models), "weight", ctx)
-    merged = _linear_combine(_deltas(base, models), w, normalize)
+    merged = _linear_combine((m - base for m in models), w, normalize)  # one task vector at a time
     if rank != "full" and merged.ndim >= 2:
         try:
             rule = check_rank_rule(rank)
