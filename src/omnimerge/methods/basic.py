@@ -121,18 +121,17 @@ def _l1_rescale(kept: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
 
 def _ties_combine(deltas: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
     """Sign election on Σ w_i τ_i, then the weighted mean (``normalize``) or the weighted sum of the
-    agreeing non-zero entries."""
+    agreeing non-zero entries. The deltas are overwritten (no scratch tensors): pass fresh task vectors."""
     elected = _weighted_sum(deltas, weights).sign_().to(torch.int8)  # -1, 0, 1 in a quarter of the memory
     num = torch.zeros_like(deltas[0])
     den = torch.zeros_like(deltas[0]) if normalize else None
-    buf = torch.empty_like(deltas[0])  # scratch tensors shared by all models: few, reused allocations
-    agree = torch.empty(buf.shape, dtype=torch.bool, device=buf.device)
     for d, w in zip(deltas, weights):
-        # sign(d) == elected and d != 0 (elected is -1, 0 or 1: the product is exact)
-        torch.gt(torch.mul(d, elected, out=buf), 0, out=agree)
-        num.add_(torch.mul(d, agree, out=buf), alpha=w)  # num starts at +0.0: adding a -0.0 leaves +0.0
+        # d·s is |d| where d agrees with the elected sign s (≠ 0) and ≤ 0 elsewhere: clamped at 0 and
+        # multiplied by s again it is d where d agrees, else ±0 — exact, as s is -1, 0 or 1
+        d.mul_(elected).clamp_min_(0)
         if den is not None:
-            den.add_(agree, alpha=w)
+            den.add_(d > 0, alpha=w)
+        num.add_(d.mul_(elected), alpha=w)  # num starts at +0.0: adding a -0.0 leaves +0.0
     if den is None:
         return num
     # where no model agrees, num is 0 (and den 0): divide by 1 there
