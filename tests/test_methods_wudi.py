@@ -438,6 +438,22 @@ def test_aswudi_float32_keeps_the_small_eigenvalues_its_rule_chose():
     assert rel((out - base).double(), ref - base.double()) < 1e-3
 
 
+@pytest.mark.parametrize("shape,T,route", [((30, 200), 3, "gram"), ((200, 30), 2, "cov"), ((40, 40), 2, "cov")])
+@pytest.mark.parametrize("name,kw", [("aswudi", {"rank": 2}), ("swudi", {"rho": 0.1}), ("swudi", {"rho": 0.1, "filter": False})])
+def test_few_kept_eigenvalues_take_the_low_rank_products(monkeypatch, shape, T, route, name, kw):
+    """Where few of C's eigenvalues are kept, x = θ0 − g0 Q_k ψ Q_kᵀ is formed by k-wide products
+    (no m×m or n×n operator): the same result as the dense n×n reference."""
+    import omnimerge.methods.wudi as wudi_module
+
+    base, models, _ = setup(shape, T, seed=3)
+    ref, _ = run(name, base, models, solver="dense", **kw)
+    if route == "gram":  # the low-rank branch never forms the full W = R0 U ψ Uᵀ
+        monkeypatch.setattr(wudi_module, "_apply", lambda *a: pytest.fail("full-width product"))
+    out, info = run(name, base, models, **kw)
+    assert info["route"] == route
+    assert rel(out - base, ref - base) < 1e-10
+
+
 def test_aswudi_known_spectrum_distinct_rules():
     taus, s = known_spectrum_taus(6, 24, [8.0, 4.0, 2.0, 1.0], [5.0, 1.0, 0.5, 0.25])
     base = torch.zeros(6, 24, dtype=F64)

@@ -330,9 +330,17 @@ def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route:
         lam, U = _eigh(G, response)
         del G
         psi = response(lam, r, n)
+        out = theta0
+        k = _kept_columns(psi)
+        if (T + 1) * k < T * m:  # few eigenvalues kept: x = θ0 − (R0 U_k ψ)(U_kᵀ F), k-wide products only
+            v = U[..., r - k:]
+            L = (R0 @ v) * psi[..., r - k:].unsqueeze(-2)  # (B, m, k)
+            del U, R0
+            Z = sum(torch.bmm(v[:, j * m:(j + 1) * m].mT * invs[j], taus[j]) for j in range(T))  # U_kᵀ F (B, k, n)
+            out.baddbmm_(L, Z, alpha=-1.0)
+            return out, {"route": "gram", "eig_dim": r}, lam, psi
         W = _apply(U, psi, R0)  # (B, m, r); x = θ0 − W F
         del U, R0
-        out = theta0
         for j in range(T):
             out.baddbmm_(W[:, :, j * m:(j + 1) * m] * invs[j], taus[j], alpha=-1.0)
         return out, {"route": "gram", "eig_dim": r}, lam, psi
@@ -343,11 +351,18 @@ def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route:
         psi = response(lam, r, n)
         k = _kept_columns(psi)
         q, p = Q[..., n - k:], psi[..., n - k:].unsqueeze(-2)
+        out = theta0
+        if 4 * k <= n:  # few eigenvalues kept: τ_i (C_i P − c CP) = τ_i (C_i q ψ − c q λψ) qᵀ, k-wide products
+            del Q
+            pl = p * lam[..., n - k:].clamp_min(0).unsqueeze(-2)
+            for t, Si in zip(taus, S):
+                a = (Si @ q) * p - c * (q * pl)  # (B, n, k)
+                out.baddbmm_(t @ a, q.mT)
+            return out, {"route": "cov", "eig_dim": n}, lam, psi
         P = (q * p) @ q.mT  # Q ψ Qᵀ
         CP = (q * (p * lam[..., n - k:].clamp_min(0).unsqueeze(-2))) @ q.mT  # C Q ψ Qᵀ
         del Q, q
         # x = Σ_i τ_i X_i with X_i = c(I − CP) + C_i P, i.e. θ0 + Σ_i τ_i (C_i P − c CP)
-        out = theta0
         for t, Si in zip(taus, S):
             out.baddbmm_(t, torch.baddbmm(CP, Si, P, beta=-c))
         return out, {"route": "cov", "eig_dim": n}, lam, psi
