@@ -439,7 +439,8 @@ def test_aswudi_float32_keeps_the_small_eigenvalues_its_rule_chose():
 
 
 @pytest.mark.parametrize("shape,T,route", [((30, 200), 3, "gram"), ((200, 30), 2, "cov"), ((40, 40), 2, "cov")])
-@pytest.mark.parametrize("name,kw", [("aswudi", {"rank": 2}), ("swudi", {"rho": 0.1}), ("swudi", {"rho": 0.1, "filter": False})])
+@pytest.mark.parametrize("name,kw", [("aswudi", {"rank": 2}), ("swudi", {"rho": 0.1}),
+                                     ("swudi", {"rho": 0.1, "filter": False})])
 def test_few_kept_eigenvalues_take_the_low_rank_products(monkeypatch, shape, T, route, name, kw):
     """Where few of C's eigenvalues are kept, x = θ0 − g0 Q_k ψ Q_kᵀ is formed by k-wide products
     (no m×m or n×n operator): the same result as the dense n×n reference."""

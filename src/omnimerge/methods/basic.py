@@ -235,7 +235,8 @@ def dare_linear(base, models, ctx, p=0.5, weight=1.0, normalize=False, rescale="
 @register(
     "dare_ties", params=(_P, replace(_DENSITY, default=1.0), _WEIGHT_NONNEG, _LAMBDA,
                          _normalize(True, "the weighted disjoint mean (false: the weighted sum of the agreeing "
-                                    "entries, mergekit's default)"), _DARE_RESCALE), needs_base=True, models_as_read=True,
+                                    "entries, mergekit's default)"), _DARE_RESCALE),
+    needs_base=True, models_as_read=True,
     reference=_DARE_REF + "; " + _TIES_REF,
     summary="DARE drop-and-rescale of each task vector, then TIES sign election and disjoint mean.",
 )

@@ -37,10 +37,10 @@ Solvers
   plain n×n eigendecomposition of C with D formed explicitly, kept as the reference.
 * Eigenvalues that are numerically zero: without the exponential filter (ψ = 1/λ) eigenvalues at
   or below ε·√max(n, r)·λ_max (ε of the compute dtype: the typical rounding error of a Gram matrix
-  formed in that dtype) are excluded. With the filter, ψ uses its limit ψ(0) = t (computed as t·(−expm1(−λt))/(λt)), so
-  nothing is excluded and nothing divides by zero. Both agree with the exact answer: in exact
-  arithmetic g0 (and D) have no component along C's null space, so those directions contribute
-  nothing either way.
+  formed in that dtype) are excluded. With the filter, ψ uses its limit ψ(0) = t (computed as
+  t·(−expm1(−λt))/(λt)), so nothing is excluded and nothing divides by zero. Both agree with the
+  exact answer: in exact arithmetic g0 (and D) have no component along C's null space, so those
+  directions contribute nothing either way.
 * Precision: C and G are formed in the data's dtype (``linalg.gram``: the upper block triangle only).
   Without the filter (ψ = 1/λ) the eigendecomposition runs in float64 (``_eigh``): 1/λ amplifies a
   float32 eigh's error in the eigenvectors of small eigenvalues (7e-3 of the merged delta measured
@@ -352,7 +352,7 @@ def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route:
         k = _kept_columns(psi)
         q, p = Q[..., n - k:], psi[..., n - k:].unsqueeze(-2)
         out = theta0
-        if 4 * k <= n:  # few eigenvalues kept: τ_i (C_i P − c CP) = τ_i (C_i q ψ − c q λψ) qᵀ, k-wide products
+        if 4 * k <= n:  # few kept: τ_i (C_i P − c CP) = τ_i (C_i q ψ − c q λψ) qᵀ, k-wide products
             del Q
             pl = p * lam[..., n - k:].clamp_min(0).unsqueeze(-2)
             for t, Si in zip(taus, S):
