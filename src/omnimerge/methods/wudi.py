@@ -351,16 +351,16 @@ def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route:
         psi = response(lam, r, n)
         k = _kept_columns(psi)
         q, p = Q[..., n - k:], psi[..., n - k:].unsqueeze(-2)
+        pl = p * lam[..., n - k:].clamp_min(0).unsqueeze(-2)  # λψ on the kept eigenvalues
         out = theta0
         if 4 * k <= n:  # few kept: τ_i (C_i P − c CP) = τ_i (C_i q ψ − c q λψ) qᵀ, k-wide products
             del Q
-            pl = p * lam[..., n - k:].clamp_min(0).unsqueeze(-2)
             for t, Si in zip(taus, S):
                 a = (Si @ q) * p - c * (q * pl)  # (B, n, k)
                 out.baddbmm_(t @ a, q.mT)
             return out, {"route": "cov", "eig_dim": n}, lam, psi
         P = (q * p) @ q.mT  # Q ψ Qᵀ
-        CP = (q * (p * lam[..., n - k:].clamp_min(0).unsqueeze(-2))) @ q.mT  # C Q ψ Qᵀ
+        CP = (q * pl) @ q.mT  # C Q ψ Qᵀ
         del Q, q
         # x = Σ_i τ_i X_i with X_i = c(I − CP) + C_i P, i.e. θ0 + Σ_i τ_i (C_i P − c CP)
         for t, Si in zip(taus, S):
