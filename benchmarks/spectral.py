@@ -4,14 +4,17 @@ For each model size, the distinct language-layer matrix shapes are merged once (
 + noise task vectors); a layer's time is the sum over its 7 matrices (q, k, v, o, gate, up, down).
 Prints, per method and number of tasks T: seconds per layer for the fast and the exact path — wall
 clock and CPU (time.process_time of this process, all threads) — their ratio, the relative
-Frobenius error of each path's merged delta, and the extrapolated time of a whole backbone
-(layers x seconds per layer).
+Frobenius error of each path's merged delta, the extrapolated time of a whole backbone
+(layers x seconds per layer), and how much of the fast path's time is spent inside LAPACK's dense
+decompositions (torch.linalg eigh / eigvalsh / svd / svdvals): the eigendecompositions a method's
+definition needs are a floor that no rearrangement of the other work removes on this machine.
 
 The errors are measured against the definition computed in float64: the exact path run on float64
 copies of the same (float32) task vectors. Both float32 paths round, and where a method amplifies
 rounding (a polar factor of an ill-conditioned matrix) the float32 exact path is itself off; the
-fast path's error against the float32 exact path would then measure the exact path's rounding too. The load average is printed at the start and the end: on a shared
-machine wall seconds grow with the load, CPU seconds much less.
+fast path's error against the float32 exact path would then measure the exact path's rounding too.
+The load average is printed at the start and the end: on a shared machine wall seconds grow with
+the load, CPU seconds much less.
 
 On a machine shared with other processes, run it with OMP_WAIT_POLICY=PASSIVE: with the default
 (spinning) policy, LAPACK's eigh and SVD, made of many short parallel regions, slowed down 10-15x
@@ -58,6 +61,21 @@ def loadavg() -> str:
         return "n/a"
 
 
+def calibration() -> str:
+    """Seconds of two reference operations, so that runs on different machines can be compared."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2048, 2048, generator=g, dtype=torch.float64)
+    sym = a @ a.mT
+    t0 = time.perf_counter()
+    torch.linalg.eigh(sym)
+    eigh_s = time.perf_counter() - t0
+    b = a.float()
+    t0 = time.perf_counter()
+    b @ b
+    mm_s = time.perf_counter() - t0
+    return f"float64 eigh 2048²: {eigh_s:.2f} s, float32 matmul 2048³: {mm_s:.3f} s"
+
+
 def task_vectors(shape, n_tasks, rank, noise, seed):
     g = torch.Generator().manual_seed(seed)
     m, n = shape
@@ -69,8 +87,41 @@ def task_vectors(shape, n_tasks, rank, noise, seed):
     return base, [base + t for t in taus]
 
 
+DECOMPOSITIONS = ("eigh", "eigvalsh", "svd", "svdvals")
+
+
+class DecompositionClock:
+    """Wall seconds spent inside torch.linalg's dense decompositions (LAPACK: eigh, eigvalsh, svd,
+    svdvals) while active. The spectral methods' fast paths cannot avoid the eigendecompositions
+    their definitions need (a per-task top-⌊r/T⌋ basis for TSV, C's eigenvectors for the WUDI
+    family), so this is the floor that a faster implementation on the same machine would still pay."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._saved = {}
+
+    def __enter__(self):
+        for name in DECOMPOSITIONS:
+            fn = getattr(torch.linalg, name)
+            self._saved[name] = fn
+
+            def timed(*a, _fn=fn, **k):
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    self.seconds += time.perf_counter() - t0
+
+            setattr(torch.linalg, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(torch.linalg, name, fn)
+
+
 def run_one(name, params, base, models, seed):
-    """(merged tensor, wall seconds, CPU seconds, report info) of one call."""
+    """(merged tensor, wall seconds, CPU seconds, seconds in dense decompositions, report info) of one call."""
     method = get_method(name)
     defaults = {p.name: p.default for p in method.params}
     kw = {**defaults, **params}
@@ -78,9 +129,11 @@ def run_one(name, params, base, models, seed):
         if p.per_model:
             kw[p.name] = [kw[p.name]] * len(models) if not isinstance(kw[p.name], list) else kw[p.name]
     ctx = MethodContext("language.layers.0.mlp.up_proj.weight", torch.Generator().manual_seed(seed))
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = method(base, models, ctx, **kw)
-    return out, time.perf_counter() - t0, time.process_time() - c0, ctx.info
+    with DecompositionClock() as clock:
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = method(base, models, ctx, **kw)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return out, wall, cpu, clock.seconds, ctx.info
 
 
 def main():
@@ -101,6 +154,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}; task vectors: rank {args.rank} + noise {args.noise}; "
           f"load average at start: {start_load}", flush=True)
+    print(f"machine: {calibration()}", flush=True)
     for size in args.sizes.split(","):
         spec = SIZES[size]
         for n_tasks in map(int, args.tasks.split(",")):
@@ -109,19 +163,21 @@ def main():
             for name in args.methods.split(","):
                 fast_params, exact_params = METHODS[name]
                 measured = exact_params is not None and size in exact_sizes
-                fast_s = fast_c = exact_s = exact_c = 0.0
+                fast_s = fast_c = fast_d = exact_s = exact_c = 0.0
                 err_num = exact_num = err_den = 0.0
                 shapes = []
                 for shape, count in spec["shapes"].items():
                     base, models = data[shape]
-                    fast, t, c, info = run_one(name, fast_params, base, models, seed=1)
+                    fast, t, c, d, info = run_one(name, fast_params, base, models, seed=1)
                     fast_s += count * t
                     fast_c += count * c
-                    entry = {"shape": list(shape), "count": count, "fast_s": t, "fast_cpu_s": c,
+                    fast_d += count * d
+                    entry = {"shape": list(shape), "count": count, "fast_s": t, "fast_cpu_s": c, "fast_decomp_s": d,
                              "route": info.get("route") or info.get("path")}
-                    line = f"    {size} T={n_tasks} {name:8s} {shape[0]:>5}x{shape[1]:<5} fast {t:8.2f} s (CPU {c:8.2f})"
+                    line = (f"    {size} T={n_tasks} {name:8s} {shape[0]:>5}x{shape[1]:<5} "
+                            f"fast {t:8.2f} s (CPU {c:8.2f}, decomp. {d:7.2f})")
                     if measured:
-                        exact, te, ce, _ = run_one(name, exact_params, base, models, seed=1)
+                        exact, te, ce, _, _ = run_one(name, exact_params, base, models, seed=1)
                         truth, *_ = run_one(name, exact_params, base.double(), [x.double() for x in models], seed=1)
                         exact_s += count * te
                         exact_c += count * ce
@@ -145,26 +201,30 @@ def main():
                        "rel_err": (err_num / err_den) ** 0.5 if measured and err_den else None,
                        "exact_rel_err": (exact_num / err_den) ** 0.5 if measured and err_den else None,
                        "backbone_min": fast_s * spec["layers"] / 60,
-                       "backbone_cpu_min": fast_c * spec["layers"] / 60, "load": loadavg(), "shapes": shapes}
+                       "backbone_cpu_min": fast_c * spec["layers"] / 60, "fast_decomp_s": fast_d,
+                       "backbone_decomp_min": fast_d * spec["layers"] / 60, "load": loadavg(), "shapes": shapes}
                 rows.append(row)
                 print(f"{size} T={n_tasks} {name:16s} fast {fast_s:8.2f} s/layer (CPU {fast_c:8.2f})"
                       + (f"  exact {exact_s:8.2f} s/layer (CPU {exact_c:8.2f})  x{row['ratio']:.1f}  "
                          f"rel.err fast {row['rel_err']:.1e} exact {row['exact_rel_err']:.1e}" if measured
                          else "  exact (not timed)")
-                      + f"  -> {spec['layers']} layers: {row['backbone_min']:.1f} min (CPU {row['backbone_cpu_min']:.1f})"
+                      + f"  -> {spec['layers']} layers: {row['backbone_min']:.1f} min"
+                      + f" (CPU {row['backbone_cpu_min']:.1f}"
+                      + f", decompositions {row['backbone_decomp_min']:.1f})"
                       + f"  load {row['load']}", flush=True)
     end_load = loadavg()
     print(f"\nload average at start: {start_load}; at end: {end_load}; {time.perf_counter() - start_wall:.0f} s in all")
     print("\n| size | T | method | fast s/layer (CPU s) | exact s/layer (CPU s) | exact/fast | rel. error fast "
-          "| rel. error exact | backbone, fast: wall (CPU) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| rel. error exact | backbone, fast: wall (CPU) | of it in decompositions |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ex = f"{r['exact_s']:.1f} ({r['exact_cpu_s']:.1f})" if r["exact_s"] is not None else "—"
         ra = f"{r['ratio']:.1f}×" if r["ratio"] else "—"
         er = f"{r['rel_err']:.1e}" if r["rel_err"] is not None else "—"
         ee = f"{r['exact_rel_err']:.1e}" if r["exact_rel_err"] is not None else "—"
         print(f"| {r['size']} | {r['T']} | {r['method']} | {r['fast_s']:.1f} ({r['fast_cpu_s']:.1f}) | {ex} | {ra} "
-              f"| {er} | {ee} | {r['backbone_min']:.1f} min ({r['backbone_cpu_min']:.1f}) |")
+              f"| {er} | {ee} | {r['backbone_min']:.1f} min ({r['backbone_cpu_min']:.1f}) "
+              f"| {r['backbone_decomp_min']:.1f} min ({r['fast_decomp_s'] / r['fast_s'] if r['fast_s'] else 0:.0%}) |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "load_start": start_load, "load_end": end_load, "rows": rows}, f,
