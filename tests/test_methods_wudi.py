@@ -412,14 +412,115 @@ def low_rank_plus_noise(shape, T, rank, seed):
     return base, [base + t for t in taus]
 
 
-def test_aswudi_float32_eigendecomposes_in_float64():
-    """ψ = 1/λ amplifies a float32 eigh's error in small eigen-directions: on this case a float32 eigh
-    was 1.7e-3 off the float64 result; the float64 eigh of the same float32 Gram matrix is 6e-6 off."""
+def test_aswudi_float32_is_within_1e4_of_float64():
+    """ψ = 1/λ amplifies a float32 eigh's error at the cut: on this case a plain float32 eigh was
+    1.7e-3 off the float64 result; the refined one (``eigen_response``) is as close as a float64 eigh."""
     base, models = low_rank_plus_noise((200, 1100), 5, 32, seed=1)
     out, info = run("aswudi", base, models)
     ref, _ = run("aswudi", base.double(), [m.double() for m in models], solver="dense")
     assert info["route"] == "gram" and out.dtype == torch.float32
     assert rel((out - base).double(), ref - base.double()) < 1e-4
+
+
+def _psd_float32(d, rank, seed):
+    """A float32 Gram matrix of a rank-`rank` + noise (d × 3d) matrix: a spectrum without a gap at the cut."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, rank, generator=g) @ torch.randn(rank, 3 * d, generator=g) / rank**0.5
+    a += 0.1 * torch.randn(d, 3 * d, generator=g)
+    return (a @ a.mT).unsqueeze(0)
+
+
+def _operator(lam, vecs, psi):
+    v = vecs.double()
+    return (v * psi.double().unsqueeze(-2)) @ v.mT
+
+
+def _recording_eigh(monkeypatch):
+    calls = []
+    eigh = torch.linalg.eigh
+
+    def recording(mat, *a, **k):
+        calls.append((mat.dtype, mat.shape[-1]))
+        return eigh(mat, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "eigh", recording)
+    return calls
+
+
+@pytest.mark.parametrize("rank,k", [(30, 40), (15, 25)])
+def test_eigen_response_refines_a_float32_eigh_where_few_are_kept(monkeypatch, rank, k):
+    """ψ = 1/λ on the top k of d = 400, the cut inside a spectrum without a gap: a float32 eigh
+    is about 1e-2 off the operator V ψ Vᵀ of a float64 eigh; refined (float64 subspace steps and
+    Rayleigh–Ritz on 3k of its eigenvectors) it is within REFINE_TOL, with no float64 eigh of the
+    whole matrix."""
+    from omnimerge.methods.wudi import REFINE_OVERSAMPLE, REFINE_TOL, eigen_response, flow_response
+
+    mat = _psd_float32(400, rank, seed=0)
+    response = flow_response(None, lambda desc, rows, n: torch.full(desc.shape[:-1], k))
+    lam64, vecs64 = torch.linalg.eigh(mat.double())
+    truth = _operator(lam64, vecs64, response(lam64, 400, 1200))
+    lam32, vecs32 = torch.linalg.eigh(mat)
+    plain = rel(_operator(lam32, vecs32, response(lam32, 400, 1200)), truth)
+
+    calls = _recording_eigh(monkeypatch)
+    lam, vecs, psi = eigen_response(mat, response, 400, 1200)
+    q = k + math.ceil(REFINE_OVERSAMPLE * k)
+    assert calls[0] == (torch.float32, 400) and len(calls) >= 4  # Rayleigh–Ritz at steps 0, 1, 2 at least
+    assert set(calls[1:]) == {(torch.float64, q)}
+    assert lam.dtype == vecs.dtype == torch.float32 and int((psi != 0).sum()) == k
+    refined = rel(_operator(lam, vecs, psi), truth)
+    assert refined < 2 * REFINE_TOL and plain > 30 * refined, (refined, plain)
+
+
+def test_eigen_response_falls_back_where_refinement_converges_too_slowly(monkeypatch):
+    """Where the estimated convergence rate needs more steps than a float64 eigh costs, the whole matrix is
+    decomposed in float64 (the same numbers as refine=False)."""
+    import omnimerge.methods.wudi as wudi_module
+
+    mat = _psd_float32(400, 4, seed=0)
+    response = wudi_module.flow_response(None, lambda desc, rows, n: torch.full(desc.shape[:-1], 40))
+    ref = wudi_module.eigen_response(mat, response, 400, 1200, refine=False)
+    monkeypatch.setattr(wudi_module, "REFINE_TOL", 1e-13)
+    calls = _recording_eigh(monkeypatch)
+    got = wudi_module.eigen_response(mat, response, 400, 1200)
+    assert calls[0] == (torch.float32, 400) and calls[-1] == (torch.float64, 400)
+    assert len(calls) <= 2 + wudi_module._refine_max_steps(400, 120)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_eigen_response_uses_a_float64_eigh_where_many_are_kept(monkeypatch):
+    """Above REFINE_MAX_FRACTION·d kept eigenvalues, and for the dense reference, the whole matrix is
+    decomposed in float64 (the filtered response, bounded by t, stays in float32)."""
+    from omnimerge.methods.wudi import REFINE_MAX_FRACTION, eigen_response, flow_response
+
+    mat = _psd_float32(200, 20, seed=0)
+    many = flow_response(None, lambda desc, rows, n: torch.full(desc.shape[:-1], int(REFINE_MAX_FRACTION * 200) + 1))
+    few = flow_response(None, lambda desc, rows, n: torch.full(desc.shape[:-1], 10))
+    filtered = flow_response(300.0, lambda desc, rows, n: torch.full(desc.shape[:-1], 10))
+    calls = _recording_eigh(monkeypatch)
+    eigen_response(mat, many, 200, 600)
+    assert calls[-1] == (torch.float64, 200)
+    calls.clear()
+    eigen_response(mat, few, 200, 600, refine=False)
+    assert calls == [(torch.float64, 200)]
+    calls.clear()
+    eigen_response(mat, filtered, 200, 600)
+    assert calls == [(torch.float32, 200)]
+
+
+def test_aswudi_refined_equals_the_float64_eigh_route_and_reports_its_rank_once(monkeypatch):
+    import omnimerge.methods.wudi as wudi_module
+
+    base, models = low_rank_plus_noise((300, 1800), 2, 16, seed=4)
+    calls = _recording_eigh(monkeypatch)
+    out, info = run("aswudi", base, models)
+    assert calls[0] == (torch.float32, 600) and (torch.float64, 600) not in calls and len(calls) >= 4
+    monkeypatch.setattr(wudi_module, "REFINE_MAX_FRACTION", 0.0)
+    ref, ref_info = run("aswudi", base, models)
+    truth, truth_info = run("aswudi", base.double(), [m.double() for m in models])
+    assert info["rank"] == ref_info["rank"] == truth_info["rank"] == info["rank_used"]
+    d_out, d_ref = ((x - base).double() for x in (out, ref))
+    assert rel(d_out, truth - base.double()) < 1e-4 and rel(d_ref, truth - base.double()) < 1e-4
 
 
 def test_aswudi_float32_keeps_the_small_eigenvalues_its_rule_chose():

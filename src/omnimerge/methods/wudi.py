@@ -42,9 +42,10 @@ Solvers
   exact answer: in exact arithmetic g0 (and D) have no component along C's null space, so those
   directions contribute nothing either way.
 * Precision: C and G are formed in the data's dtype (``linalg.gram``: the upper block triangle only).
-  Without the filter (ψ = 1/λ) the eigendecomposition runs in float64 (``_eigh``): 1/λ amplifies a
-  float32 eigh's error in the eigenvectors of small eigenvalues (7e-3 of the merged delta measured
-  on 448×2368, T = 5). With the filter ψ ≤ t, and float32 is accurate (≤ 1e-4).
+  Without the filter (ψ = 1/λ) a float32 eigh is not accurate enough (1/λ amplifies its error in
+  the eigenvectors at the cut: 1e-3 to 7e-3 of the merged delta measured): ``eigen_response``
+  refines a float32 eigh in float64 where few eigenvalues are kept (aswudi's rules), else runs the
+  eigh in float64. With the filter ψ ≤ t, and float32 is accurate (≤ 1e-4).
 * Mask (``swudi``): keep the top K = ⌈ρ·n⌉ of C's n eigenvalues; in the ``gram`` route that is the
   top min(K, r) of G's. ``aswudi``: K from a rank rule applied to the √eigenvalues (= singular
   values of F, length min(r, n)), with the rule seeing F's shape (r, n): an integer caps at
@@ -259,20 +260,104 @@ def sgd_response(lr: float, momentum: float, steps: int) -> Response:
     return response
 
 
-def _eigh(mat: torch.Tensor, response: Response) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix, returned in its dtype.
+REFINE_MAX_FRACTION = 1 / 6  # refine a float32 eigh when the kept eigenvalues are at most this fraction of d
+REFINE_OVERSAMPLE = 2.0  # ... in a subspace of (1 + this)·k leading float32 eigenvectors (at most d/2)
+REFINE_TOL = 1e-4  # converged when V_k ψ V_kᵀ's estimated distance to its limit is this (relative Frobenius)
+_EIGH64_SPARE = 3.8  # float64 multiply-adds per d³ that a float64 eigh costs beyond a float32 one (6.3 vs 2.5)
 
-    Where the response divides by λ (no filter: ψ = 1/λ), the decomposition runs in float64: a
-    float32 eigh gets the eigenvectors of small eigenvalues wrong by about ε·λ_max/gap, which 1/λ
-    amplifies (measured: 7e-3 relative error of the merged delta for aswudi on 448×2368, T = 5;
-    7e-6 with a float64 eigh of the same float32 Gram matrix). The filtered response is bounded by
-    t, and a float32 eigh is accurate there. Eigenvalues are rounded back to the data's dtype, whose
-    ε sets the numerically-zero cut.
+
+def _refine_max_steps(d: int, q: int) -> int:
+    """Subspace steps (2·d·q·(d + q) float64 multiply-adds each: M Y, QR, Yᵀ M Y) that cost no more than
+    the float64 eigh they replace, after the float32 eigh (measured on 2048² and 3584²)."""
+    return int(_EIGH64_SPARE * d**3 // (2 * d * q * (d + q)))
+
+
+def _inverse_operator_change(y0, w0, y1, w1) -> float:
+    """max over the batch of ‖A_1 − A_0‖_F / ‖A_1‖_F for A = Y diag(w) Yᵀ (orthonormal Y, w > 0), from
+    k×k products only: ‖A‖² = Σ w², tr(A_0 A_1) = ‖diag(√w_0) Y_0ᵀ Y_1 diag(√w_1)‖²."""
+    cross = (w0.sqrt().unsqueeze(-1) * (y0.mT @ y1) * w1.sqrt().unsqueeze(-2)).square().sum((-2, -1))
+    n0, n1 = w0.square().sum(-1), w1.square().sum(-1)
+    return float(((n0 + n1 - 2 * cross).clamp_min(0) / n1).sqrt().max())
+
+
+def _refine_leading(mat: torch.Tensor, vecs: torch.Tensor, k: int, q: int):
+    """Float64 subspace steps with Rayleigh–Ritz on the q leading columns of ``vecs`` (a float32 eigh
+    of ``mat``) until the inverse operator on the top k, V_k diag(1/λ_k) V_kᵀ, is stable to REFINE_TOL.
+    Returns (Ritz values (B, q) ascending, Ritz vectors (B, d, q)) in float64, or None where the
+    estimated convergence rate would need more steps than a float64 eigh costs (``_refine_max_steps``)."""
+    max_steps = _refine_max_steps(mat.shape[-1], q)
+    if max_steps < 3:  # convergence is judged from three Rayleigh–Ritz results
+        return None
+    m64 = mat.double()
+    y = torch.linalg.qr(vecs[..., -q:].double()).Q
+    my = m64 @ y
+    prev, change = None, None
+    for step in range(max_steps):  # step 0: Rayleigh–Ritz on the float32 basis itself; one M Y per step
+        if step:
+            y = torch.linalg.qr(my).Q
+            my = m64 @ y
+        mu, z = torch.linalg.eigh(y.mT @ my)
+        if bool((mu[..., -k:] <= 0).any()):
+            return None
+        top = (y @ z[..., -k:], 1.0 / mu[..., -k:])
+        if prev is not None:
+            last, change = change, _inverse_operator_change(*prev, *top)
+            if last is not None:  # linear convergence at rate ρ: the error left is about change·ρ/(1 − ρ)
+                rate = change / last if last > 0 else 0.0
+                if rate >= 1:
+                    return None
+                if change * rate <= REFINE_TOL * (1 - rate):
+                    return mu, y @ z
+                more = math.log(REFINE_TOL * (1 - rate) / (change * rate)) / math.log(rate) if rate > 0 else 1
+                if step + 1 + more > max_steps:  # too slow: the float64 eigh is cheaper
+                    return None
+        prev = top
+    return None
+
+
+def eigen_response(mat: torch.Tensor, response: Response, rows: int, n: int, *, refine: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(λ ascending, eigenvectors, ψ(λ)) of a symmetric matrix (B, d, d), λ and vectors in its dtype.
+
+    The filtered response (ψ ≤ t) is accurate from a float32 eigh. Where the response divides by λ
+    (no filter: ψ = 1/λ) a float32 eigh gets the eigenvectors of the kept eigenvalues wrong by about
+    ε·λ_max/gap at the cut, which 1/λ amplifies (measured: 1e-3 to 7e-3 of the merged delta for
+    aswudi on the 2B shapes; 1e-5 with a float64 eigh of the same float32 matrix). Two ways to
+    float64 accuracy:
+
+    * few kept eigenvalues (k ≤ REFINE_MAX_FRACTION·d, e.g. aswudi's rank rules): the float32 eigh,
+      then float64 subspace steps with Rayleigh–Ritz on its (1 + REFINE_OVERSAMPLE)·k leading
+      eigenvectors, Y ← qr(M Y), Yᵀ M Y = Z Μ Zᵀ, Y ← Y Z, until the result's operator
+      V_k diag(1/λ_k) V_kᵀ is within REFINE_TOL of its limit, estimated from the last two changes
+      and their ratio (linear convergence; ``_refine_leading``). The float32
+      basis misses the true leading k by directions beyond q, which each step damps by λ_j/λ_k; the
+      small float64 eigh separates the directions at the cut as well as a full one. The Ritz pairs
+      replace the top q; ψ is then taken again (the rule sees the refined eigenvalues at the top, the
+      float32 ones below: a rank rule is asked twice and its last answer counts) and must keep the
+      same k. Where convergence would cost more steps than the float64 eigh (a flat spectrum well
+      beyond the cut), or k changes:
+    * a float64 eigh of the whole matrix — also always with ``refine=False`` (the ``dense`` reference).
     """
-    if getattr(response, "divides", False) and mat.dtype != torch.float64:
-        lam, vecs = torch.linalg.eigh(mat.double())
-        return lam.to(mat.dtype), vecs.to(mat.dtype)
-    return torch.linalg.eigh(mat)
+    if not getattr(response, "divides", False) or mat.dtype == torch.float64:
+        lam, vecs = torch.linalg.eigh(mat)
+        return lam, vecs, response(lam, rows, n)
+    d = mat.shape[-1]
+    if refine:
+        lam, vecs = torch.linalg.eigh(mat)
+        k = _kept_columns(response(lam, rows, n))
+        q = min(d, k + max(16, math.ceil(REFINE_OVERSAMPLE * k)))
+        refined = _refine_leading(mat, vecs, k, q) if 0 < k <= REFINE_MAX_FRACTION * d and q < d else None
+        if refined is not None:
+            mu, y = refined
+            lam, vecs = lam.clone(), vecs.clone()
+            lam[..., -q:] = mu.to(lam.dtype)
+            vecs[..., -q:] = y.to(vecs.dtype)
+            psi = response(lam, rows, n)
+            if _kept_columns(psi) == k:
+                return lam, vecs, psi
+    lam, vecs = torch.linalg.eigh(mat.double())
+    lam, vecs = lam.to(mat.dtype), vecs.to(mat.dtype)
+    return lam, vecs, response(lam, rows, n)
 
 
 def _kept_columns(psi: torch.Tensor) -> int:
@@ -327,9 +412,8 @@ def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route:
         R0 = sum(c * nus[i] * G[:, i * m:(i + 1) * m, :] for i in range(T))
         for j in range(T):
             R0[:, :, j * m:(j + 1) * m] -= nus[j] * G[:, j * m:(j + 1) * m, j * m:(j + 1) * m]
-        lam, U = _eigh(G, response)
+        lam, U, psi = eigen_response(G, response, r, n)
         del G
-        psi = response(lam, r, n)
         out = theta0
         k = _kept_columns(psi)
         if (T + 1) * k < T * m:  # few eigenvalues kept: x = θ0 − (R0 U_k ψ)(U_kᵀ F), k-wide products only
@@ -347,8 +431,7 @@ def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route:
     if route == "cov" and m >= n:
         S = [gram(t, side="right").mul_(inv * inv) for t, inv in zip(taus, invs)]  # C_i = M_iᵀ M_i
         C = sum(S)
-        lam, Q = _eigh(C, response)
-        psi = response(lam, r, n)
+        lam, Q, psi = eigen_response(C, response, r, n)
         k = _kept_columns(psi)
         q, p = Q[..., n - k:], psi[..., n - k:].unsqueeze(-2)
         pl = p * lam[..., n - k:].clamp_min(0).unsqueeze(-2)  # λψ on the kept eigenvalues
@@ -372,8 +455,7 @@ def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route:
     for t, inv in zip(taus, invs):
         C += gram(t, side="right").mul_(inv * inv)
         D += ((t @ t.mT) @ t if m < n else t @ (t.mT @ t)) * (inv * inv)
-    lam, Q = _eigh(C, response)
-    psi = response(lam, r, n)
+    lam, Q, psi = eigen_response(C, response, r, n, refine=route != "dense")
     if route == "dense":
         # The textbook formula: τ = θ0 − θ0 Q diag(f) Qᵀ + D Q diag(f/λ) Qᵀ, f = λψ.
         f = (psi * lam.clamp_min(0)).unsqueeze(-2)
@@ -387,13 +469,11 @@ def general_spectral(theta0: torch.Tensor, F: torch.Tensor, A: torch.Tensor, res
     """θ0 − g0 Q ψ(Λ) Qᵀ for the loss ‖x Fᵀ − A‖² (F (B, r, n), A (B, m, r)), any θ0."""
     r, n = F.shape[-2], F.shape[-1]
     if r < n:
-        lam, U = _eigh(F @ F.mT, response)
-        psi = response(lam, r, n)
+        lam, U, psi = eigen_response(F @ F.mT, response, r, n)
         R0 = theta0 @ F.mT - A
         return theta0 - _apply(U, psi, R0) @ F, lam, psi
     C = F.mT @ F
-    lam, Q = _eigh(C, response)
-    psi = response(lam, r, n)
+    lam, Q, psi = eigen_response(C, response, r, n)
     g0 = theta0 @ C - A @ F
     return theta0 - _apply(Q, psi, g0), lam, psi
 
@@ -676,7 +756,7 @@ def aswudi(base, models, ctx, alpha=1.0, rank="participation_sqrt", init="sum", 
     def keep(desc, rows, n):
         s = desc.clamp_min(0).sqrt().cpu()
         ks = [choose_rank(rank, (rows, n), s[b]) for b in range(s.shape[0])]
-        chosen.extend(ks)
+        chosen[:] = ks  # asked again after a refinement (eigen_response): the last answer counts
         return torch.tensor(ks, dtype=torch.long)
 
     merged, facts, lam, psi = wudi_spectral(batch, _init_scale(init, len(batch)), flow_response(None, keep),
