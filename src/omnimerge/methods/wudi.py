@@ -262,7 +262,7 @@ def sgd_response(lr: float, momentum: float, steps: int) -> Response:
 
 REFINE_MAX_FRACTION = 1 / 6  # refine a float32 eigh when the kept eigenvalues are at most this fraction of d
 REFINE_OVERSAMPLE = 2.0  # ... in a subspace of (1 + this)·k leading float32 eigenvectors (at most d/2)
-REFINE_TOL = 1e-4  # converged when V_k ψ V_kᵀ's estimated distance to its limit is this (relative Frobenius)
+REFINE_TOL = 1e-4  # converged when V_k ψ V_kᵀ is estimated within this of its limit (relative Frobenius)
 _EIGH64_SPARE = 3.8  # float64 multiply-adds per d³ that a float64 eigh costs beyond a float32 one (6.3 vs 2.5)
 
 
