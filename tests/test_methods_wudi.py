@@ -490,7 +490,8 @@ def test_eigen_response_falls_back_where_refinement_converges_too_slowly(monkeyp
 
 def test_eigen_response_uses_a_float64_eigh_where_many_are_kept(monkeypatch):
     """Above REFINE_MAX_FRACTION·d kept eigenvalues, and for the dense reference, the whole matrix is
-    decomposed in float64 (the filtered response, bounded by t, stays in float32)."""
+    decomposed in float64 (the filtered response, bounded by t, stays in float32); where the response
+    says in advance that it keeps that many, without a float32 eigh first."""
     from omnimerge.methods.wudi import REFINE_MAX_FRACTION, eigen_response, flow_response
 
     mat = _psd_float32(200, 20, seed=0)
@@ -506,6 +507,18 @@ def test_eigen_response_uses_a_float64_eigh_where_many_are_kept(monkeypatch):
     calls.clear()
     eigen_response(mat, filtered, 200, 600)
     assert calls == [(torch.float32, 200)]
+    calls.clear()  # a fixed count that is already too many: no float32 eigh first
+    fixed = flow_response(None, lambda desc, rows, n: torch.full(desc.shape[:-1], 120), most_kept=120)
+    eigen_response(mat, fixed, 200, 600)
+    assert calls == [(torch.float64, 200)]
+
+
+@pytest.mark.parametrize("name,kw", [("wudi", {"solver": "minimizer"}), ("swudi", {"filter": False})])
+def test_methods_that_keep_many_eigenvalues_take_one_float64_eigh(monkeypatch, name, kw):
+    base, models = low_rank_plus_noise((60, 300), 2, 8, seed=2)
+    calls = _recording_eigh(monkeypatch)
+    run(name, base, models, **kw)
+    assert calls == [(torch.float64, 120)]
 
 
 def test_aswudi_refined_equals_the_float64_eigh_route_and_reports_its_rank_once(monkeypatch):

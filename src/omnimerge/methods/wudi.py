@@ -220,10 +220,13 @@ def _zero_tol(lam: torch.Tensor, rows: int, n: int) -> torch.Tensor:
     return eps * math.sqrt(max(rows, n)) * lam[..., -1:].clamp_min(0)
 
 
-def flow_response(t: float | None, keep: Callable[[torch.Tensor, int, int], torch.Tensor]) -> Response:
+def flow_response(t: float | None, keep: Callable[[torch.Tensor, int, int], torch.Tensor],
+                  most_kept: float | None = None) -> Response:
     """Gradient flow for time t (None: t → ∞, i.e. 1/λ) on the eigenvalues that ``keep`` selects.
 
     ``keep(lam_desc, rows, n)`` returns how many of C's top eigenvalues to keep, per matrix.
+    ``most_kept``: how many ``keep`` asks for whatever the spectrum (a fixed count, ``math.inf`` for
+    all), None where a rule chooses it; ``eigen_response`` then knows in advance whether few are kept.
     """
 
     def response(lam: torch.Tensor, rows: int, n: int) -> torch.Tensor:
@@ -238,6 +241,7 @@ def flow_response(t: float | None, keep: Callable[[torch.Tensor, int, int], torc
         return torch.where(mask, t * (-torch.expm1(-z)) / z, 0.0)
 
     response.divides = t is None
+    response.most_kept = most_kept
     return response
 
 
@@ -336,7 +340,9 @@ def eigen_response(mat: torch.Tensor, response: Response, rows: int, n: int, *, 
       float32 ones below: a rank rule is asked twice and its last answer counts) and must keep the
       same k. Where convergence would cost more steps than the float64 eigh (a flat spectrum well
       beyond the cut), or k changes:
-    * a float64 eigh of the whole matrix — also always with ``refine=False`` (the ``dense`` reference).
+    * a float64 eigh of the whole matrix — also always with ``refine=False`` (the ``dense`` reference),
+      and without the float32 eigh first where the response's ``most_kept`` is already too many
+      (swudi's fixed ⌈ρn⌉, the WUDI minimisers' all).
 
     Measured (aswudi, T = 2, against the float64 definition): the 7B down-projection's 7168² Gram
     matrix 30.8 s instead of 58.2 s, error 4.35e-5 against 4.34e-5; 2B shapes 1.2e-5 to 1.8e-5, as
@@ -347,7 +353,8 @@ def eigen_response(mat: torch.Tensor, response: Response, rows: int, n: int, *, 
         lam, vecs = torch.linalg.eigh(mat)
         return lam, vecs, response(lam, rows, n)
     d = mat.shape[-1]
-    if refine:
+    most = getattr(response, "most_kept", None)
+    if refine and (most is None or min(most, d) <= REFINE_MAX_FRACTION * d):
         lam, vecs = torch.linalg.eigh(mat)
         k = _kept_columns(response(lam, rows, n))
         q = min(d, k + max(16, math.ceil(REFINE_OVERSAMPLE * k)))
@@ -580,7 +587,7 @@ def wudi(base, models, ctx, alpha=1.0, solver="iterative", steps=300, lr=1e-5, t
     batch, shape, dtype = _as_batch(taus)
     ctx.info["solver"] = solver
     if solver == "minimizer":
-        merged, facts, lam, psi = wudi_spectral(batch, 1.0, flow_response(None, _keep_all))
+        merged, facts, lam, psi = wudi_spectral(batch, 1.0, flow_response(None, _keep_all, math.inf))
         ctx.info.update(facts)
         _batch_stat(ctx, "rank_used", (psi != 0).sum(-1))
     else:
@@ -688,7 +695,7 @@ def wudi2(base, models, ctx, alpha=1.0, variant="full", rank="1/T", solver="auto
             response = sgd_response(rate, momentum, steps)
             ctx.info.update(steps=steps, lr=rate, momentum=momentum)
         else:
-            response = flow_response(None, _keep_all)
+            response = flow_response(None, _keep_all, math.inf)
         ctx.info["loss_init"] = _exact_loss(x0, F, A)
         merged, _, _ = general_spectral(x0, F, A, response)
         ctx.info["loss_final"] = _exact_loss(merged, F, A)
@@ -726,7 +733,7 @@ def swudi(base, models, ctx, alpha=1.0, t=300.0, rho=0.85, init="sum", filter=Tr
     def keep(desc, rows, nn):
         return torch.full(desc.shape[:-1], K, dtype=torch.long)
 
-    response = flow_response(t if filter else None, keep)
+    response = flow_response(t if filter else None, keep, K)
     merged, facts, lam, psi = wudi_spectral(batch, _init_scale(init, len(batch)), response,
                                             "dense" if solver == "dense" else "auto")
     ctx.info.update(facts)
