@@ -18,7 +18,7 @@ from .checkpoints.checkpoint import Checkpoint, load_checkpoint
 from .checkpoints.safetensors_io import tensor_nbytes
 from .errors import OmnimergeError
 from .families.align import COMPONENTS, component_of
-from .methods import Method, get_method
+from .methods import InputFacts, Method, get_method
 from .recipe import ComponentMethod, ModelEntry, ParamValue, Recipe, Take, parse_recipe, pick
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -208,6 +208,7 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
 
     notes = [f"{c.name}: {c.note}" for c in dict.fromkeys([skeleton, *models] + ([base] if base else [])) if c.note]
     inputs = ([base] if base else []) + models
+    facts = InputFacts(lora_experts=bool(models) and all(m.lora is not None for m in models))
     entries = list(recipe.models)
     out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else None
     jobs: list[Job] = []
@@ -236,7 +237,7 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
             comp_params = pol.parameters if isinstance(pol, ComponentMethod) else {}
             glob = recipe.parameters if method is methods["*"] else {}
             job.action, job.method, job.note = "merge", method, ""
-            job.params = resolve_params(method, canon, entries, comp_params, glob)
+            job.params = method.resolved(resolve_params(method, canon, entries, comp_params, glob), facts)
             job.rows = rows
             job.seed = tensor_seed(recipe.seed, canon)
             if rows is not None:

@@ -41,6 +41,14 @@ class MethodContext:
 
 
 @dataclass(frozen=True)
+class InputFacts:
+    """What the plan knows about a merge's inputs before reading a tensor, for parameters whose
+    default depends on them (``auto`` values, resolved once per merge so every tensor agrees)."""
+
+    lora_experts: bool = False  # every model is a LoRA adapter over the base
+
+
+@dataclass(frozen=True)
 class Param:
     """A typed method parameter with a default and an allowed range."""
 
@@ -133,6 +141,13 @@ class Method:
     min_models: int = 1  # how many models (besides the base) the method takes
     max_models: int | None = None
     models_as_read: bool = False  # models may arrive in their read dtype (see the module doc)
+    # ``resolve(params, facts) -> params``: replaces ``auto`` values from the inputs' facts, once per merge
+    resolve: Callable[[dict[str, Any], InputFacts], dict[str, Any]] | None = None
+    defaults_from: str = ""  # where the defaults come from (the reference code, file and line)
+
+    def resolved(self, params: dict[str, Any], facts: InputFacts) -> dict[str, Any]:
+        """``params`` with every ``auto`` value decided from ``facts`` (unchanged without a resolver)."""
+        return dict(params) if self.resolve is None else self.resolve(dict(params), facts)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -149,9 +164,11 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, reference: str, summary: str,
-             min_models: int = 1, max_models: int | None = None, models_as_read: bool = False):
+             min_models: int = 1, max_models: int | None = None, models_as_read: bool = False,
+             resolve: Callable[[dict[str, Any], InputFacts], dict[str, Any]] | None = None, defaults_from: str = ""):
     """Decorator: register ``fn`` as method ``name`` (taking min_models..max_models models besides the base;
-    ``models_as_read``: see the module doc)."""
+    ``models_as_read``: see the module doc; ``resolve``: see :meth:`Method.resolved`; ``defaults_from``: the
+    source of the defaults, shown by ``omnimerge methods``)."""
 
     def deco(fn):
         if name in _REGISTRY:
@@ -159,7 +176,7 @@ def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, ref
         if models_as_read and not needs_base:
             raise ValueError(f"method {name!r}: models_as_read needs a base (models are used as m - base)")
         _REGISTRY[name] = Method(name, fn, tuple(params), needs_base, reference, summary, min_models, max_models,
-                                 models_as_read)
+                                 models_as_read, resolve, defaults_from)
         return fn
 
     return deco
