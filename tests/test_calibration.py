@@ -1,0 +1,203 @@
+"""Calibration samples and the statistics stage, on a tiny Qwen2-VL with a real processor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from omnimerge.calibration import (CalibrationSettings, StatisticsCache, collect, load_samples, model_statistics,
+                                   statistics_key)
+from omnimerge.calibration.collect import collect_fisher, collect_grams, load_model, load_renderer, render_batches
+from omnimerge.errors import OmnimergeError
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    """An untrained bench-size Qwen2-VL saved with its processor (loads with AutoProcessor, no torchvision)."""
+    from omnimerge.bench.model import BenchConfig, build_base_model, build_processor, save_checkpoint
+
+    cfg = BenchConfig.quick()
+    folder = tmp_path_factory.mktemp("vlm") / "model"
+    save_checkpoint(build_base_model(cfg, seed=3), folder, build_processor(cfg))
+    return folder
+
+
+def write_jsonl(folder, rows, name="calib.jsonl"):
+    path = folder / name
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def png(path, colour=(200, 30, 30), size=(64, 64)):
+    from PIL import Image
+
+    Image.new("RGB", size, colour).save(path)
+    return path.name
+
+
+@pytest.fixture
+def calib(tmp_path):
+    png(tmp_path / "red.png")
+    png(tmp_path / "blue.png", (20, 20, 220))
+    rows = [{"text": "what colour is the square?", "image": "red.png"},
+            {"text": "how many shapes are there?", "image": "blue.png"},
+            {"text": "name a colour"},
+            {"text": "count to three"},
+            {"text": "describe the scene", "image": "red.png"}]
+    return write_jsonl(tmp_path, rows)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def test_samples_load_in_order_with_images_resolved(calib):
+    samples = load_samples(calib)
+    assert [s.line for s in samples] == [1, 2, 3, 4, 5]
+    assert samples[0].image == (calib.parent / "red.png").resolve() and samples[2].image is None
+    assert len(load_samples(calib, limit=2)) == 2
+
+
+@pytest.mark.parametrize("line,match", [
+    ("not json", "not a JSON object"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"text": ""}', "non-empty string"),
+    ('{"text": 3}', "non-empty string"),
+    ('{"text": "a", "label": "b"}', "unknown field"),
+    ('{"text": "a", "image": "/etc/passwd"}', "relative"),
+    ('{"text": "a", "image": "../outside.png"}', "relative"),
+    ('{"text": "a", "image": "missing.png"}', "does not exist"),
+    ('{"text": "a", "image": "notimage.png"}', "not a readable image"),
+    ('{"text": "a", "image": 5}', "path string"),
+])
+def test_bad_lines_name_the_file_and_line(tmp_path, line, match):
+    (tmp_path / "notimage.png").write_bytes(b"this is not a png")
+    path = write_jsonl(tmp_path, [{"text": "fine"}, line])
+    with pytest.raises(OmnimergeError, match=match) as e:
+        load_samples(path)
+    assert f"{path}:2" in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(OmnimergeError, match="does not exist"):
+        load_samples(tmp_path / "nope.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(OmnimergeError, match="not UTF-8"):
+        load_samples(tmp_path / "latin1.jsonl")
+    with pytest.raises(OmnimergeError, match="no samples"):
+        load_samples(write_jsonl(tmp_path, ["", "  "], "empty.jsonl"))
+    png(tmp_path / "huge.png", size=(17000, 2))
+    with pytest.raises(OmnimergeError, match="resize"):
+        load_samples(write_jsonl(tmp_path, [{"text": "a", "image": "huge.png"}], "huge.jsonl"))
+    with pytest.raises(OmnimergeError, match="takes no images"):
+        load_samples(write_jsonl(tmp_path, [{"text": "a", "image": "huge.png"}], "t.jsonl"), images=False)
+
+
+def test_symlinked_image_leaving_the_folder_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    png(outside / "x.png")
+    inside = tmp_path / "calib"
+    inside.mkdir()
+    (inside / "link.png").symlink_to(outside / "x.png")
+    with pytest.raises(OmnimergeError, match="outside"):
+        load_samples(write_jsonl(inside, [{"text": "a", "image": "link.png"}]))
+
+
+def test_settings_are_validated():
+    with pytest.raises(OmnimergeError, match="calibration.samples"):
+        CalibrationSettings(samples=0)
+    with pytest.raises(OmnimergeError, match="calibration.max_tokens"):
+        CalibrationSettings(max_tokens=True)
+
+
+# ------------------------------------------------------------------------------------------ stats
+
+def test_rendering_batches_and_max_tokens(vlm, calib):
+    renderer = load_renderer(vlm, vision=True)
+    samples = load_samples(calib)
+    batches = render_batches(renderer, samples, CalibrationSettings(batch_size=4))
+    # image and text-only samples never share a batch: [img, img], [txt, txt], [img]
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+    assert "pixel_values" in batches[0] and "pixel_values" not in batches[1]
+    with pytest.raises(OmnimergeError, match="max_tokens"):
+        render_batches(renderer, samples[:1], CalibrationSettings(max_tokens=8))
+    cut = render_batches(renderer, samples[2:3], CalibrationSettings(max_tokens=5))
+    assert cut[0]["input_ids"].shape[1] == 5
+
+
+def test_grams_are_the_layer_inputs_gram(vlm, calib):
+    """q_proj of layer 0 sees input_layernorm(hidden state entering layer 0), on every non-padding token."""
+    model = load_model(vlm)
+    batches = render_batches(load_renderer(vlm, vision=True), load_samples(calib), CalibrationSettings())
+    stats = collect_grams(model, batches)
+    xs = []
+    layer0 = model.get_decoder().layers[0]
+    with torch.no_grad():
+        for b in batches:
+            h = model(**b, output_hidden_states=True, use_cache=False).hidden_states[0]
+            xs.append(layer0.input_layernorm(h)[b["attention_mask"].bool()].double())
+    x = torch.cat(xs)
+    key = "language.layers.0.self_attn.q_proj.weight"
+    got = stats[key]["gram"] if "gram" in stats[key] else stats[key]["inputs"].double().T @ stats[key]["inputs"].double() / len(x)
+    torch.testing.assert_close(got.double(), x.T @ x / len(x), rtol=1e-4, atol=1e-6)
+    # every linear layer of the decoder and the lm_head, nothing of the vision tower
+    n_layers = len(model.get_decoder().layers)
+    assert len([k for k in stats if k.startswith("language.layers.")]) == 7 * n_layers
+    assert "lm_head.weight" in stats and not any("visual" in k for k in stats)
+    # a layer wider than the tokens seen keeps the rows (exact, smaller); the others the Gram
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    for k, v in stats.items():
+        width = (v.get("gram") if "gram" in v else v["inputs"]).shape[-1]
+        assert ("inputs" in v) == (tokens < width), k
+
+
+def test_fisher_is_the_mean_squared_gradient_of_sampled_predictions(vlm, calib):
+    model = load_model(vlm)
+    samples = load_samples(calib)
+    settings = CalibrationSettings(batch_size=2)
+    together = collect_fisher(model, render_batches(load_renderer(vlm, vision=True), samples[:2], settings), seed=5)
+    # by hand, sample by sample with the same generator
+    g = torch.Generator().manual_seed(5)
+    want = None
+    for s in samples[:2]:
+        (b,) = render_batches(load_renderer(vlm, vision=True), [s], settings)
+        model.zero_grad(set_to_none=True)
+        w = model.get_decoder().layers[1].mlp.down_proj.weight
+        w.requires_grad_(True)
+        logp = torch.log_softmax(model(**b, use_cache=False).logits[0].float(), -1)
+        y = torch.multinomial(logp.detach().exp(), 1, generator=g)
+        logp.gather(-1, y).sum().backward()
+        want = w.grad ** 2 if want is None else want + w.grad ** 2
+        w.requires_grad_(False)
+    torch.testing.assert_close(together["language.layers.1.mlp.down_proj.weight"]["fisher"], want / 2,
+                               rtol=1e-4, atol=1e-10)
+    f = together["language.layers.1.mlp.down_proj.weight"]["fisher"]
+    assert (f >= 0).all() and f.sum() > 0
+    assert {"embed.weight", "lm_head.weight", "language.norm.weight"} <= set(together)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_stage_caches_and_keys_on_what_matters(vlm, calib, tmp_path):
+    cache = StatisticsCache(tmp_path / "stats")
+    logs = []
+    first = model_statistics(vlm, calib, ["gram", "fisher"], settings=CalibrationSettings(samples=3), cache=cache,
+                             log=logs.append)
+    again = model_statistics(vlm, calib, ["gram", "fisher"], settings=CalibrationSettings(samples=3), cache=cache,
+                             log=logs.append)
+    assert "reused" in logs[-1] and "reused" not in logs[0]
+    assert first.keys() == again.keys()
+    for k in first:
+        for kind in first[k]:
+            assert torch.equal(first[k][kind], again[k][kind])
+    samples = load_samples(calib, limit=3)
+    key = statistics_key(vlm, samples, CalibrationSettings(samples=3), ["gram", "fisher"])
+    assert key != statistics_key(vlm, samples[:2], CalibrationSettings(samples=3), ["gram", "fisher"])
+    assert key != statistics_key(vlm, samples, CalibrationSettings(samples=3), ["gram"])
+    assert key != statistics_key(vlm, samples, CalibrationSettings(samples=3, max_tokens=100), ["gram", "fisher"])
+    assert not list((tmp_path / "stats").glob("*.tmp"))
+
+
+def test_collect_rejects_unknown_kinds(vlm):
+    with pytest.raises(ValueError, match="unknown statistics"):
+        collect(None, [], ["hessian"])
