@@ -181,17 +181,22 @@ def test_fisher_is_the_mean_squared_gradient_of_sampled_predictions(vlm, calib):
 def test_stage_caches_and_keys_on_what_matters(vlm, calib, tmp_path):
     cache = StatisticsCache(tmp_path / "stats")
     logs = []
-    first = model_statistics(vlm, calib, ["gram", "fisher"], settings=CalibrationSettings(samples=3), cache=cache,
-                             log=logs.append)
-    again = model_statistics(vlm, calib, ["gram", "fisher"], settings=CalibrationSettings(samples=3), cache=cache,
-                             log=logs.append)
+    path = model_statistics(vlm, calib, ["gram", "fisher"], settings=CalibrationSettings(samples=3), cache=cache,
+                            log=logs.append)
+    mtime = path.stat().st_mtime_ns
+    again_path = model_statistics(vlm, calib, ["gram", "fisher"], settings=CalibrationSettings(samples=3),
+                                  cache=cache, log=logs.append)
+    assert again_path == path and path.stat().st_mtime_ns == mtime
     assert "reused" in logs[-1] and "reused" not in logs[0]
-    assert first.keys() == again.keys()
+    first = cache.load(path.name[len("stats-"):-len(".safetensors")])
+    again = cache.load(path.name[len("stats-"):-len(".safetensors")])
+    assert first and first.keys() == again.keys()
     for k in first:
         for kind in first[k]:
             assert torch.equal(first[k][kind], again[k][kind])
     samples = load_samples(calib, limit=3)
     key = statistics_key(vlm, samples, CalibrationSettings(samples=3), ["gram", "fisher"])
+    assert path.name == f"stats-{statistics_key(vlm, samples, CalibrationSettings(samples=3), ['gram', 'fisher'], extra_folders=[vlm])}.safetensors"
     assert key != statistics_key(vlm, samples[:2], CalibrationSettings(samples=3), ["gram", "fisher"])
     assert key != statistics_key(vlm, samples, CalibrationSettings(samples=3), ["gram"])
     assert key != statistics_key(vlm, samples, CalibrationSettings(samples=3, max_tokens=100), ["gram", "fisher"])
@@ -201,3 +206,85 @@ def test_stage_caches_and_keys_on_what_matters(vlm, calib, tmp_path):
 def test_collect_rejects_unknown_kinds(vlm):
     with pytest.raises(ValueError, match="unknown statistics"):
         collect(None, [], ["hessian"])
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def experts(vlm, tmp_path_factory):
+    """Two 'experts': the VLM with different perturbations of its language layers."""
+    from omnimerge.tiny import make_expert
+
+    root = tmp_path_factory.mktemp("experts")
+    return [make_expert(vlm, root / f"e{i}", seed=i, scale=0.02) for i in (1, 2)]
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_data_aware_merge_end_to_end(vlm, experts, calib, tmp_path, monkeypatch, method):
+    """recipe -> plan (calibration validated) -> statistics stage -> streaming merge -> transformers loads it;
+    RegMean's merged q_proj is the least-squares merge of the experts on their own samples' inputs."""
+    import transformers
+
+    import omnimerge
+    from omnimerge.calibration import StatisticsCache
+
+    monkeypatch.setenv("OMNIMERGE_CACHE", str(tmp_path / "cache"))
+    recipe = {"method": method, "base": str(vlm), "skeleton": str(vlm), "seed": 1,
+              "models": [{"path": str(e), "calibration": str(calib)} for e in experts],
+              "calibration": {"samples": 4, "batch_size": 2}}
+    out = tmp_path / "out"
+    omnimerge.merge(recipe, out, progress=False)
+    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(out)
+    from omnimerge.verify import verify
+
+    assert verify(out).ok
+    stats_files = sorted((tmp_path / "cache" / "stats").glob("stats-*.safetensors"))
+    assert len(stats_files) == 2
+    key = "language.layers.0.self_attn.q_proj.weight"
+    got = model.get_decoder().layers[0].self_attn.q_proj.weight.double()
+    ws = [transformers.Qwen2VLForConditionalGeneration.from_pretrained(e).get_decoder().layers[0].self_attn.q_proj
+          .weight.double() for e in experts]
+    settings = CalibrationSettings(samples=4, batch_size=2)
+    samples = load_samples(calib, limit=4)
+    cache = StatisticsCache(tmp_path / "cache" / "stats")
+    loaded = [cache.load(statistics_key(e, samples, settings, [{"regmean": "gram", "fisher": "fisher"}[method]], 1,
+                                        extra_folders=[vlm])) for e in experts]
+    assert all(st is not None for st in loaded)  # each expert's own file, found by its key
+    if method == "regmean":
+        from omnimerge.methods.data_aware import regmean_solve
+
+        grams = []
+        for st in loaded:
+            s = st[key]
+            grams.append(s["gram"].double() if "gram" in s else s["inputs"].double().T @ s["inputs"].double()
+                         / len(s["inputs"]))
+        torch.testing.assert_close(got.detach(), regmean_solve(ws, grams, 0.9).detach(), rtol=1e-5, atol=1e-6)
+    else:
+        assert all("fisher" in st[key] for st in loaded)
+    # a second merge reuses the statistics (no new files, same bytes)
+    omnimerge.merge(recipe, tmp_path / "again", progress=False)
+    assert sorted((tmp_path / "cache" / "stats").glob("stats-*.safetensors")) == stats_files
+    a = (out / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "again" / "model.safetensors").read_bytes()
+
+
+def test_data_aware_method_without_calibration_is_refused_before_anything_runs(vlm, experts, tmp_path, calib):
+    import omnimerge
+
+    recipe = {"method": "regmean", "skeleton": str(vlm), "models": [{"path": str(e)} for e in experts]}
+    with pytest.raises(OmnimergeError, match=r"models\[0\].*calibration: samples.jsonl"):
+        omnimerge.merge(recipe, tmp_path / "out", progress=False)
+    recipe["models"] = [{"path": str(e), "calibration": str(calib.parent / "missing.jsonl")} for e in experts]
+    with pytest.raises(OmnimergeError, match="missing.jsonl does not exist"):
+        omnimerge.merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    # a recipe file: calibration paths are relative to it
+    import yaml
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"method": "regmean", "skeleton": str(vlm), "models": [
+        {"path": str(e), "calibration": calib.name} for e in experts]}))
+    (tmp_path / calib.name).write_text(calib.read_text())
+    for img in calib.parent.glob("*.png"):
+        (tmp_path / img.name).write_bytes(img.read_bytes())
+    res = omnimerge.merge(tmp_path / "r.yaml", dry_run=True)
+    assert res.plan.calibration == [tmp_path / calib.name] * 2

@@ -55,7 +55,10 @@ def run_demo(workdir: str | Path, console: Console | None = None) -> list[dict]:
     experts = [make_expert(base, work / f"qwen2-vl-expert{i}", seed=i, scale=0.02) for i in (1, 2, 3)]
     text = build_tiny("qwen2", work / "qwen2-text", seed=0)
     rows = []
+    data_aware = [m.name for m in list_methods() if m.needs_calibration]
     for method in list_methods():
+        if method.needs_calibration:  # they learn from samples rendered by a processor; the bench runs them
+            continue
         recipe = {
             "method": method.name,
             "models": [{"path": str(e)} for e in experts[: method.max_models]],  # slerp takes one
@@ -73,6 +76,9 @@ def run_demo(workdir: str | Path, console: Console | None = None) -> list[dict]:
     for r in rows:
         table.add_row(r["name"], f"{r['seconds']:.2f}", "ok" if r["ok"] else "FAIL", f"{r['cos']:.3f}", f"{r['ratio']:.3f}")
     console.print(table)
+    if data_aware:
+        console.print(f"not in the demo: {', '.join(data_aware)} learn from calibration samples per model "
+                      "(`calibration:` in the recipe; `omnimerge bench` runs them)")
     console.print(f"outputs are in {work}; inspect one with `omnimerge inspect {work / 'merged-ties'}`")
     return rows
 

@@ -7,7 +7,7 @@ collects input Grams and diagonal Fishers, keyed by canonical keys, cached on di
 
 from .collect import KINDS, StatisticsCache, collect, fisher_norm, statistics_key
 from .data import CalibrationSettings, Sample, load_samples
-from .stage import model_statistics
+from .stage import StatsSource, attach_statistics, default_stats_dir, model_statistics
 
 __all__ = ["KINDS", "CalibrationSettings", "Sample", "StatisticsCache", "collect", "fisher_norm", "load_samples",
-           "model_statistics", "statistics_key"]
+           "model_statistics", "statistics_key", "StatsSource", "attach_statistics", "default_stats_dir"]

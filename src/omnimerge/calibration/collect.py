@@ -103,17 +103,17 @@ def render_batches(renderer, samples: Sequence[Sample], settings: CalibrationSet
     return batches
 
 
-def load_model(folder: str | Path, device: str = "cpu"):
-    """The model in ``folder`` (a checkpoint, or a PEFT LoRA adapter merged into its base), in float32, in
-    eval mode, with the class its config.json names."""
+def load_model(folder: str | Path, device: str = "cpu", *, lora_base: str | Path | None = None):
+    """The model in ``folder`` (a checkpoint, or a PEFT LoRA adapter merged into its base: ``lora_base``, else
+    the adapter config's base_model_name_or_path), in float32, in eval mode, with the class its config.json
+    names."""
     import transformers
 
     folder = Path(folder)
     adapter = folder / "adapter_config.json"
     source = folder
     if adapter.is_file():
-        cfg = json.loads(adapter.read_text())
-        base = cfg.get("base_model_name_or_path")
+        base = str(lora_base) if lora_base is not None else json.loads(adapter.read_text()).get("base_model_name_or_path")
         if not isinstance(base, str) or not Path(base).is_dir():
             raise OmnimergeError(f"{adapter}: base_model_name_or_path {base!r} is not a local model folder; the "
                                  "statistics stage runs the adapter merged into its base")
@@ -313,14 +313,16 @@ def _file_identity(path: Path) -> dict:
 
 
 def statistics_key(model_folder: str | Path, samples: Sequence[Sample], settings: CalibrationSettings,
-                   kinds: Sequence[str], seed: int = 0) -> str:
-    """A digest of everything the statistics depend on: the model's files (names, sizes, times), the samples
-    (text and image bytes), the settings, the kinds and the seed."""
-    folder = Path(model_folder)
+                   kinds: Sequence[str], seed: int = 0, *, extra_folders: Sequence[str | Path] = ()) -> str:
+    """A digest of everything the statistics depend on: the model's files (names, sizes, times; also those of
+    ``extra_folders``, e.g. a LoRA adapter's base and the processor's folder), the samples (text and image
+    bytes), the settings, the kinds and the seed."""
     h = hashlib.sha256()
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".bin"))
-    h.update(json.dumps({"version": STATS_VERSION, "model": str(folder.resolve()),
-                         "files": [_file_identity(p) for p in files], "settings": asdict(settings),
+    folders = {}
+    for folder in (Path(model_folder), *map(Path, extra_folders)):
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".bin"))
+        folders[str(folder.resolve())] = [_file_identity(p) for p in files]
+    h.update(json.dumps({"version": STATS_VERSION, "folders": folders, "settings": asdict(settings),
                          "kinds": sorted(kinds), "seed": seed}, sort_keys=True).encode())
     for s in samples:
         h.update(s.text.encode())

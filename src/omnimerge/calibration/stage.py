@@ -1,8 +1,16 @@
-"""The statistics stage for one model: samples -> rendered batches -> forward passes -> cached statistics."""
+"""The statistics stage: samples -> rendered batches -> forward passes -> statistics on disk.
+
+:func:`model_statistics` does it for one model; :func:`attach_statistics` for every model of a plan whose
+method learns from calibration samples, before the streaming merge, one model resident at a time. The
+merge then reads each tensor's statistics lazily from the cached files (:class:`StatsSource`), so memory
+stays bounded by one tensor's statistics, not the model's.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,36 +19,117 @@ from .collect import StatisticsCache, collect, load_model, load_renderer, render
 from .data import CalibrationSettings, load_samples
 
 
+def default_stats_dir() -> Path:
+    """``$OMNIMERGE_CACHE/stats``, else ``$XDG_CACHE_HOME/omnimerge/stats``, else ``~/.cache/omnimerge/stats``."""
+    if os.environ.get("OMNIMERGE_CACHE"):
+        return Path(os.environ["OMNIMERGE_CACHE"]) / "stats"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "omnimerge" / "stats"
+
+
 def model_statistics(model_folder: str | Path, calibration: str | Path, kinds: Sequence[str], *,
                      renderer_folder: str | Path | None = None, settings: CalibrationSettings | None = None,
-                     cache: StatisticsCache | None = None, device: str = "cpu", seed: int = 0,
-                     log: Callable[[str], None] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """The statistics of ``kinds`` for the model in ``model_folder`` on the first ``settings.samples`` lines of
-    ``calibration``, rendered with the processor/tokenizer of ``renderer_folder`` (default: the model's own
-    folder; a merge passes its skeleton). Reused from ``cache`` when the same model, samples, settings and
-    seed were seen before; the model is loaded only when they were not, and freed after."""
+                     cache: StatisticsCache, device: str = "cpu", seed: int = 0, lora_base: str | Path | None = None,
+                     log: Callable[[str], None] | None = None) -> Path:
+    """The file holding the statistics of ``kinds`` for the model in ``model_folder`` (a LoRA adapter runs
+    merged into ``lora_base``) on the first ``settings.samples`` lines of ``calibration``, rendered with the
+    processor/tokenizer of ``renderer_folder`` (default: the model's own folder; a merge passes its
+    skeleton). Reused from ``cache`` when the same model, samples, settings and seed were seen before; the
+    model is loaded only when they were not, and freed after."""
     import transformers
 
     settings = settings or CalibrationSettings()
     renderer_folder = Path(renderer_folder or model_folder)
     vision = getattr(transformers.AutoConfig.from_pretrained(renderer_folder), "vision_config", None) is not None
     samples = load_samples(calibration, limit=settings.samples, images=vision)
-    key = statistics_key(model_folder, samples, settings, kinds, seed)
-    if cache is not None:
-        hit = cache.load(key)
-        if hit is not None:
-            if log:
-                log(f"{model_folder}: statistics reused from {cache.path(key)}")
-            return hit
+    extra = [renderer_folder] + ([lora_base] if lora_base is not None else [])
+    key = statistics_key(model_folder, samples, settings, kinds, seed, extra_folders=extra)
+    path = cache.path(key)
+    if path.is_file():
+        if log:
+            log(f"{model_folder}: statistics reused from {path}")
+        return path
     batches = render_batches(load_renderer(renderer_folder, vision=vision), samples, settings)
-    model = load_model(model_folder, device)
     if log:
         log(f"{model_folder}: {len(samples)} samples, {sum(int(b['attention_mask'].sum()) for b in batches)} tokens, "
             f"collecting {', '.join(kinds)}")
+    model = load_model(model_folder, device, lora_base=lora_base)
     try:
         stats = collect(model, batches, kinds, seed=seed)
     finally:
         del model
-    if cache is not None:
-        cache.save(key, stats)
-    return stats
+    return cache.save(key, stats)
+
+
+@dataclass(frozen=True)
+class StatsSource:
+    """Per-model statistics files, read lazily per canonical key (``for_key``). ``fisher_norms``: each model's
+    Fisher L2 norm over the merged tensors, added to every key's mapping as ``fisher_norm``."""
+
+    files: tuple[Path, ...]
+    fisher_norms: tuple[float, ...] | None = None
+    _index: tuple[dict[str, tuple[str, ...]], ...] = field(default=(), compare=False, repr=False)
+
+    @classmethod
+    def open(cls, files: Sequence[Path], merged_keys: Sequence[str] = ()) -> "StatsSource":
+        from safetensors import safe_open
+
+        index = []
+        for f in files:
+            kinds: dict[str, list[str]] = {}
+            with safe_open(f, "pt") as fh:
+                for name in fh.keys():
+                    canon, _, kind = name.rpartition("::")
+                    kinds.setdefault(canon, []).append(kind)
+            index.append({k: tuple(v) for k, v in kinds.items()})
+        norms = None
+        if any("fisher" in kinds for ix in index for kinds in ix.values()):
+            norms = []
+            for f, ix in zip(files, index):
+                total = 0.0
+                with safe_open(f, "pt") as fh:
+                    for k in merged_keys:
+                        if "fisher" in ix.get(k, ()):
+                            total += float((fh.get_tensor(f"{k}::fisher").double() ** 2).sum())
+                norms.append(total ** 0.5)
+            norms = tuple(norms)
+        return cls(tuple(files), norms, tuple(index))
+
+    def for_key(self, canonical: str) -> tuple[dict[str, torch.Tensor], ...]:
+        from safetensors import safe_open
+
+        out = []
+        for i, (f, ix) in enumerate(zip(self.files, self._index)):
+            stats: dict[str, torch.Tensor] = {}
+            kinds = ix.get(canonical, ())
+            if kinds:
+                with safe_open(f, "pt") as fh:
+                    stats = {kind: fh.get_tensor(f"{canonical}::{kind}") for kind in kinds}
+            if self.fisher_norms is not None:
+                stats["fisher_norm"] = torch.tensor(self.fisher_norms[i])
+            out.append(stats)
+        return tuple(out)
+
+
+def attach_statistics(plan, *, device: str = "cpu", cache_dir: str | Path | None = None,
+                      log: Callable[[str], None] | None = None) -> StatsSource | None:
+    """Run the statistics stage for ``plan`` (a :class:`omnimerge.plan.Plan` whose method learns from
+    calibration samples) and give its data-aware jobs their :class:`StatsSource`. Returns it (None when no
+    job needs statistics)."""
+    jobs = [j for j in plan.jobs if j.action == "merge" and j.method is not None and j.method.needs_calibration]
+    if not jobs:
+        return None
+    kinds = sorted({k for j in jobs for k in j.method.calibration})
+    opts = plan.recipe.calibration
+    settings = CalibrationSettings(**opts.model_dump()) if opts is not None else CalibrationSettings()
+    cache = StatisticsCache(cache_dir or default_stats_dir())
+    files = []
+    for model, calibration in zip(plan.models, plan.calibration):
+        lora = model.lora
+        files.append(model_statistics(lora["adapter"] if lora else model.path, calibration, kinds,
+                                      renderer_folder=plan.skeleton.path, settings=settings, cache=cache,
+                                      device=device, seed=plan.recipe.seed,
+                                      lora_base=lora["base"] if lora else None, log=log))
+    source = StatsSource.open(files, [j.canonical for j in jobs])
+    for j in jobs:
+        j.stats = source
+    return source

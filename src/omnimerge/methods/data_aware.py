@@ -22,10 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import OmnimergeError
-from .registry import MethodContext, Param
-
-# The registrations (``register(**REGMEAN)(regmean)``) wait for the statistics stage of the merge: until
-# the engine hands ``ctx.stats`` to methods, a registered data-aware method could not run from a recipe.
+from .registry import MethodContext, Param, register
 
 _REGMEAN_REF = (
     "Dataless Knowledge Fusion by Merging Weights of Language Models (Jin et al., ICLR 2023), "
@@ -108,8 +105,8 @@ def regmean_solve_rows(weights: list[torch.Tensor], inputs: list[torch.Tensor], 
     return rd - torch.linalg.solve(small, (rd @ z.T).T).T @ zd
 
 
-REGMEAN = dict(
-    name="regmean",
+@register(
+    "regmean",
     params=(
         Param("alpha", float, 0.9, "scale of the Grams' off-diagonal entries (1: the plain least-squares "
                                    "merge; smaller: closer to a per-feature weighted average)",
@@ -119,8 +116,6 @@ REGMEAN = dict(
     summary="Per linear layer W = (Σ W_i G̃_i)(Σ G̃_i)⁻¹, G_i the Gram of the layer's inputs on model i's "
             "samples (off-diagonals × alpha); other tensors: the mean.",
 )
-
-
 def regmean(base, models, ctx, alpha=0.9):
     stats = _stats(ctx, len(models), "regmean")
     have = [("gram" in s) or ("inputs" in s) for s in stats]
@@ -148,8 +143,8 @@ def regmean(base, models, ctx, alpha=0.9):
     return merged.to(models[0].dtype)
 
 
-FISHER = dict(
-    name="fisher",
+@register(
+    "fisher",
     params=(
         Param("weight", float, 1.0, "weight of each model", minimum=0.0, per_model=True),
         Param("normalize", bool, True, "divide each model's Fisher by its L2 norm over all merged tensors"),
@@ -159,8 +154,6 @@ FISHER = dict(
     needs_base=False, reference=_FISHER_REF, defaults_from=_FISHER_DEFAULTS, calibration=("fisher",),
     summary="Element-wise Σ c_i F_i θ_i / Σ c_i F_i with F_i each model's diagonal Fisher on its own samples.",
 )
-
-
 def fisher(base, models, ctx, weight=1.0, normalize=True, epsilon=1e-6):
     stats = _stats(ctx, len(models), "fisher")
     weights = weight if isinstance(weight, list) else [weight] * len(models)
