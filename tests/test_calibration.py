@@ -288,3 +288,72 @@ def test_data_aware_method_without_calibration_is_refused_before_anything_runs(v
         (tmp_path / img.name).write_bytes(img.read_bytes())
     res = omnimerge.merge(tmp_path / "r.yaml", dry_run=True)
     assert res.plan.calibration == [tmp_path / calib.name] * 2
+
+
+# ------------------------------------------------------------------------------------- adamerging
+
+def test_adamerging_coefficients_minimise_the_entropy_on_a_toy_problem(vlm, experts, calib):
+    """One model, one coefficient (task-wise), one batch: Adam lands on the minimum of the 1-D entropy curve
+    that a fine grid reaches walking downhill from the same start (the curve need not be convex)."""
+    from omnimerge.calibration.adamerging import answer_entropy, learn_coefficients
+    from omnimerge.calibration.collect import canonical_parameters
+    from omnimerge.checkpoints.checkpoint import load_checkpoint
+
+    model = load_model(vlm)
+    base_ck, exp_ck = load_checkpoint(str(vlm)), load_checkpoint(str(experts[0]))
+    keys = [k for k in canonical_parameters(model) if k.startswith("language.layers.")]
+    tv = {k: 20 * (exp_ck.read(k).float() - base_ck.read(k).float()) for k in keys}  # a strong direction
+    batch = render_batches(load_renderer(vlm, vision=True), load_samples(calib)[2:4], CalibrationSettings())[0]
+    params = canonical_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def entropy_at(lam: float) -> float:
+        w = {names[id(params[k])]: params[k] + lam * tv[k] for k in keys}
+        with torch.no_grad():
+            logits = torch.func.functional_call(model, w, args=(), kwargs={**batch, "use_cache": False},
+                                                strict=False).logits
+        return float(answer_entropy(logits, batch["attention_mask"]))
+
+    grid = [i / 40 for i in range(-40, 81)]
+    values = [entropy_at(x) for x in grid]
+    i = grid.index(0.3)
+    while True:  # downhill from the start, on the grid
+        j = min((i - 1, i, i + 1), key=lambda n: values[n] if 0 <= n < len(grid) else float("inf"))
+        if j == i:
+            break
+        i = j
+    best = grid[i]
+    trace = []
+    lam = learn_coefficients(model, [tv], [[batch]], granularity="task", init=0.3, lr=0.05, steps=150, trace=trace)
+    got = lam[keys[0]][0]
+    assert all(v == [got] for v in lam.values())  # task-wise: one coefficient everywhere
+    assert trace[-1] < trace[0]
+    assert abs(got - best) <= 0.025, (got, best)
+    assert entropy_at(got) <= values[i] + 1e-4
+    assert entropy_at(got) <= min(entropy_at(got - 0.02), entropy_at(got + 0.02))
+    # layer-wise: a coefficient per decoder layer (and one for the rest); steps 0 returns init
+    lam0 = learn_coefficients(model, [tv, tv], [[batch], [batch]], granularity="layer", init=0.25, steps=0)
+    assert all(v == [0.25, 0.25] for v in lam0.values())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_adamerging_end_to_end(vlm, experts, calib, tmp_path, monkeypatch):
+    import omnimerge
+
+    monkeypatch.setenv("OMNIMERGE_CACHE", str(tmp_path / "cache"))
+    recipe = {"method": "adamerging", "base": str(vlm), "skeleton": str(vlm),
+              "models": [{"path": str(e), "calibration": str(calib)} for e in experts],
+              "parameters": {"steps": 5, "lr": 0.01}, "calibration": {"samples": 4}}
+    res = omnimerge.merge(recipe, tmp_path / "out", progress=False)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rows = report["tensors"] if isinstance(report, dict) and "tensors" in report else report
+    text = json.dumps(rows)
+    assert "coefficients" in text
+    from omnimerge.verify import verify
+
+    assert verify(tmp_path / "out").ok and res.plan is not None
+    files = sorted((tmp_path / "cache" / "stats").glob("*.safetensors"))
+    assert len(files) == 2
+    omnimerge.merge(recipe, tmp_path / "again", progress=False)  # cached: the same coefficients, the same bytes
+    assert sorted((tmp_path / "cache" / "stats").glob("*.safetensors")) == files
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()

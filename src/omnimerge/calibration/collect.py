@@ -177,7 +177,8 @@ def _linears(model) -> dict[str, torch.nn.Linear]:
     return out
 
 
-def _parameters(model) -> dict[str, torch.nn.Parameter]:
+def canonical_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Canonical key -> parameter, for the language decoder, the embeddings and an untied lm_head."""
     decoder = model.get_decoder()
     out = {}
     for name, p in decoder.named_parameters():
@@ -230,7 +231,7 @@ def collect_fisher(model, batches: Sequence[dict], *, seed: int = 0,
     next tokens sampled from the model's own predictions at every non-padding position, one sample at a
     time (a batch's gradient would mix samples before squaring)."""
     device = next(model.parameters()).device
-    params = _parameters(model)
+    params = canonical_parameters(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params.values():

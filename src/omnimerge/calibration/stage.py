@@ -122,6 +122,13 @@ def attach_statistics(plan, *, device: str = "cpu", cache_dir: str | Path | None
     opts = plan.recipe.calibration
     settings = CalibrationSettings(**opts.model_dump()) if opts is not None else CalibrationSettings()
     cache = StatisticsCache(cache_dir or default_stats_dir())
+    if "coefficient" in kinds:  # learned jointly through the merged model, not one model at a time
+        files = _coefficient_files(plan, [j for j in jobs if "coefficient" in j.method.calibration], settings,
+                                   cache, device, log)
+        source = StatsSource.open(files)
+        for j in jobs:
+            j.stats = source
+        return source
     files = []
     for model, calibration in zip(plan.models, plan.calibration):
         lora = model.lora
@@ -133,3 +140,43 @@ def attach_statistics(plan, *, device: str = "cpu", cache_dir: str | Path | None
     for j in jobs:
         j.stats = source
     return source
+
+
+def _coefficient_files(plan, jobs, settings: CalibrationSettings, cache: StatisticsCache, device: str,
+                       log: Callable[[str], None] | None) -> list[Path]:
+    """AdaMerging's coefficients, one file per model (``<key>::coefficient`` scalars), learned once for the
+    plan's base, models, samples and the method's parameters, and cached."""
+    import hashlib
+    import json
+
+    import transformers
+
+    from .adamerging import learn_coefficients
+
+    params = {k: jobs[0].params[k] for k in ("granularity", "init", "lr", "steps")}
+    vision = getattr(transformers.AutoConfig.from_pretrained(plan.skeleton.path), "vision_config", None) is not None
+    samples = [load_samples(c, limit=settings.samples, images=vision) for c in plan.calibration]
+    parts = [statistics_key(m.lora["adapter"] if m.lora else m.path, s, settings, ["coefficient"], plan.recipe.seed,
+                            extra_folders=[plan.base.path, plan.skeleton.path])
+             for m, s in zip(plan.models, samples)]
+    keys = sorted(j.canonical for j in jobs)
+    joint = hashlib.sha256(json.dumps({"models": parts, "params": params, "keys": keys}, sort_keys=True)
+                           .encode()).hexdigest()[:24]
+    paths = [cache.path(f"{joint}-{i}") for i in range(len(plan.models))]
+    if all(p.is_file() for p in paths):
+        if log:
+            log(f"adamerging: coefficients reused from {paths[0].parent}")
+        return paths
+    renderer = load_renderer(plan.skeleton.path, vision=vision)
+    batches = [render_batches(renderer, s, settings) for s in samples]
+    model = load_model(plan.base.path, device)
+    task_vectors = []
+    for m in plan.models:
+        task_vectors.append({k: (m.read(k).float() - plan.base.read(k).float()) for k in keys})
+    if log:
+        log(f"adamerging: learning {params['granularity']}-wise coefficients for {len(plan.models)} models, "
+            f"{params['steps']} steps")
+    lam = learn_coefficients(model, task_vectors, batches, log=log, **params)
+    del model, task_vectors
+    return [cache.save(f"{joint}-{i}", {k: {"coefficient": torch.tensor(v[i])} for k, v in lam.items()})
+            for i in range(len(plan.models))]

@@ -35,6 +35,13 @@ _REGMEAN_DEFAULTS = (
     "tensors without input statistics take the models' mean, as FusionBench does "
     "(fusion_bench/method/regmean/regmean.py:117-119)"
 )
+_ADAMERGING_REF = (
+    "AdaMerging: Adaptive Model Merging for Multi-Task Learning (Yang et al., ICLR 2024), arXiv:2310.02575"
+)
+_ADAMERGING_DEFAULTS = (
+    "granularity layer, init 0.3, Adam lr 1e-3, 1000 steps: FusionBench's layer-wise AdaMerging "
+    "(tanganke/fusion_bench config/method/adamerging/clip.yaml:3-6, :14)"
+)
 _FISHER_DEFAULTS = (
     "normalize true, epsilon 1e-6: FusionBench's fisher_merging "
     "(tanganke/fusion_bench config/method/fisher_merging/fisher_merging.yaml:3-4)"
@@ -179,3 +186,31 @@ def fisher(base, models, ctx, weight=1.0, normalize=True, epsilon=1e-6):
         num += c * f * m.double()
         den += c * f
     return (num / den).to(models[0].dtype)
+
+
+@register(
+    "adamerging",
+    params=(
+        Param("granularity", str, "layer", "one coefficient per model for each decoder layer (layer) or for the "
+              "whole model (task)", choices=("layer", "task")),
+        Param("init", float, 0.3, "the coefficients' starting value (and the value of tensors they do not cover)"),
+        Param("lr", float, 1e-3, "Adam learning rate of the coefficients", minimum=0.0, exclusive_minimum=True),
+        Param("steps", int, 1000, "optimisation steps (each takes one batch of every model's samples)",
+              minimum=0),
+    ),
+    needs_base=True, reference=_ADAMERGING_REF, defaults_from=_ADAMERGING_DEFAULTS, calibration=("coefficient",),
+    summary="θ_base + Σ_i λ_i τ_i with layer-wise λ learned to minimise the merged model's prediction entropy "
+            "on every model's unlabeled samples.",
+)
+def adamerging(base, models, ctx, granularity="layer", init=0.3, lr=1e-3, steps=1000):
+    stats = _stats(ctx, len(models), "adamerging")
+    if all("coefficient" in s for s in stats):
+        coeffs = [float(s["coefficient"]) for s in stats]
+        ctx.info["coefficients"] = coeffs
+    else:
+        coeffs = [init] * len(models)
+        ctx.info["coefficients"] = f"init {init} (not a parameter the coefficients were learned for)"
+    out = base.clone()
+    for c, m in zip(coeffs, models):
+        out += c * (m - base)
+    return out
