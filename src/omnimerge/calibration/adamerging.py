@@ -40,13 +40,14 @@ def answer_entropy(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.
 
 def learn_coefficients(model, task_vectors: Sequence[dict[str, torch.Tensor]], batches: Sequence[Sequence[dict]], *,
                        granularity: str = "layer", init: float = 0.3, lr: float = 1e-3, steps: int = 100,
-                       log: Callable[[str], None] | None = None, trace: list | None = None) -> dict[str, list[float]]:
+                       log: Callable[[str], None] | None = None, trace: list | None = None,
+                       progress: Callable[[int], None] | None = None) -> dict[str, list[float]]:
     """λ for every canonical key the task vectors cover: ``{key: [λ_1, ..., λ_T]}``.
 
     ``model`` holds θ_base (modified by nothing: the merged weights are passed functionally); ``task_vectors``
     one ``{canonical key: τ_i}`` per model; ``batches`` one list of rendered batches per model. Each step
     takes the next batch of every model and sums their entropies. ``trace`` (a list) receives the loss of
-    every step."""
+    every step; ``progress(done)`` is called after each."""
     if granularity not in ("layer", "task"):
         raise OmnimergeError(f"granularity must be layer or task, got {granularity!r}")
     if len(task_vectors) != len(batches) or not task_vectors:
@@ -92,6 +93,8 @@ def learn_coefficients(model, task_vectors: Sequence[dict[str, torch.Tensor]], b
         opt.step()
         if trace is not None:
             trace.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1)
         if log and (step % 25 == 0 or step == steps - 1):
             log(f"adamerging step {step + 1}/{steps}: entropy {float(loss.detach()) / T:.4f}")
     final = lam.detach().cpu()

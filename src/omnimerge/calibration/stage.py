@@ -8,8 +8,10 @@ stays bounded by one tensor's statistics, not the model's.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,21 @@ def default_stats_dir() -> Path:
     if os.environ.get("OMNIMERGE_CACHE"):
         return Path(os.environ["OMNIMERGE_CACHE"]) / "stats"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "omnimerge" / "stats"
+
+
+@contextlib.contextmanager
+def _bar(description: str, total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr (a terminal only); yields ``advance_to(done)``."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda _done: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda done: bar.update(task, completed=done)
 
 
 def model_statistics(model_folder: str | Path, calibration: str | Path, kinds: Sequence[str], *,
@@ -53,8 +70,16 @@ def model_statistics(model_folder: str | Path, calibration: str | Path, kinds: S
         log(f"{model_folder}: {len(samples)} samples, {sum(int(b['attention_mask'].sum()) for b in batches)} tokens, "
             f"collecting {', '.join(kinds)}")
     model = load_model(model_folder, device, lora_base=lora_base)
+    passes = len(batches) * len(kinds)
     try:
-        stats = collect(model, batches, kinds, seed=seed)
+        with _bar(f"statistics of {Path(model_folder).name}", passes, log is not None) as advance:
+            done = [0]
+
+            def step(_i: int) -> None:
+                done[0] += 1
+                advance(done[0])
+
+            stats = collect(model, batches, kinds, seed=seed, progress=step)
     finally:
         del model
     return cache.save(key, stats)
@@ -176,7 +201,8 @@ def _coefficient_files(plan, jobs, settings: CalibrationSettings, cache: Statist
     if log:
         log(f"adamerging: learning {params['granularity']}-wise coefficients for {len(plan.models)} models, "
             f"{params['steps']} steps")
-    lam = learn_coefficients(model, task_vectors, batches, log=log, **params)
+    with _bar("adamerging coefficients", params["steps"], log is not None) as advance:
+        lam = learn_coefficients(model, task_vectors, batches, log=log, progress=advance, **params)
     del model, task_vectors
     return [cache.save(f"{joint}-{i}", {k: {"coefficient": torch.tensor(v[i])} for k, v in lam.items()})
             for i in range(len(plan.models))]
