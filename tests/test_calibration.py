@@ -9,7 +9,8 @@ import torch
 
 from omnimerge.calibration import (CalibrationSettings, StatisticsCache, collect, load_samples, model_statistics,
                                    statistics_key)
-from omnimerge.calibration.collect import collect_fisher, collect_grams, load_model, load_renderer, render_batches
+from omnimerge.calibration.collect import (collect_fisher, collect_grams, load_model, load_renderer, merge_parts,
+                                           render_batches)
 from omnimerge.errors import OmnimergeError
 
 
@@ -130,7 +131,7 @@ def test_grams_are_the_layer_inputs_gram(vlm, calib):
     """q_proj of layer 0 sees input_layernorm(hidden state entering layer 0), on every non-padding token."""
     model = load_model(vlm)
     batches = render_batches(load_renderer(vlm, vision=True), load_samples(calib), CalibrationSettings())
-    stats = collect_grams(model, batches)
+    stats = merge_parts(collect_grams(model, batches))
     xs = []
     layer0 = model.get_decoder().layers[0]
     with torch.no_grad():
@@ -156,7 +157,8 @@ def test_fisher_is_the_mean_squared_gradient_of_sampled_predictions(vlm, calib):
     model = load_model(vlm)
     samples = load_samples(calib)
     settings = CalibrationSettings(batch_size=2)
-    together = collect_fisher(model, render_batches(load_renderer(vlm, vision=True), samples[:2], settings), seed=5)
+    together = merge_parts(collect_fisher(model, render_batches(load_renderer(vlm, vision=True), samples[:2],
+                                                                settings), seed=5))
     # by hand, sample by sample with the same generator
     g = torch.Generator().manual_seed(5)
     want = None
@@ -188,24 +190,64 @@ def test_stage_caches_and_keys_on_what_matters(vlm, calib, tmp_path):
                                   cache=cache, log=logs.append)
     assert again_path == path and path.stat().st_mtime_ns == mtime
     assert "reused" in logs[-1] and "reused" not in logs[0]
-    first = cache.load(path.name[len("stats-"):-len(".safetensors")])
-    again = cache.load(path.name[len("stats-"):-len(".safetensors")])
+    first = cache.load(path.name[len("stats-"):])
+    again = cache.load(path.name[len("stats-"):])
     assert first and first.keys() == again.keys()
     for k in first:
         for kind in first[k]:
             assert torch.equal(first[k][kind], again[k][kind])
     samples = load_samples(calib, limit=3)
     key = statistics_key(vlm, samples, CalibrationSettings(samples=3), ["gram", "fisher"])
-    assert path.name == f"stats-{statistics_key(vlm, samples, CalibrationSettings(samples=3), ['gram', 'fisher'], extra_folders=[vlm])}.safetensors"
+    assert path.name == f"stats-{statistics_key(vlm, samples, CalibrationSettings(samples=3), ['gram', 'fisher'], extra_folders=[vlm])}"
     assert key != statistics_key(vlm, samples[:2], CalibrationSettings(samples=3), ["gram", "fisher"])
     assert key != statistics_key(vlm, samples, CalibrationSettings(samples=3), ["gram"])
     assert key != statistics_key(vlm, samples, CalibrationSettings(samples=3, max_tokens=100), ["gram", "fisher"])
     assert not list((tmp_path / "stats").glob("*.tmp"))
 
 
+def test_memory_budget_splits_the_work_into_parts_with_the_same_results(vlm, calib):
+    """A small budget: more passes, each layer in exactly one part, the same numbers; q/k/v and gate/up read
+    one input, so k/v and up are aliases of q and gate."""
+    model = load_model(vlm)
+    batches = render_batches(load_renderer(vlm, vision=True), load_samples(calib), CalibrationSettings())
+    one = list(collect(model, batches, ["gram", "fisher"], seed=2))
+    many = list(collect(model, batches, ["gram", "fisher"], seed=2, memory_budget=64 << 10))
+    assert len(many) > len(one) == 2
+    a, b = merge_parts(one), merge_parts(many)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].keys() == b[k].keys()
+        for kind in a[k]:
+            torch.testing.assert_close(a[k][kind], b[k][kind], rtol=1e-5, atol=1e-9)
+    stats, aliases = one[0]
+    assert aliases["language.layers.0.self_attn.k_proj.weight"] == "language.layers.0.self_attn.q_proj.weight"
+    assert aliases["language.layers.0.mlp.up_proj.weight"] == "language.layers.0.mlp.gate_proj.weight"
+    assert "language.layers.0.self_attn.o_proj.weight" in stats and "language.layers.0.mlp.down_proj.weight" in stats
+    seen: list[str] = []
+    for part, al in many:
+        seen += [k for k in part if "gram" in part[k] or "inputs" in part[k]]
+    assert len(seen) == len(set(seen))
+
+
+def test_stats_source_reads_one_key_at_a_time_with_aliases(vlm, calib, tmp_path):
+    from omnimerge.calibration import StatsSource
+
+    cache = StatisticsCache(tmp_path)
+    folder = model_statistics(vlm, calib, ["gram"], cache=cache, memory_budget=64 << 10)
+    assert len(list(folder.glob("part-*.safetensors"))) > 1
+    source = StatsSource.open([folder, folder])
+    q = source.for_key("language.layers.1.self_attn.q_proj.weight")
+    v = source.for_key("language.layers.1.self_attn.v_proj.weight")
+    assert len(q) == 2 and q[0].keys() == v[0].keys() and q[0].keys() <= {"gram", "inputs"}
+    for kind in q[0]:
+        assert torch.equal(q[0][kind], v[0][kind])
+    assert source.for_key("language.norm.weight") == ({}, {})
+    assert source.fisher_norms is None
+
+
 def test_collect_rejects_unknown_kinds(vlm):
     with pytest.raises(ValueError, match="unknown statistics"):
-        collect(None, [], ["hessian"])
+        list(collect(None, [], ["hessian"]))
 
 
 # ------------------------------------------------------------------------------------- end to end
@@ -238,7 +280,7 @@ def test_data_aware_merge_end_to_end(vlm, experts, calib, tmp_path, monkeypatch,
     from omnimerge.verify import verify
 
     assert verify(out).ok
-    stats_files = sorted((tmp_path / "cache" / "stats").glob("stats-*.safetensors"))
+    stats_files = sorted((tmp_path / "cache" / "stats").glob("stats-*"))
     assert len(stats_files) == 2
     key = "language.layers.0.self_attn.q_proj.weight"
     got = model.get_decoder().layers[0].self_attn.q_proj.weight.double()
@@ -263,7 +305,7 @@ def test_data_aware_merge_end_to_end(vlm, experts, calib, tmp_path, monkeypatch,
         assert all("fisher" in st[key] for st in loaded)
     # a second merge reuses the statistics (no new files, same bytes)
     omnimerge.merge(recipe, tmp_path / "again", progress=False)
-    assert sorted((tmp_path / "cache" / "stats").glob("stats-*.safetensors")) == stats_files
+    assert sorted((tmp_path / "cache" / "stats").glob("stats-*")) == stats_files
     a = (out / "model.safetensors").read_bytes()
     assert a == (tmp_path / "again" / "model.safetensors").read_bytes()
 
@@ -352,8 +394,8 @@ def test_adamerging_end_to_end(vlm, experts, calib, tmp_path, monkeypatch):
     from omnimerge.verify import verify
 
     assert verify(tmp_path / "out").ok and res.plan is not None
-    files = sorted((tmp_path / "cache" / "stats").glob("*.safetensors"))
+    files = sorted((tmp_path / "cache" / "stats").glob("stats-*"))
     assert len(files) == 2
     omnimerge.merge(recipe, tmp_path / "again", progress=False)  # cached: the same coefficients, the same bytes
-    assert sorted((tmp_path / "cache" / "stats").glob("*.safetensors")) == files
+    assert sorted((tmp_path / "cache" / "stats").glob("stats-*")) == files
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -195,71 +196,136 @@ def _forward_inputs(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def collect_grams(model, batches: Sequence[dict], *, progress: Callable[[int], None] | None = None
-                  ) -> dict[str, dict[str, torch.Tensor]]:
-    """``{canonical key: {"gram": d×d} or {"inputs": N×d}}`` over every non-padding token of ``batches``."""
-    device = next(model.parameters()).device
-    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
-    linears = _linears(model)
-    acc = {k: _Inputs(keep_rows=tokens < m.in_features) for k, m in linears.items()}
-    mask: list[torch.Tensor] = []
+def _sites(model, batch: dict, linears: dict[str, torch.nn.Linear]) -> list[list[str]]:
+    """Groups of linear layers that read the same input tensor (q/k/v, gate/up): one forward pass, noting
+    which consecutive pre-hook calls receive the very same tensor object."""
+    groups: list[list[str]] = []
+    last: list = [None]
 
     def hook_for(key):
         def hook(_module, args):
-            x = args[0]
-            acc[key].add(x[mask[0]] if x.dim() == 3 else x.reshape(-1, x.shape[-1]))
+            if groups and args[0] is last[0]:
+                groups[-1].append(key)
+            else:
+                groups.append([key])
+            last[0] = args[0]  # held, so that its memory cannot be reused by the next input
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(k)) for k, m in linears.items()]
     try:
         with torch.no_grad():
-            for i, batch in enumerate(batches):
-                inputs = _forward_inputs(batch, device)
-                mask[:] = [inputs["attention_mask"].bool()]
-                model(**inputs, use_cache=False)
-                if progress:
-                    progress(i + 1)
+            model(**batch, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return {k: a.result() for k, a in acc.items() if a.count}
+        last[0] = None
+    seen = {k for g in groups for k in g}
+    return groups + [[k] for k in linears if k not in seen]  # never called (e.g. an unused head): alone
 
 
-def collect_fisher(model, batches: Sequence[dict], *, seed: int = 0,
-                   progress: Callable[[int], None] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """``{canonical key: {"fisher": like the parameter}}``: the mean over samples of (∇ log p(ŷ | x))², ŷ the
-    next tokens sampled from the model's own predictions at every non-padding position, one sample at a
-    time (a batch's gradient would mix samples before squaring)."""
+def _chunks(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive indices grouped so that each group's sizes add up to at most ``budget`` (a larger item
+    alone)."""
+    out: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(sizes):
+        if out and total + n <= budget:
+            out[-1].append(i)
+            total += n
+        else:
+            out.append([i])
+            total = n
+    return out
+
+
+def collect_grams(model, batches: Sequence[dict], *, memory_budget: int = 2 << 30,
+                  progress: Callable[[int], None] | None = None
+                  ) -> Iterator[tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]]:
+    """Parts ``(stats, aliases)``: ``stats`` maps a canonical key to ``{"gram": d×d}`` or ``{"inputs": N×d}``
+    over every non-padding token of ``batches``; ``aliases`` maps the other layers reading the same input
+    (k/v beside q, up beside gate) to that key. The accumulators of one part fit in ``memory_budget`` bytes;
+    more parts take more passes over the batches (each layer is collected in exactly one)."""
+    device = next(model.parameters()).device
+    if not batches:
+        return
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    linears = _linears(model)
+    sites = _sites(model, _forward_inputs(batches[0], device), linears)
+    widths = [linears[g[0]].in_features for g in sites]
+    sizes = [tokens * d * 4 if tokens < d else d * d * 8 for d in widths]
+    done = 0
+    for chunk in _chunks(sizes, memory_budget):
+        acc = {sites[i][0]: _Inputs(keep_rows=tokens < widths[i]) for i in chunk}
+        mask: list[torch.Tensor] = []
+
+        def hook_for(key):
+            def hook(_module, args):
+                x = args[0]
+                acc[key].add(x[mask[0]] if x.dim() == 3 else x.reshape(-1, x.shape[-1]))
+            return hook
+
+        handles = [linears[k].register_forward_pre_hook(hook_for(k)) for k in acc]
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    inputs = _forward_inputs(batch, device)
+                    mask[:] = [inputs["attention_mask"].bool()]
+                    model(**inputs, use_cache=False)
+                    done += 1
+                    if progress:
+                        progress(done)
+        finally:
+            for h in handles:
+                h.remove()
+        stats = {k: a.result() for k, a in acc.items() if a.count}
+        aliases = {other: sites[i][0] for i in chunk for other in sites[i][1:] if sites[i][0] in stats}
+        del acc
+        yield stats, aliases
+
+
+def collect_fisher(model, batches: Sequence[dict], *, seed: int = 0, memory_budget: int = 2 << 30,
+                   progress: Callable[[int], None] | None = None
+                   ) -> Iterator[tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]]:
+    """Parts ``({canonical key: {"fisher": like the parameter}}, {})``: the mean over samples of
+    (∇ log p(ŷ | x))², ŷ the next tokens sampled from the model's own predictions at every non-padding
+    position, one sample at a time (a batch's gradient would mix samples before squaring). The sampled ŷ
+    are the same in every part (one generator per pass, same seed); a part's accumulators fit in
+    ``memory_budget`` bytes."""
     device = next(model.parameters()).device
     params = canonical_parameters(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    sums = {k: torch.zeros_like(p, dtype=torch.float32, device="cpu") for k, p in params.items()}
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    count = 0
-    try:
-        for i, batch in enumerate(batches):
-            for row in _split(batch):
-                inputs = _forward_inputs(row, device)
-                logits = model(**inputs, use_cache=False).logits[0].float()  # (L, V)
-                keep = inputs["attention_mask"][0].bool()
-                logp = torch.log_softmax(logits[keep], dim=-1)
-                y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=g).to(device)
-                model.zero_grad(set_to_none=True)
-                logp.gather(-1, y).sum().backward()
-                for k, p in params.items():
-                    if p.grad is not None:
-                        sums[k] += p.grad.detach().float().cpu() ** 2
-                count += 1
-            if progress:
-                progress(i + 1)
-    finally:
-        model.zero_grad(set_to_none=True)
+    keys = list(params)
+    done = 0
+    for chunk in _chunks([params[k].numel() * 4 for k in keys], memory_budget):
+        part = [keys[i] for i in chunk]
         for p in model.parameters():
             p.requires_grad_(False)
-    return {k: {"fisher": s / count} for k, s in sums.items()}
+        for k in part:
+            params[k].requires_grad_(True)
+        sums = {k: torch.zeros_like(params[k], dtype=torch.float32, device="cpu") for k in part}
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        count = 0
+        try:
+            for batch in batches:
+                for row in _split(batch):
+                    inputs = _forward_inputs(row, device)
+                    logits = model(**inputs, use_cache=False).logits[0].float()  # (L, V)
+                    keep = inputs["attention_mask"][0].bool()
+                    logp = torch.log_softmax(logits[keep], dim=-1)
+                    y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=g).to(device)
+                    model.zero_grad(set_to_none=True)
+                    logp.gather(-1, y).sum().backward()
+                    for k in part:
+                        if params[k].grad is not None:
+                            sums[k] += params[k].grad.detach().float().cpu() ** 2
+                    count += 1
+                done += 1
+                if progress:
+                    progress(done)
+        finally:
+            model.zero_grad(set_to_none=True)
+            for p in model.parameters():
+                p.requires_grad_(False)
+        yield {k: {"fisher": s / count} for k, s in sums.items()}, {}
 
 
 def _split(batch: dict) -> list[dict]:
@@ -285,19 +351,27 @@ def _split(batch: dict) -> list[dict]:
     return out
 
 
-def collect(model, batches: Sequence[dict], kinds: Sequence[str], *, seed: int = 0,
-            progress: Callable[[int], None] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """Every statistic of ``kinds`` for one model, merged per canonical key."""
+def collect(model, batches: Sequence[dict], kinds: Sequence[str], *, seed: int = 0, memory_budget: int = 2 << 30,
+            progress: Callable[[int], None] | None = None
+            ) -> Iterator[tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]]:
+    """Every statistic of ``kinds`` for one model, as parts ``(stats, aliases)`` (see :func:`collect_grams`)."""
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ValueError(f"unknown statistics {unknown}; known: {KINDS}")
-    out: dict[str, dict[str, torch.Tensor]] = {}
     if "gram" in kinds:
-        for k, v in collect_grams(model, batches, progress=progress).items():
-            out.setdefault(k, {}).update(v)
+        yield from collect_grams(model, batches, memory_budget=memory_budget, progress=progress)
     if "fisher" in kinds:
-        for k, v in collect_fisher(model, batches, seed=seed, progress=progress).items():
+        yield from collect_fisher(model, batches, seed=seed, memory_budget=memory_budget, progress=progress)
+
+
+def merge_parts(parts) -> dict[str, dict[str, torch.Tensor]]:
+    """All parts in one mapping, aliases resolved (tests and small models)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for stats, aliases in parts:
+        for k, v in stats.items():
             out.setdefault(k, {}).update(v)
+        for k, target in aliases.items():
+            out.setdefault(k, {}).update(stats[target])
     return out
 
 
@@ -335,32 +409,57 @@ def statistics_key(model_folder: str | Path, samples: Sequence[Sample], settings
 
 
 class StatisticsCache:
-    """Statistics on disk, one safetensors file per key (``<canonical key>::<kind>`` tensors)."""
+    """Statistics on disk: one folder per key, one safetensors file per part (``<canonical key>::<kind>``
+    tensors; the part's aliases in its metadata). A folder appears whole or not at all."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
     def path(self, key: str) -> Path:
-        return self.root / f"stats-{key}.safetensors"
+        return self.root / f"stats-{key}"
+
+    def parts(self, key: str) -> list[Path]:
+        return sorted(self.path(key).glob("part-*.safetensors"))
 
     def load(self, key: str) -> dict[str, dict[str, torch.Tensor]] | None:
-        from safetensors.torch import load_file
+        """Everything of ``key`` in memory, aliases resolved (None if absent)."""
+        from safetensors import safe_open
 
-        path = self.path(key)
-        if not path.is_file():
+        if not self.path(key).is_dir():
             return None
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for name, t in load_file(path).items():
-            canon, _, kind = name.rpartition("::")
-            out.setdefault(canon, {})[kind] = t
-        return out
+        parts = []
+        for f in self.parts(key):
+            with safe_open(f, "pt") as fh:
+                stats: dict[str, dict[str, torch.Tensor]] = {}
+                for name in fh.keys():
+                    canon, _, kind = name.rpartition("::")
+                    stats.setdefault(canon, {})[kind] = fh.get_tensor(name)
+                aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+            parts.append((stats, aliases))
+        return merge_parts(parts)
 
-    def save(self, key: str, stats: dict[str, dict[str, torch.Tensor]]) -> Path:
+    def save(self, key: str, parts) -> Path:
+        """Write the parts (an iterable of ``(stats, aliases)``) one by one, then move the folder into place."""
+        import shutil
+
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
-        flat = {f"{k}::{kind}": t.contiguous() for k, v in stats.items() for kind, t in v.items()}
-        tmp = self.path(key).with_suffix(".tmp")
-        save_file(flat, tmp, metadata={"omnimerge_stats_version": str(STATS_VERSION)})
-        tmp.replace(self.path(key))  # atomic: a reader sees the whole file or none
+        tmp = self.root / f".tmp-{key}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            for i, (stats, aliases) in enumerate(parts):
+                flat = {f"{k}::{kind}": t.contiguous() for k, v in stats.items() for kind, t in v.items()}
+                save_file(flat, tmp / f"part-{i:05d}.safetensors",
+                          metadata={"omnimerge_stats_version": str(STATS_VERSION), "aliases": json.dumps(aliases)})
+            final = self.path(key)
+            if final.exists():  # another run finished the same statistics first: theirs are as good
+                shutil.rmtree(tmp)
+            else:
+                tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return self.path(key)

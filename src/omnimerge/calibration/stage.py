@@ -46,12 +46,13 @@ def _bar(description: str, total: int, enabled: bool) -> Iterator[Callable[[int]
 def model_statistics(model_folder: str | Path, calibration: str | Path, kinds: Sequence[str], *,
                      renderer_folder: str | Path | None = None, settings: CalibrationSettings | None = None,
                      cache: StatisticsCache, device: str = "cpu", seed: int = 0, lora_base: str | Path | None = None,
-                     log: Callable[[str], None] | None = None) -> Path:
-    """The file holding the statistics of ``kinds`` for the model in ``model_folder`` (a LoRA adapter runs
+                     memory_budget: int = 2 << 30, log: Callable[[str], None] | None = None) -> Path:
+    """The folder holding the statistics of ``kinds`` for the model in ``model_folder`` (a LoRA adapter runs
     merged into ``lora_base``) on the first ``settings.samples`` lines of ``calibration``, rendered with the
     processor/tokenizer of ``renderer_folder`` (default: the model's own folder; a merge passes its
     skeleton). Reused from ``cache`` when the same model, samples, settings and seed were seen before; the
-    model is loaded only when they were not, and freed after."""
+    model is loaded only when they were not, and freed after. ``memory_budget``: bytes of accumulators per
+    pass over the samples (more passes when the statistics are larger)."""
     import transformers
 
     settings = settings or CalibrationSettings()
@@ -61,7 +62,7 @@ def model_statistics(model_folder: str | Path, calibration: str | Path, kinds: S
     extra = [renderer_folder] + ([lora_base] if lora_base is not None else [])
     key = statistics_key(model_folder, samples, settings, kinds, seed, extra_folders=extra)
     path = cache.path(key)
-    if path.is_file():
+    if path.is_dir():
         if log:
             log(f"{model_folder}: statistics reused from {path}")
         return path
@@ -79,56 +80,74 @@ def model_statistics(model_folder: str | Path, calibration: str | Path, kinds: S
                 done[0] += 1
                 advance(done[0])
 
-            stats = collect(model, batches, kinds, seed=seed, progress=step)
+            return cache.save(key, collect(model, batches, kinds, seed=seed, progress=step,
+                                           memory_budget=memory_budget))
     finally:
         del model
-    return cache.save(key, stats)
 
 
 @dataclass(frozen=True)
 class StatsSource:
-    """Per-model statistics files, read lazily per canonical key (``for_key``). ``fisher_norms``: each model's
-    Fisher L2 norm over the merged tensors, added to every key's mapping as ``fisher_norm``."""
+    """Per-model statistics folders (see :class:`StatisticsCache`), read lazily per canonical key
+    (``for_key``). ``fisher_norms``: each model's Fisher L2 norm over the merged tensors, added to every
+    key's mapping as ``fisher_norm``."""
 
-    files: tuple[Path, ...]
+    folders: tuple[Path, ...]
     fisher_norms: tuple[float, ...] | None = None
-    _index: tuple[dict[str, tuple[str, ...]], ...] = field(default=(), compare=False, repr=False)
+    # per model: canonical key -> (part file, the tensor names of its statistics)
+    _index: tuple[dict[str, tuple[Path, tuple[tuple[str, str], ...]]], ...] = field(default=(), compare=False,
+                                                                                   repr=False)
 
-    @classmethod
-    def open(cls, files: Sequence[Path], merged_keys: Sequence[str] = ()) -> "StatsSource":
+    @staticmethod
+    def _index_folder(folder: Path) -> dict[str, tuple[Path, tuple[tuple[str, str], ...]]]:
+        import json
+
         from safetensors import safe_open
 
-        index = []
-        for f in files:
-            kinds: dict[str, list[str]] = {}
+        found: dict[str, tuple[Path, list[tuple[str, str]]]] = {}
+        aliases: dict[str, str] = {}
+        for f in sorted(folder.glob("part-*.safetensors")):
             with safe_open(f, "pt") as fh:
                 for name in fh.keys():
                     canon, _, kind = name.rpartition("::")
-                    kinds.setdefault(canon, []).append(kind)
-            index.append({k: tuple(v) for k, v in kinds.items()})
-        norms = None
-        if any("fisher" in kinds for ix in index for kinds in ix.values()):
-            norms = []
-            for f, ix in zip(files, index):
-                total = 0.0
-                with safe_open(f, "pt") as fh:
-                    for k in merged_keys:
-                        if "fisher" in ix.get(k, ()):
-                            total += float((fh.get_tensor(f"{k}::fisher").double() ** 2).sum())
-                norms.append(total ** 0.5)
-            norms = tuple(norms)
-        return cls(tuple(files), norms, tuple(index))
+                    found.setdefault(canon, (f, []))[1].append((kind, name))
+                aliases.update(json.loads((fh.metadata() or {}).get("aliases", "{}")))
+        index = {k: (f, tuple(names)) for k, (f, names) in found.items()}
+        for k, target in aliases.items():
+            if target in index:
+                index[k] = index[target]
+        return index
 
-    def for_key(self, canonical: str) -> tuple[dict[str, torch.Tensor], ...]:
+    @classmethod
+    def open(cls, folders: Sequence[Path], merged_keys: Sequence[str] = ()) -> "StatsSource":
+        index = tuple(cls._index_folder(Path(f)) for f in folders)
+        source = cls(tuple(Path(f) for f in folders), None, index)
+        if not any(kind == "fisher" for ix in index for _, names in ix.values() for kind, _ in names):
+            return source
+        norms = []
+        for ix in index:
+            total = 0.0
+            for k in merged_keys:
+                for kind, name in ix.get(k, (None, ()))[1]:
+                    if kind == "fisher":
+                        total += float((source._read(ix[k][0], name).double() ** 2).sum())
+            norms.append(total ** 0.5)
+        return cls(source.folders, tuple(norms), index)
+
+    @staticmethod
+    def _read(path: Path, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
+        with safe_open(path, "pt") as fh:
+            return fh.get_tensor(name)
+
+    def for_key(self, canonical: str) -> tuple[dict[str, torch.Tensor], ...]:
         out = []
-        for i, (f, ix) in enumerate(zip(self.files, self._index)):
+        for i, ix in enumerate(self._index):
             stats: dict[str, torch.Tensor] = {}
-            kinds = ix.get(canonical, ())
-            if kinds:
-                with safe_open(f, "pt") as fh:
-                    stats = {kind: fh.get_tensor(f"{canonical}::{kind}") for kind in kinds}
+            if canonical in ix:
+                path, names = ix[canonical]
+                stats = {kind: self._read(path, name) for kind, name in names}
             if self.fisher_norms is not None:
                 stats["fisher_norm"] = torch.tensor(self.fisher_norms[i])
             out.append(stats)
@@ -188,7 +207,7 @@ def _coefficient_files(plan, jobs, settings: CalibrationSettings, cache: Statist
     joint = hashlib.sha256(json.dumps({"models": parts, "params": params, "keys": keys}, sort_keys=True)
                            .encode()).hexdigest()[:24]
     paths = [cache.path(f"{joint}-{i}") for i in range(len(plan.models))]
-    if all(p.is_file() for p in paths):
+    if all(p.is_dir() for p in paths):
         if log:
             log(f"adamerging: coefficients reused from {paths[0].parent}")
         return paths
@@ -204,5 +223,5 @@ def _coefficient_files(plan, jobs, settings: CalibrationSettings, cache: Statist
     with _bar("adamerging coefficients", params["steps"], log is not None) as advance:
         lam = learn_coefficients(model, task_vectors, batches, log=log, progress=advance, **params)
     del model, task_vectors
-    return [cache.save(f"{joint}-{i}", {k: {"coefficient": torch.tensor(v[i])} for k, v in lam.items()})
+    return [cache.save(f"{joint}-{i}", [({k: {"coefficient": torch.tensor(v[i])} for k, v in lam.items()}, {})])
             for i in range(len(plan.models))]
