@@ -14,7 +14,8 @@ import torch
 from ..errors import OmnimergeError
 from ..families.align import canonical_keys, component_of, detect_family, layer_index
 from ..families.table import Family
-from .sources import SafetensorsSource, TensorSource, open_weights
+from .output import describing_files
+from .sources import SafetensorsSource, TensorSource, confined_file, open_weights
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -48,9 +49,10 @@ def read_config(folder: Path) -> dict:
             f"{folder}: no config.json — not a Hugging Face model folder (a PEFT adapter folder needs "
             "adapter_config.json)"
         )
+    confined_file(folder, "config.json", str(folder))
     try:
-        cfg = json.loads(path.read_text())
-    except ValueError as e:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
         raise OmnimergeError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise OmnimergeError(f"{path}: not a JSON object")
@@ -124,8 +126,13 @@ class Checkpoint:
 
 
 def load_checkpoint(spec: str, *, name: str | None = None, relative_to: Path | None = None,
-                    allow_pickle: bool = False, lora_base: str | None = None) -> Checkpoint:
-    """Open a model folder, a LoRA adapter folder or a cached hub id, lazily."""
+                    allow_pickle: bool = False, lora_base: str | None = None,
+                    _adapter_chain: tuple[Path, ...] = ()) -> Checkpoint:
+    """Open a model folder, a LoRA adapter folder or a cached hub id, lazily.
+
+    ``_adapter_chain``: the adapters whose base this is (to refuse adapters that are their own base)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise OmnimergeError(f"{spec!r} is not a path or hub id")
     path = resolve_path(spec, relative_to)
     if path.is_file():
         if path.suffix == ".safetensors":
@@ -135,11 +142,13 @@ def load_checkpoint(spec: str, *, name: str | None = None, relative_to: Path | N
             return _checkpoint(name or spec, folder, config, source)
         raise OmnimergeError(f"{path}: give the model folder (with config.json), not a single file")
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        from .lora import load_lora
+        from .lora import check_adapter_chain, load_lora
 
+        check_adapter_chain(path, _adapter_chain)
         return load_lora(path, name=name or spec, relative_to=relative_to, allow_pickle=allow_pickle,
-                         base_override=lora_base)
+                         base_override=lora_base, chain=_adapter_chain)
     config = read_config(path)
+    describing_files(path)  # files the output may copy: checked now, not after the merge
     return _checkpoint(name or spec, path, config, open_weights(path, allow_pickle))
 
 

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import OmnimergeError
+from .sources import confined_files
 
 # Files of a model folder that describe the model but hold no weights: copied from the skeleton.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
@@ -29,18 +30,21 @@ def _is_tokenizer_file(name: str) -> bool:
     return any(Path(name).match(p) for p in TOKENIZER_PATTERNS)
 
 
-def _describing_files(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.iterdir())
-            if p.is_file() and p.name not in _SKIP and p.suffix not in _WEIGHT_SUFFIXES and not p.name.startswith(".")]
+def describing_files(folder: Path) -> list[Path]:
+    """The non-weight files of a model folder, each checked to lie inside it (a link that leaves the
+    folder would copy a file of the user's, e.g. a key, into the output)."""
+    files = [p for p in sorted(folder.iterdir())
+             if p.is_file() and p.name not in _SKIP and p.suffix not in _WEIGHT_SUFFIXES and not p.name.startswith(".")]
+    return confined_files(folder, files, "a file to copy into the output")
 
 
 def model_files(skeleton: Path, tokenizer_source: Path) -> dict[str, Path]:
     """Every non-weight file to copy: config, processor, template, generation config, and the
     tokenizer files (from ``tokenizer_source`` when it is not the skeleton)."""
     own_tokenizer = tokenizer_source == skeleton
-    files = {p.name: p for p in _describing_files(skeleton) if own_tokenizer or not _is_tokenizer_file(p.name)}
+    files = {p.name: p for p in describing_files(skeleton) if own_tokenizer or not _is_tokenizer_file(p.name)}
     if not own_tokenizer:
-        files |= {p.name: p for p in _describing_files(tokenizer_source) if _is_tokenizer_file(p.name)}
+        files |= {p.name: p for p in describing_files(tokenizer_source) if _is_tokenizer_file(p.name)}
     return files
 
 
