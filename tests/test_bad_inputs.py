@@ -169,8 +169,16 @@ def test_output_exists_without_force(ctx):
     code, err = ctx(recipe(ctx.base, ctx.experts))
     assert code == 2 and "--force" in err
     assert (out / "precious.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
-    code, err = ctx(recipe(ctx.base, ctx.experts), "--force")
-    assert code == 0 and not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+    code, err = ctx(recipe(ctx.base, ctx.experts), "--force")  # --force never deletes what omnimerge did not write
+    assert code == 2 and "would have deleted" in err and str(out / "precious.txt") in err
+    assert (out / "precious.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    (out / "precious.txt").unlink()
+    code, err = ctx(recipe(ctx.base, ctx.experts))  # an empty folder is used as it is
+    assert code == 0 and (out / "model.safetensors").is_file()
+    code, err = ctx(recipe(ctx.base, ctx.experts))
+    assert code == 2 and "an earlier omnimerge output" in err and "--force" in err
+    code, err = ctx(recipe(ctx.base, ctx.experts, method="task_arithmetic"), "--force")  # omnimerge's: replaced
+    assert code == 0 and "task_arithmetic" in (out / "omnimerge.yaml").read_text()
 
 
 def test_output_that_is_an_input_is_refused(ctx):
