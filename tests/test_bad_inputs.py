@@ -214,3 +214,35 @@ def test_disk_full_while_writing(ctx, monkeypatch):
     monkeypatch.setattr(safetensors_io.StreamingSafetensorsWriter, "write", write)
     code, err = ctx(recipe(ctx.base, ctx.experts))
     assert_refused(ctx, code, err, "disk full", "nothing was left behind")
+
+
+# --- recipe values ------------------------------------------------------------------------------
+def test_a_weight_that_overflows_float32(ctx):
+    r = recipe(ctx.base, ctx.experts, method="task_arithmetic")
+    r["models"][1]["weight"] = 1.0e308
+    code, err = ctx(r)
+    assert_refused(ctx, code, err, "models[1].weight", "overflows float32", "use a smaller value")
+
+
+def test_a_recipe_that_is_not_utf8(ctx, capsys):
+    path = ctx.tmp / "latin1.yaml"
+    path.write_bytes(f"method: average\nmodels:\n  - path: {ctx.base}\n  - path: caf\xe9\n".encode("latin-1"))
+    code = main(["merge", str(path), "-o", str(ctx.tmp / "out")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert_refused(ctx, code, err, "latin1.yaml", "not UTF-8", "save the recipe as UTF-8")
+
+
+def test_the_same_model_twice_in_two_spellings(ctx, tmp_path, monkeypatch):
+    link = tmp_path / "alias"
+    link.symlink_to(ctx.experts[0])
+    code, err = ctx(recipe(ctx.base, [ctx.experts[0], link]))
+    assert_refused(ctx, code, err, "models[1]", "same model as models[0]", "allow_duplicate_models: true")
+    code, err = ctx(recipe(ctx.base, [ctx.experts[0], link], method="task_arithmetic", allow_duplicate_models=True))
+    assert code == 0, err
+
+
+def test_an_output_inside_an_input_folder(ctx):
+    (ctx.tmp / "r.yaml").write_text(yaml.safe_dump(recipe(ctx.base, ctx.experts)))
+    before = sorted(p.name for p in ctx.experts[0].iterdir())
+    code = main(["merge", str(ctx.tmp / "r.yaml"), "-o", str(ctx.experts[0] / "merged")])
+    assert code == 2 and sorted(p.name for p in ctx.experts[0].iterdir()) == before

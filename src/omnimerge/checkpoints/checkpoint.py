@@ -157,5 +157,20 @@ def _checkpoint(name: str, path: Path, config: dict, source: TensorSource, **kw)
     return Checkpoint(name, path, config, source, det.family, det.inferred, det.note, **kw)
 
 
+def check_distinct_models(entries, models: list[Checkpoint], allow: bool) -> None:
+    """The recipe's ``models:`` (``entries``, loaded as ``models``) name different folders, unless the
+    recipe allows duplicates: two spellings of one path, or a path and the hub id cached there."""
+    if allow:
+        return
+    seen: dict[Path, int] = {}
+    for i, (entry, m) in enumerate(zip(entries, models)):
+        key = Path(os.path.realpath(m.path))
+        if key in seen:
+            raise OmnimergeError(f"models[{i}] ({entry.path}) is the same model as models[{seen[key]}] "
+                                 f"({entries[seen[key]].path}): both are {key}; listing a model twice gives it twice "
+                                 "the weight. Remove one, or set `allow_duplicate_models: true` if that is meant")
+        seen[key] = i
+
+
 def numel(shape) -> int:
     return math.prod(shape) if shape else 1
