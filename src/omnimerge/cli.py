@@ -176,7 +176,7 @@ def verify(
 
     res = run_verify(output, image=image)
     for c in res.checks:
-        out.print(f"{'[green]ok[/]  ' if c.ok else '[red]FAIL[/]'} {c.name}: {escape(c.detail)}")
+        out.print(f"{'[green]ok[/]  ' if c.ok else '[red]FAIL[/]'} {c.name}: {escape(c.detail)}", soft_wrap=True)
     if not res.ok:
         raise typer.Exit(1)
 

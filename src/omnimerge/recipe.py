@@ -119,6 +119,7 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = None
     shard_size: Union[int, str] = "5GB"
     allow_duplicate_models: bool | None = Field(None, description="the same model may appear more than once in `models:`")
+    copy_nonfinite: bool | None = Field(None, description="copy kept tensors that hold NaN/Inf as they are")
 
     @field_validator("shard_size", mode="before")
     @classmethod

@@ -157,6 +157,30 @@ def _checkpoint(name: str, path: Path, config: dict, source: TensorSource, **kw)
     return Checkpoint(name, path, config, source, det.family, det.inferred, det.note, **kw)
 
 
+def nonfinite_count(t: torch.Tensor) -> int:
+    """How many NaN/Inf values ``t`` holds (0 for integer tensors). One reduction when there are none:
+    a sum is NaN/Inf whenever an entry is; only a sum that overflowed needs the entry-wise count."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def check_finite(t: torch.Tensor, where: str, *, kept: bool = False, allowed: bool = False) -> None:
+    """Refuse a tensor with NaN/Inf values: ``where`` names it (``Checkpoint.describe``). A ``kept``
+    tensor is copied to the output unchanged (the skeleton's vision tower, say); ``allowed`` (the
+    recipe's ``copy_nonfinite: true``) lets such tensors through as they are."""
+    if allowed and kept:
+        return
+    bad = nonfinite_count(t)
+    if bad:
+        fix = ("; fix or re-download the model, or set `copy_nonfinite: true` in the recipe to copy it as it is"
+               if kept else "; the model is broken — fix or re-download it, or keep this component from the skeleton")
+        raise OmnimergeError(f"{where} holds {bad} NaN/Inf value(s){' (a tensor the output copies)' if kept else ''}"
+                             + fix)
+
+
 def check_distinct_models(entries, models: list[Checkpoint], allow: bool) -> None:
     """The recipe's ``models:`` (``entries``, loaded as ``models``) name different folders, unless the
     recipe allows duplicates: two spellings of one path, or a path and the hub id cached there."""

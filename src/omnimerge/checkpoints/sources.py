@@ -198,3 +198,24 @@ def open_weights(folder: Path, allow_pickle: bool) -> TensorSource:
         f"{folder}: not a checkpoint — no model.safetensors, sharded *.safetensors with an index, or adapter "
         "files found"
     )
+
+
+def damaged_weights(folder: Path) -> str | None:
+    """Why the weight files of a model folder cannot be read, naming the shard (a missing, truncated
+    or corrupt shard, an index that does not match), or None when every header is sound. Reads
+    headers only. A report.json beside them (an omnimerge output) also names the shards to expect."""
+    report = folder / "report.json"
+    try:
+        tensors = json.loads(report.read_text(encoding="utf-8")).get("tensors") if report.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        tensors = None
+    if isinstance(tensors, dict):
+        shards = {t.get("shard") for t in tensors.values() if isinstance(t, dict) and isinstance(t.get("shard"), str)}
+        for name in sorted(shards):
+            if not (folder / name).is_file():
+                return f"{folder / name}: missing — report.json says it holds tensors of this model"
+    try:
+        open_weights(folder, allow_pickle=False)
+    except OmnimergeError as e:
+        return str(e)
+    return None
