@@ -126,3 +126,16 @@ def test_a_device_that_is_not_one(job, tmp_path, capsys, device, words):
     assert not (tmp_path / "out").exists()
     code, err = run(capsys, "extract", str(job.parent), "--base", str(job.parent), "--dry-run", "--device", device)
     assert code == 2 and "--device" in err
+
+
+def test_sigterm_during_a_merge(job, tmp_path):
+    proc = python(SLOW_MERGE, "merge", str(job), "-o", str(tmp_path / "out"), "--no-progress")
+    deadline = time.time() + 120
+    while not any(".omnimerge-tmp-" in p.name for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
