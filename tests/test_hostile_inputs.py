@@ -315,3 +315,15 @@ def test_adapter_checks_happen_before_reading(zoo, tmp_path):
     a = adapter(zoo.base("qwen2"), tmp_path / "lora", a_rank=2, b_rank=2)
     with pytest.raises(OmnimergeError, match="rank 2"):
         load_checkpoint(str(a))
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json", "adapter_config.json"])
+def test_json_nested_too_deep(cli, zoo, tmp_path, name):
+    if name == "adapter_config.json":
+        model = adapter(zoo.base("qwen2"), tmp_path / "lora")
+    elif name == "config.json":
+        model = copy_model(zoo.expert("qwen2", 1), tmp_path / "m")
+    else:
+        model = shard(zoo.expert("qwen2", 1), tmp_path / "sharded")
+    (model / name).write_text("[" * 100_000 + "]" * 100_000)
+    refused(cli, average(zoo.base("qwen2"), model), name)

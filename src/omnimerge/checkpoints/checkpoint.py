@@ -52,7 +52,7 @@ def read_config(folder: Path) -> dict:
     confined_file(folder, "config.json", str(folder))
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RecursionError) as e:
         raise OmnimergeError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise OmnimergeError(f"{path}: not a JSON object")

@@ -179,7 +179,7 @@ def load_lora(path: Path, *, name: str, relative_to: Path | None, allow_pickle: 
     try:
         cfg = json.loads(config_path.read_text(encoding="utf-8"))
         check_adapter_config(cfg)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RecursionError) as e:
         raise OmnimergeError(f"{config_path}: not a valid LoRA adapter config ({e})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise OmnimergeError(f"{path}: a {cfg.get('peft_type')} adapter; only LoRA adapters can be merged")

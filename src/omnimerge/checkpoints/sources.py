@@ -135,7 +135,7 @@ def _index_files(index: Path, suffixes: tuple[str, ...]) -> tuple[list[Path], di
     """The shard files an index names (checked to lie in its folder) and its weight_map."""
     try:
         data = json.loads(confined_file(index.parent, index.name, str(index.parent)).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise OmnimergeError(f"{index}: not a valid shard index ({e}); save the model again") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
