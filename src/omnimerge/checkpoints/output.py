@@ -53,7 +53,7 @@ def model_files(skeleton: Path, tokenizer_source: Path) -> dict[str, Path]:
 
 
 def human_size(n: float) -> str:
-    """A byte count in the unit that fits: 512 B, 48.0 kB, 3.21 MB, 1.50 GB, 2.00 TB."""
+    """A byte count in the unit that fits, three significant digits: 512 B, 48 kB, 492 kB, 3.21 MB, 1.5 GB."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}" if abs(n) < 100 else f"{n:.0f} {unit}"
