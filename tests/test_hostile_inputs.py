@@ -327,3 +327,11 @@ def test_json_nested_too_deep(cli, zoo, tmp_path, name):
         model = shard(zoo.expert("qwen2", 1), tmp_path / "sharded")
     (model / name).write_text("[" * 100_000 + "]" * 100_000)
     refused(cli, average(zoo.base("qwen2"), model), name)
+
+
+def test_an_adapter_names_its_base_folder_among_its_folders(zoo, tmp_path):
+    base = zoo.base("qwen2")
+    a = adapter(base, tmp_path / "lora")
+    ck = load_checkpoint(str(a))
+    assert ck.folders() == [a.resolve(), base.resolve()]
+    assert load_checkpoint(str(base)).folders() == [base.resolve()]

@@ -113,6 +113,12 @@ class Checkpoint:
     def describe(self, canon: str) -> str:
         return f"{self.name}: {self.source.describe(self.raw_key(canon))}"
 
+    def folders(self) -> list[Path]:
+        """Every folder this input reads: its own and, for a LoRA adapter, its base's (and theirs).
+        An output may lie in none of them."""
+        base = getattr(self.source, "base", None)
+        return [self.path] + (base.folders() if isinstance(base, Checkpoint) else [])
+
     def layer_count(self) -> int:
         idx = {layer_index(c) for c in self.canon_to_raw}
         idx.discard(None)
