@@ -138,3 +138,24 @@ def test_copy_nonfinite_is_a_recipe_field():
     assert parse_recipe({"method": "average", "models": [{"path": "a"}]}).copy_nonfinite is None
     with pytest.raises(OmnimergeError, match="copy_nonfinite"):
         parse_recipe({"method": "average", "models": [{"path": "a"}], "copy_nonfinite": "sometimes"})
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "not-an-object", "unknown-architecture"])
+def test_a_damaged_config(merged, tmp_path, capsys, damage):
+    out = damaged(merged, tmp_path)
+    cfg = out / "config.json"
+    if damage == "truncated":
+        cfg.write_text(cfg.read_text()[:40])
+    elif damage == "missing":
+        cfg.unlink()
+    elif damage == "not-an-object":
+        cfg.write_text("[]")
+    else:
+        cfg.write_text(json.dumps(json.loads(cfg.read_text()) | {"architectures": ["NoSuchModel"]}))
+    code, text = verify(capsys, out)
+    assert code == 1 and "FAIL config" in text and ("config.json" in text or "NoSuchModel" in text), text
+
+
+def test_verify_of_a_folder_that_does_not_exist(tmp_path, capsys):
+    code, text = verify(capsys, tmp_path / "nope")
+    assert code == 2 and "no such folder" in text

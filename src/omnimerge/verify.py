@@ -55,9 +55,15 @@ def verify(out: str | Path, *, image: bool = True, audio: bool = True) -> Verify
     from .tiny import dummy_inputs
 
     out = Path(out)
-    config = read_config(out)
+    if not out.is_dir():
+        raise OmnimergeError(f"{out}: no such folder; give a merged model folder")
     res = VerifyResult(out)
-    cls = _model_class(config)
+    try:  # a damaged output is a failed check (exit 1), not an input error
+        config = read_config(out)
+        cls = _model_class(config)
+    except OmnimergeError as e:
+        res.add("config", False, str(e))
+        return res
     damage = damaged_weights(out)
     if damage:
         res.add("weights", False, damage)
