@@ -250,13 +250,14 @@ def test_a_valid_adapter_merges(cli, zoo, tmp_path):
     ({"r": -2, "a_rank": 4, "b_rank": 4}, ["'r' must be a positive integer"]),
     ({"r": True, "a_rank": 4, "b_rank": 4}, ["'r'"]),
     ({"alpha": "8"}, ["'lora_alpha' must be a finite number"]),
-    ({"cfg": {"rank_pattern": {"q_proj": 0}}}, ["rank_pattern"]),
+    ({"cfg": {"rank_pattern": {"q_proj": 0}}}, ["rank_pattern['q_proj'] must be a positive integer"]),
+    ({"cfg": {"alpha_pattern": {"q_proj": "x"}}}, ["alpha_pattern['q_proj'] must be a finite number"]),
     ({"cfg": {"rank_pattern": {"(": 4}}}, ["rank_pattern", "regular expression"]),
     ({"cfg": {"rank_pattern": ["q_proj"]}}, ["rank_pattern"]),
     ({"cfg": {"base_model_name_or_path": 5}}, ["base_model_name_or_path"]),
     ({"cfg": {"use_rslora": "yes"}}, ["use_rslora"]),
 ], ids=["A-B-ranks", "config-rank", "in-dim", "out-dim", "r-zero", "r-negative", "r-bool", "alpha-string",
-        "rank-pattern-zero", "rank-pattern-regex", "rank-pattern-list", "base-not-string", "rslora-string"])
+        "rank-pattern-zero", "alpha-pattern-string", "rank-pattern-regex", "rank-pattern-list", "base-not-string", "rslora-string"])
 def test_bad_adapters(cli, zoo, tmp_path, kw, words):
     a = adapter(zoo.base("qwen2"), tmp_path / "lora", **kw)
     refused(cli, average(zoo.base("qwen2"), a), str(a), *words)

@@ -246,3 +246,19 @@ def test_run_alive():
     assert output.run_alive(me | {"start": "0"}) is False  # the pid was reused by another process
     assert output.run_alive(me | {"pid": 2**22 + 12345}) is False
     assert output.run_alive(me | {"host": "elsewhere.example"}) is None
+
+
+def test_a_failed_final_rename_puts_the_earlier_output_back(tmp_path, monkeypatch):
+    out = omnimerge_output(tmp_path / "out")
+
+    def fail(src, dst):
+        raise OSError(5, "Input/output error")
+
+    folder = OutputFolder(out, force=True)
+    with pytest.raises(OSError, match="Input/output error"):
+        with folder as tmp:
+            (tmp / "model.safetensors").write_bytes(b"new")
+            monkeypatch.setattr(output, "rename_no_replace", fail)
+            folder.commit()
+    assert (out / "model.safetensors").read_bytes() == b"w" and (out / "omnimerge.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

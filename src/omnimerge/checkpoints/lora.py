@@ -134,13 +134,14 @@ class LoraSource(TensorSource):
         return f"{self.base.source.describe(key)}{what} via adapter {self.path}"
 
 
-def _number(cfg: dict, key: str, default, *, positive_int: bool = False):
+def _number(cfg: dict, key: str, default, *, positive_int: bool = False, label: str | None = None):
     v = cfg.get(key, default)
+    label = label or f"'{key}'"
     if positive_int:
         if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-            raise ValueError(f"'{key}' must be a positive integer, got {v!r}")
+            raise ValueError(f"{label} must be a positive integer, got {v!r}")
     elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"'{key}' must be a finite number, got {v!r}")
+        raise ValueError(f"{label} must be a finite number, got {v!r}")
     return v
 
 
@@ -159,7 +160,7 @@ def check_adapter_config(cfg) -> None:
                 re.compile(pat)
             except re.error as e:
                 raise ValueError(f"'{key}' has the pattern {pat!r}, which is not a regular expression ({e})") from None
-            _number(patterns, pat, None, positive_int=positive_int)
+            _number(patterns, pat, None, positive_int=positive_int, label=f"{key}[{pat!r}]")
     for key in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if cfg.get(key) not in (None, True, False):
             raise ValueError(f"'{key}' must be true or false, got {cfg.get(key)!r}")

@@ -377,13 +377,11 @@ class OutputFolder:
                 raise self._appeared("appeared" if not self.force else "changed")
         try:
             rename_no_replace(self.tmp, self.out)
-        except FileExistsError:
-            if old is not None:
-                os.rename(old, self.out) if not os.path.lexists(self.out) else None
-            raise self._appeared("appeared") from None
-        except BaseException:
+        except BaseException as e:
             if old is not None and not os.path.lexists(self.out):
-                os.rename(old, self.out)
+                os.rename(old, self.out)  # put the earlier output back
+            if isinstance(e, FileExistsError):
+                raise self._appeared("appeared") from None
             raise
         self._committed = True
         if old is not None:
