@@ -144,6 +144,7 @@ def load_checkpoint(spec: str, *, name: str | None = None, relative_to: Path | N
         if path.suffix == ".safetensors":
             folder = path.parent
             config = read_config(folder)
+            describing_files(folder)
             source: TensorSource = SafetensorsSource([path], folder)
             return _checkpoint(name or spec, folder, config, source)
         raise OmnimergeError(f"{path}: give the model folder (with config.json), not a single file")
