@@ -169,8 +169,16 @@ def test_output_exists_without_force(ctx):
     code, err = ctx(recipe(ctx.base, ctx.experts))
     assert code == 2 and "--force" in err
     assert (out / "precious.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
-    code, err = ctx(recipe(ctx.base, ctx.experts), "--force")
-    assert code == 0 and not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+    code, err = ctx(recipe(ctx.base, ctx.experts), "--force")  # --force never deletes what omnimerge did not write
+    assert code == 2 and "would have deleted" in err and str(out / "precious.txt") in err
+    assert (out / "precious.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    (out / "precious.txt").unlink()
+    code, err = ctx(recipe(ctx.base, ctx.experts))  # an empty folder is used as it is
+    assert code == 0 and (out / "model.safetensors").is_file()
+    code, err = ctx(recipe(ctx.base, ctx.experts))
+    assert code == 2 and "an earlier omnimerge output" in err and "--force" in err
+    code, err = ctx(recipe(ctx.base, ctx.experts, method="task_arithmetic"), "--force")  # omnimerge's: replaced
+    assert code == 0 and "task_arithmetic" in (out / "omnimerge.yaml").read_text()
 
 
 def test_output_that_is_an_input_is_refused(ctx):
@@ -206,3 +214,35 @@ def test_disk_full_while_writing(ctx, monkeypatch):
     monkeypatch.setattr(safetensors_io.StreamingSafetensorsWriter, "write", write)
     code, err = ctx(recipe(ctx.base, ctx.experts))
     assert_refused(ctx, code, err, "disk full", "nothing was left behind")
+
+
+# --- recipe values ------------------------------------------------------------------------------
+def test_a_weight_that_overflows_float32(ctx):
+    r = recipe(ctx.base, ctx.experts, method="task_arithmetic")
+    r["models"][1]["weight"] = 1.0e308
+    code, err = ctx(r)
+    assert_refused(ctx, code, err, "models[1].weight", "overflows float32", "use a smaller value")
+
+
+def test_a_recipe_that_is_not_utf8(ctx, capsys):
+    path = ctx.tmp / "latin1.yaml"
+    path.write_bytes(f"method: average\nmodels:\n  - path: {ctx.base}\n  - path: caf\xe9\n".encode("latin-1"))
+    code = main(["merge", str(path), "-o", str(ctx.tmp / "out")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert_refused(ctx, code, err, "latin1.yaml", "not UTF-8", "save the recipe as UTF-8")
+
+
+def test_the_same_model_twice_in_two_spellings(ctx, tmp_path, monkeypatch):
+    link = tmp_path / "alias"
+    link.symlink_to(ctx.experts[0])
+    code, err = ctx(recipe(ctx.base, [ctx.experts[0], link]))
+    assert_refused(ctx, code, err, "models[1]", "same model as models[0]", "allow_duplicate_models: true")
+    code, err = ctx(recipe(ctx.base, [ctx.experts[0], link], method="task_arithmetic", allow_duplicate_models=True))
+    assert code == 0, err
+
+
+def test_an_output_inside_an_input_folder(ctx):
+    (ctx.tmp / "r.yaml").write_text(yaml.safe_dump(recipe(ctx.base, ctx.experts)))
+    before = sorted(p.name for p in ctx.experts[0].iterdir())
+    code = main(["merge", str(ctx.tmp / "r.yaml"), "-o", str(ctx.experts[0] / "merged")])
+    assert code == 2 and sorted(p.name for p in ctx.experts[0].iterdir()) == before

@@ -295,11 +295,14 @@ def hub(zoo, tmp_path, monkeypatch):
 
 def test_hub_id_from_local_cache(zoo, hub, tmp_path, capsys):
     base = zoo.base("qwen2")
-    path = write_recipe(tmp_path, {
-        "method": "task_arithmetic", "base": str(base),
-        "models": [{"path": "org/tiny", "weight": 0.25}, {"path": "org/tiny@main", "weight": 0.25},
-                   {"path": f"org/tiny@{COMMIT}", "weight": 0.5}]})
+    recipe = {"method": "task_arithmetic", "base": str(base),
+              "models": [{"path": "org/tiny", "weight": 0.25}, {"path": "org/tiny@main", "weight": 0.25},
+                         {"path": f"org/tiny@{COMMIT}", "weight": 0.5}]}
     out = tmp_path / "out"
+    path = write_recipe(tmp_path, recipe)  # three spellings of one cached model: a duplicate unless allowed
+    assert main(["merge", str(path), "-o", str(out)]) == 2 and not out.exists()
+    assert "same model as models[0]" in capsys.readouterr().err
+    path = write_recipe(tmp_path, recipe | {"allow_duplicate_models": True})
     assert main(["merge", str(path), "-o", str(out)]) == 0, capsys.readouterr().err
     got = load_file(str(out / "model.safetensors"))
     b = load_file(str(base / "model.safetensors"))

@@ -130,7 +130,7 @@ def test_each_output_equals_its_single_skeleton_merge(family, tmp_path):
 def test_interrupted_or_refused_leaves_old_output(family, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("old")
+    (out / "omnimerge.yaml").write_text("method: average\nmodels:\n- path: old\n")  # an earlier omnimerge output
     with pytest.raises(omnimerge.OmnimergeError, match="--force"):
         omnimerge.merge(recipe_for(family), out)
     plans = modality.build_plans(recipe_for(family))
@@ -143,7 +143,7 @@ def test_interrupted_or_refused_leaves_old_output(family, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         modality.execute_plans(plans, out, force=True, on_tensor=stop)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and leftovers(tmp_path) == []
+    assert [p.name for p in out.iterdir()] == ["omnimerge.yaml"] and leftovers(tmp_path) == []
     omnimerge.merge(recipe_for(family), out, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["audio", "video", "vision"]
 

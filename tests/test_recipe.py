@@ -289,3 +289,79 @@ def test_tensor_seed():
     assert tensor_seed(1, UP) != tensor_seed(0, UP)
     # no ambiguity between the seed and the key: (1, "2x") != (12, "x")
     assert tensor_seed(1, "2x") != tensor_seed(12, "x")
+
+
+# --- hostile values -------------------------------------------------------------------------------
+@pytest.mark.parametrize("where,data", [
+    ("models[1].weight", {"models": [{"path": "a"}, {"path": "b", "weight": 1.0e308}]}),
+    ("models[0].weight", {"models": [{"path": "a", "weight": -3.5e38}]}),
+    ("parameters.lambda", {"parameters": {"lambda": 1e39}}),
+    ("parameters.density[1].value", {"parameters": {"density": [{"filter": "x", "value": 0.5}, {"value": 1e300}]}}),
+    ("components.vision.parameters.density", {"components": {"vision": {"method": "ties",
+                                                                        "parameters": {"density": 1e40}}}}),
+    ("models[0].weight", {"models": [{"path": "a", "weight": 1e-300}]}),
+    ("models[0].weight", {"models": [{"path": "a", "weight": 70000.0}]}, ),
+])
+def test_values_that_overflow_the_compute_dtype(where, data):
+    data = {"method": "ties", "models": [{"path": "a"}]} | data
+    if data["models"][0].get("weight") == 70000.0:
+        data["dtype"] = "float16"
+        assert recipe(models=[{"path": "a", "weight": 70000.0}]).models  # fine in float32
+    msg = refused(data, where)
+    assert "overflows" in msg or "rounds to 0" in msg
+    assert "use" in msg  # the fix
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 2**64, -(2**70)])
+def test_values_that_are_not_finite_or_too_long(value):
+    msg = refused({"method": "ties", "models": [{"path": "a", "weight": value}]}, "models[0].weight")
+    assert "finite" in msg or "64 bits" in msg
+
+
+def test_float64_compute_takes_large_values():
+    r = recipe(models=[{"path": "a", "weight": 1e300}], dtype="float64")
+    assert r.models[0].parameters["weight"] == 1e300
+
+
+def test_yaml_infinity_and_huge_numbers(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("method: ties\nmodels:\n  - path: a\n    weight: .inf\n  - path: b\n    weight: 1.0e+308\n")
+    with pytest.raises(OmnimergeError, match=r"models\[0\].weight = inf is not a finite number"):
+        load_recipe(p)
+
+
+def test_the_same_model_twice(tmp_path):
+    for paths in (["a", "a"], ["m/x", "./m/x/"], ["org/name", "org/name"]):
+        msg = refused({"method": "average", "models": [{"path": p} for p in paths]}, "models[1]",
+                      "same model as models[0]", "allow_duplicate_models: true")
+    r = recipe(method="average", models=[{"path": "a"}, {"path": "a"}], allow_duplicate_models=True)
+    assert len(r.models) == 2
+    assert r.model_dump(exclude_none=True)["allow_duplicate_models"] is True  # recorded in omnimerge.yaml
+    assert "allow_duplicate_models" not in recipe().model_dump(exclude_none=True)  # and only when set
+
+
+def test_two_models_with_one_name():
+    refused({"method": "average", "models": [{"path": "a", "name": "x"}, {"path": "b", "name": "x"}]},
+            "models[1].name 'x'")
+
+
+def test_recipe_that_is_not_utf8(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_bytes("method: ties\nmodels:\n  - path: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(OmnimergeError, match=r"not UTF-8 text \(byte 0xe9 at offset \d+\); save the recipe as UTF-8"):
+        load_recipe(p)
+    p.write_bytes(b"\xef\xbb\xbfmethod: average\nmodels:\n  - path: a\n")  # a BOM is fine
+    assert load_recipe(p).method == "average"
+
+
+def test_recipe_that_is_a_folder_or_binary(tmp_path):
+    with pytest.raises(OmnimergeError, match="is a folder"):
+        load_recipe(tmp_path)
+    (tmp_path / "r.yaml").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(OmnimergeError, match="r.yaml"):
+        load_recipe(tmp_path / "r.yaml")
+
+
+@pytest.mark.parametrize("size", ["9" * 400 + "GB", 2**70, "1e400"])
+def test_shard_size_that_overflows(size):
+    refused({"method": "ties", "models": [{"path": "a"}], "shard_size": size}, "shard_size")

@@ -222,7 +222,7 @@ def test_shorter_than_the_length_field(good):
 def test_header_length_larger_than_file(good):
     data = good.read_bytes()
     good.write_bytes(struct.pack("<Q", len(data)) + data[8:])
-    refused(good, f"header length {len(data)}")
+    refused(good, "header length", f"{len(data)} bytes")
 
 
 def test_header_length_absurd(good):

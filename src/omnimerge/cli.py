@@ -21,6 +21,26 @@ out = Console()
 err = Console(stderr=True)
 
 
+def check_device(device: str) -> str:
+    """``--device``: cpu, cuda or cuda:N, where torch can use it; a clear error for anything else."""
+    import re
+
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device.strip())
+    if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+        raise OmnimergeError(f"--device {device!r} is not a device; use --device cpu, cuda or cuda:N (N = the GPU's "
+                             "index)")
+    if m.group(1) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise OmnimergeError(f"--device {device}: no CUDA device is available to torch here; use --device cpu")
+        count = torch.cuda.device_count()
+        if m.group(2) is not None and int(m.group(2)) >= count:
+            raise OmnimergeError(f"--device {device}: torch sees {count} CUDA device(s), numbered 0 to {count - 1}; "
+                                 "use one of those, or --device cuda")
+    return device.strip()
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
@@ -63,6 +83,7 @@ def merge(
     """Merge the models of RECIPE into OUTPUT."""
     from .engine import merge as run_merge
 
+    device = check_device(device)
     if output is None and not dry_run:
         raise OmnimergeError("give an output folder with -o OUTPUT (or --dry-run to only check the recipe)")
     result = run_merge(recipe, output, force=force, dry_run=dry_run, device=device, allow_pickle=allow_pickle,
@@ -104,6 +125,7 @@ def extract(
     """Write MODEL − BASE as a PEFT LoRA adapter over BASE."""
     from .lora_out import extract as run_extract
 
+    device = check_device(device)
     if output is None and not dry_run:
         raise OmnimergeError("give an output folder with -o OUTPUT (or --dry-run to only check the inputs)")
     result = run_extract(model, base, output, rank=rank, force=force, dry_run=dry_run, device=device,
@@ -154,7 +176,7 @@ def verify(
 
     res = run_verify(output, image=image)
     for c in res.checks:
-        out.print(f"{'[green]ok[/]  ' if c.ok else '[red]FAIL[/]'} {c.name}: {escape(c.detail)}")
+        out.print(f"{'[green]ok[/]  ' if c.ok else '[red]FAIL[/]'} {c.name}: {escape(c.detail)}", soft_wrap=True)
     if not res.ok:
         raise typer.Exit(1)
 
@@ -292,15 +314,26 @@ def demo(
     run_demo(workdir, console=out)
 
 
+INTERRUPTED = "interrupted; no output was left behind"
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)  # typer turns the KeyboardInterrupt into a silent exit code 130
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         rc = app(args=argv, standalone_mode=False, prog_name="omnimerge")
     except OmnimergeError as e:
         err.print(f"[red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
         return OmnimergeError.exit_code
     except KeyboardInterrupt:
-        err.print("interrupted; no output was left behind")
+        err.print(INTERRUPTED)
         return 130
     except Exception as e:
         # click's usage errors (typer ships its own copy of click, so match by shape, not class)
@@ -309,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
             show()
             return code
         raise
+    finally:
+        if signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted and rc == 130:
+        err.print(INTERRUPTED)
+        return 130
     return rc if isinstance(rc, int) else 0
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints.checkpoint import Checkpoint, load_checkpoint
+from .checkpoints.checkpoint import Checkpoint, check_distinct_models, load_checkpoint
 from .checkpoints.safetensors_io import tensor_nbytes
 from .errors import OmnimergeError
 from .families.align import COMPONENTS, component_of
@@ -193,6 +193,7 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
         return cache[spec]
 
     models = [load(e.path, e.label, e.lora_base) for e in recipe.models]
+    check_distinct_models(recipe.models, models, bool(recipe.allow_duplicate_models))
     by_label = {e.label: m for e, m in zip(recipe.models, models)} | {e.path: m for e, m in zip(recipe.models, models)}
 
     def ref(spec: str) -> Checkpoint:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -128,6 +129,8 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = None
     shard_size: Union[int, str] = "5GB"
     calibration: CalibrationOptions | None = None
+    allow_duplicate_models: bool | None = Field(None, description="the same model may appear more than once in `models:`")
+    copy_nonfinite: bool | None = Field(None, description="copy kept tensors that hold NaN/Inf as they are")
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -149,8 +152,77 @@ class Recipe(BaseModel):
                 raise ValueError(f"skeletons: {', '.join(dup)} listed more than once")
         return self
 
+    @model_validator(mode="after")
+    def _each_model_once(self):
+        seen: dict[str, int] = {}
+        names: dict[str, int] = {}
+        for i, entry in enumerate(self.models):
+            if entry.name is not None:
+                if entry.name in names:
+                    raise ValueError(f"models[{i}].name '{entry.name}' is also the name of models[{names[entry.name]}]; "
+                                     "give each model its own name")
+                names[entry.name] = i
+            key = same_spec_key(entry.path)
+            if key in seen and not self.allow_duplicate_models:
+                raise ValueError(duplicate_model_message(seen[key], i, entry.path))
+            seen.setdefault(key, i)
+        return self
+
+    @model_validator(mode="after")
+    def _values_fit_the_dtype(self):
+        """Numbers the merge computes with must be representable in the compute dtype."""
+        where_values = [(f"parameters.{k}", v) for k, v in self.parameters.items()]
+        where_values += [(f"components.{c}.parameters.{k}", v) for c, pol in self.components.items()
+                         if isinstance(pol, ComponentMethod) for k, v in pol.parameters.items()]
+        where_values += [(f"models[{i}].{k}", v) for i, e in enumerate(self.models) for k, v in e.parameters.items()]
+        for where, value in where_values:
+            for j, v in enumerate(value if isinstance(value, list) else [value]):
+                v = v.value if isinstance(v, FilteredValue) else v
+                at = f"{where}[{j}].value" if isinstance(value, list) else where
+                check_number(v, at, self.dtype)
+        return self
+
     def policy(self, component: str) -> Policy:
         return self.components.get(component, "merge" if component == "language" else "keep")
+
+
+# the largest finite value and the smallest positive one of each compute dtype
+_RANGES = {"float32": (3.4028234663852886e38, 1.401298464324817e-45),
+           "float16": (65504.0, 5.960464477539063e-08),
+           "bfloat16": (3.3895313892515355e38, 9.183549615799121e-41),
+           "float64": (1.7976931348623157e308, 5e-324)}
+_INT_MAX = 2**63 - 1
+
+
+def check_number(v, where: str, dtype: str = "float32") -> None:
+    """A parameter value that the merge can compute with in ``dtype``: finite, not so large that it
+    overflows, not so small that it rounds to zero; integers within 64 bits."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return
+    if isinstance(v, int):
+        if abs(v) > _INT_MAX:
+            raise ValueError(f"{where} = {v} does not fit in 64 bits; use a smaller number")
+        return
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{where} = {v} is not a finite number; give a finite value")
+    big, tiny = _RANGES[dtype]
+    if abs(v) > big:
+        raise ValueError(f"{where} = {v!r} overflows {dtype} (largest {big:.4g}), the merge's compute dtype; use a "
+                         "smaller value" + (" or `dtype: float64`" if dtype != "float64" else ""))
+    if v != 0 and abs(v) < tiny:
+        raise ValueError(f"{where} = {v!r} rounds to 0 in {dtype}, the merge's compute dtype; use 0 or a larger value")
+
+
+def same_spec_key(spec: str) -> str:
+    """``spec`` normalised so that two spellings of one path (``./m``, ``m/``) compare equal."""
+    if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$", spec) and not os.path.exists(spec):
+        return spec  # a hub id
+    return os.path.normpath(os.path.expanduser(spec))
+
+
+def duplicate_model_message(first: int, again: int, spec: str) -> str:
+    return (f"models[{again}] ({spec}) is the same model as models[{first}]; listing a model twice gives it twice the "
+            "weight. Remove one, or set `allow_duplicate_models: true` if that is meant")
 
 
 def parse_size(v: int | str) -> int:
@@ -165,9 +237,14 @@ def parse_size(v: int | str) -> int:
             raise ValueError(f"shard_size {v!r}: use a byte count or a size like '5GB' or '500MB'")
         unit = (m.group(2) or " ").upper()
         base = 1024 if m.group(3) else 1000
-        n = int(float(m.group(1)) * base ** " KMGT".index(unit))
+        size = float(m.group(1)) * base ** " KMGT".index(unit)
+        if not size < 2**63:
+            raise ValueError(f"shard_size {v!r} is larger than any disk; use a size like '5GB'")
+        n = int(size)
     if n <= 0:
         raise ValueError(f"shard_size must be positive, got {v!r}")
+    if n > _INT_MAX:
+        raise ValueError(f"shard_size {v!r} is larger than any disk; use a size like '5GB'")
     return n
 
 
@@ -200,14 +277,27 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise OmnimergeError(_format_errors(e, source)) from None
 
 
+MAX_RECIPE_BYTES = 10 << 20
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.is_dir():
+            raise OmnimergeError(f"{path}: is a folder; give the recipe's YAML file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
-        raise OmnimergeError(f"{path}: cannot read the recipe ({e.strerror})") from None
+        raise OmnimergeError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise OmnimergeError(f"{path}: over {MAX_RECIPE_BYTES >> 20} MB — not a recipe; give the recipe's YAML file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise OmnimergeError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the "
+                             "recipe as UTF-8") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, RecursionError) as e:
         raise OmnimergeError(f"{path}: not valid YAML ({e})") from None
     return parse_recipe(data, str(path))

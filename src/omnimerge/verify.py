@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints.checkpoint import load_checkpoint, read_config
-from .checkpoints.sources import open_weights
+from .checkpoints.sources import damaged_weights, open_weights
 from .errors import OmnimergeError
 
 
@@ -55,13 +55,27 @@ def verify(out: str | Path, *, image: bool = True, audio: bool = True) -> Verify
     from .tiny import dummy_inputs
 
     out = Path(out)
-    config = read_config(out)
+    if not out.is_dir():
+        raise OmnimergeError(f"{out}: no such folder; give a merged model folder")
     res = VerifyResult(out)
-    cls = _model_class(config)
+    try:  # a damaged output is a failed check (exit 1), not an input error
+        config = read_config(out)
+        cls = _model_class(config)
+    except OmnimergeError as e:
+        res.add("config", False, str(e))
+        return res
+    damage = damaged_weights(out)
+    if damage:
+        res.add("weights", False, damage)
+        return res
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    model = cls.from_pretrained(out)
+    try:
+        model = cls.from_pretrained(out)
+    except Exception as e:  # noqa: BLE001 - whatever transformers refuses, verify reports it as a failed check
+        res.add("load", False, f"{cls.__name__} cannot load {out}: {type(e).__name__}: {e}")
+        return res
     model.eval()
     res.add("load", True, f"{cls.__name__} loaded ({sum(p.numel() for p in model.parameters()):,} parameters)")
     logits = _forward(model, dummy_inputs(model))

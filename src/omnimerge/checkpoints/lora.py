@@ -11,7 +11,7 @@ import torch
 
 from ..errors import OmnimergeError
 from ..families.align import canonical_keys
-from .sources import TensorSource, open_weights
+from .sources import TensorSource, confined_file, confined_files
 
 _PREFIX = "base_model.model."
 
@@ -24,7 +24,12 @@ def _pattern_value(module: str, patterns: dict, default):
 
 
 class LoraSource(TensorSource):
-    """The base model's tensors with the adapter's low-rank updates (and saved modules) applied."""
+    """The base model's tensors with the adapter's low-rank updates (and saved modules) applied.
+
+    Everything is checked when the adapter is opened, before a tensor is read: each update has its
+    A and B factors, their ranks agree with each other and with the config (``r`` or
+    ``rank_pattern``), and B·A has the shape of the base tensor it updates; a saved module has the
+    base tensor's shape."""
 
     def __init__(self, base, adapter: TensorSource, config: dict, path: Path):
         self.path = path
@@ -59,17 +64,46 @@ class LoraSource(TensorSource):
                 )
             k_a = f"{_PREFIX}{module}." + ("lora_embedding_A" if emb else "lora_A.weight")
             k_b = f"{_PREFIX}{module}." + ("lora_embedding_B" if emb else "lora_B.weight")
-            if k_b not in ak:
-                raise OmnimergeError(f"{path}: '{k_a}' has no matching '{k_b}'")
+            for have, lacks in ((k_a, k_b), (k_b, k_a)):
+                if lacks not in ak:
+                    raise OmnimergeError(f"{path}: '{have}' has no matching '{lacks}'; the adapter is incomplete")
             rank = _pattern_value(module, config.get("rank_pattern") or {}, r)
             alph = _pattern_value(module, config.get("alpha_pattern") or {}, alpha)
+            raw = base_map[canon]
+            self._check_factors(module, k_a, k_b, rank, emb, raw)
             scale = alph / math.sqrt(rank) if rslora else alph / rank
-            self.updates[base_map[canon]] = (k_a, k_b, float(scale), emb)
+            if not math.isfinite(scale):
+                raise OmnimergeError(f"{path}: the LoRA scale of '{module}' (lora_alpha {alph} over rank {rank}) is not "
+                                     "a finite number; fix lora_alpha in adapter_config.json")
+            self.updates[raw] = (k_a, k_b, float(scale), emb)
         for key, adapter_key in module_keys.items():
             canon = canon_of[key]
             if canon not in base_map:
                 raise OmnimergeError(f"{path}: the adapter saves '{key}', which the base model {base.path} does not have")
-            self.replacements[base_map[canon]] = adapter_key
+            raw = base_map[canon]
+            got, want = tuple(adapter.info(adapter_key)[1]), tuple(base.source.info(raw)[1])
+            if got != want:
+                raise OmnimergeError(f"{path}: the adapter saves '{adapter_key}' with shape {got}, but the base's "
+                                     f"'{raw}' ({base.path}) is {want}; is base_model_name_or_path the right base?")
+            self.replacements[raw] = adapter_key
+
+    def _check_factors(self, module: str, k_a: str, k_b: str, rank: int, emb: bool, raw: str) -> None:
+        """A (r × in) and B (out × r) of one update agree with each other, the config's rank and the base."""
+        (_, a), (_, b) = self.adapter.info(k_a), self.adapter.info(k_b)
+        a, b = tuple(a), tuple(b)
+        where = f"{self.path}: LoRA factors of '{module}'"
+        if len(a) != 2 or len(b) != 2:
+            raise OmnimergeError(f"{where}: A is {a} and B is {b}; both must be matrices")
+        if a[0] != b[1]:
+            raise OmnimergeError(f"{where}: A is {a} and B is {b}; A's rows and B's columns must both be the rank")
+        if a[0] != rank:
+            raise OmnimergeError(f"{where} have rank {a[0]}, adapter_config.json says r = {rank} for this module "
+                                 "(r / rank_pattern); the config does not belong to these weights")
+        want = tuple(self.base.source.info(raw)[1])
+        got = (a[1], b[0]) if emb else ((a[1], b[0]) if self.fan_in_fan_out else (b[0], a[1]))
+        if got != want:
+            raise OmnimergeError(f"{where}: B·A is {got}, but the base's '{raw}' ({self.base.path}) is {want}; is "
+                                 "base_model_name_or_path the right base?")
 
     def keys(self):
         return self.base.source.keys()
@@ -100,32 +134,97 @@ class LoraSource(TensorSource):
         return f"{self.base.source.describe(key)}{what} via adapter {self.path}"
 
 
-def load_lora(path: Path, *, name: str, relative_to: Path | None, allow_pickle: bool, base_override: str | None):
+def _number(cfg: dict, key: str, default, *, positive_int: bool = False, label: str | None = None):
+    v = cfg.get(key, default)
+    label = label or f"'{key}'"
+    if positive_int:
+        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise ValueError(f"{label} must be a positive integer, got {v!r}")
+    elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{label} must be a finite number, got {v!r}")
+    return v
+
+
+def check_adapter_config(cfg) -> None:
+    """The fields of adapter_config.json that omnimerge uses have the right types and values."""
+    if not isinstance(cfg, dict):
+        raise ValueError("it is not a JSON object")
+    _number(cfg, "r", 8, positive_int=True)
+    _number(cfg, "lora_alpha", 8)
+    for key, positive_int in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise ValueError(f"'{key}' must map module patterns to values, got {type(patterns).__name__}")
+        for pat in patterns:
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ValueError(f"'{key}' has the pattern {pat!r}, which is not a regular expression ({e})") from None
+            _number(patterns, pat, None, positive_int=positive_int, label=f"{key}[{pat!r}]")
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if cfg.get(key) not in (None, True, False):
+            raise ValueError(f"'{key}' must be true or false, got {cfg.get(key)!r}")
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"'base_model_name_or_path' must be a path or hub id, got {base!r}")
+
+
+MAX_ADAPTER_CHAIN = 8
+
+
+def load_lora(path: Path, *, name: str, relative_to: Path | None, allow_pickle: bool, base_override: str | None,
+              chain: tuple[Path, ...] = ()):
     from .checkpoint import Checkpoint, load_checkpoint
 
+    config_path = confined_file(path, "adapter_config.json", str(path))
     try:
-        cfg = json.loads((path / "adapter_config.json").read_text())
-    except ValueError as e:
-        raise OmnimergeError(f"{path / 'adapter_config.json'}: not valid JSON ({e})") from None
+        cfg = json.loads(config_path.read_text(encoding="utf-8"))
+        check_adapter_config(cfg)
+    except (ValueError, OSError, RecursionError) as e:
+        raise OmnimergeError(f"{config_path}: not a valid LoRA adapter config ({e})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise OmnimergeError(f"{path}: a {cfg.get('peft_type')} adapter; only LoRA adapters can be merged")
     if cfg.get("use_dora"):
         raise OmnimergeError(f"{path}: DoRA adapters are not supported; merge it into its base with PEFT first")
+    chain = chain + (path.resolve(),)
     base_spec = base_override or cfg.get("base_model_name_or_path")
     if not base_spec:
         raise OmnimergeError(
             f"{path}: adapter_config.json names no base_model_name_or_path; set `lora_base:` on this model in the recipe"
         )
+    weights = _adapter_weights(path, allow_pickle)  # before the base: a missing file is named at once
     base = load_checkpoint(base_spec, name=f"{name} (base {base_spec})", relative_to=relative_to,
-                           allow_pickle=allow_pickle)
-    weights = path / "adapter_model.safetensors"
-    if weights.is_file():
-        from .sources import SafetensorsSource
-
-        adapter: TensorSource = SafetensorsSource([weights], path)
-    else:
-        adapter = open_weights(path, allow_pickle)
-    source = LoraSource(base, adapter, cfg, path)
+                           allow_pickle=allow_pickle, _adapter_chain=chain)
+    source = LoraSource(base, weights, cfg, path)
     return Checkpoint(name, path, base.config, source, base.family, base.inferred, base.note,
                       lora={"adapter": str(path), "base": str(base.path), "r": cfg.get("r"),
                             "lora_alpha": cfg.get("lora_alpha"), "updated": len(source.updates)})
+
+
+def check_adapter_chain(path: Path, chain: tuple[Path, ...]) -> None:
+    """An adapter whose base is (through other adapters) itself, or a chain too long to be meant."""
+    real = path.resolve()
+    if real in chain:
+        loop = " -> ".join(str(p) for p in chain[chain.index(real):] + (real,))
+        raise OmnimergeError(f"LoRA adapters name each other as base in a cycle: {loop}; set base_model_name_or_path "
+                             "(or `lora_base:` in the recipe) to the full model the adapter was trained on")
+    if len(chain) >= MAX_ADAPTER_CHAIN:
+        raise OmnimergeError(f"{chain[0]}: its base is an adapter of an adapter ... {len(chain)} levels deep; set "
+                             "`lora_base:` in the recipe to the full model")
+
+
+def _adapter_weights(path: Path, allow_pickle: bool) -> TensorSource:
+    from .sources import PickleSource, SafetensorsSource
+
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        return SafetensorsSource(confined_files(path, [weights], "adapter weights"), path)
+    pickled = path / "adapter_model.bin"
+    if pickled.is_file():
+        if not allow_pickle:
+            raise OmnimergeError(f"{path}: has no adapter_model.safetensors, only the pickle adapter_model.bin. Pickles "
+                                 "can run arbitrary code when loaded; convert it to safetensors, or pass --allow-pickle "
+                                 "if you trust the source")
+        return PickleSource(confined_files(path, [pickled], "adapter weights"), path)
+    raise OmnimergeError(f"{path}: adapter_model.safetensors is missing — the folder has adapter_config.json but not "
+                         "the adapter's weights; copy adapter_model.safetensors into it")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +29,17 @@ DTYPES: dict[str, torch.dtype] = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000  # the safetensors library's limit on the JSON header
+MAX_BYTES = 2**64 - 1  # offsets and sizes are unsigned 64-bit in the format
 
 
 @dataclass(frozen=True)
@@ -49,53 +54,147 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+class HeaderError(ValueError):
+    """What is wrong with a safetensors header (the file's path is added by the caller)."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise HeaderError(f"the name '{k}' appears twice in the header")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str):
+    raise HeaderError(f"the header holds {name}, which is not JSON")
+
+
+def header_length(head: bytes, size: int) -> int:
+    """The JSON header's length from the file's first 8 bytes, checked against the file's ``size``."""
+    if len(head) < 8:
+        raise HeaderError(f"the file is {size} bytes long, shorter than the 8-byte header length that starts a "
+                          "safetensors file")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > size:
+        what = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "data"
+        raise HeaderError(f"its first 8 bytes are {what}, not the header length of a safetensors file of {size} "
+                          "bytes (the file is in another format, or it is truncated)")
+    if n < 2:
+        raise HeaderError(f"the header is {n} byte(s) long, too short for a JSON object")
+    return n
+
+
+def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
+    """Validate a safetensors JSON header as strictly as the safetensors library does.
+
+    Returns (metadata, {name: (dtype, shape, begin, end)}) with offsets relative to the data section
+    of ``data_len`` bytes. Raises :class:`HeaderError` naming what is wrong: not UTF-8 JSON, not an
+    object, duplicate names, ``__metadata__`` that is not string to string, an unknown dtype, a
+    shape that is not a list of non-negative integers, offsets that are not two ordered integers,
+    a byte count that disagrees with dtype × shape or overflows, tensors that overlap or leave
+    gaps, or data that does not end where the file does.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HeaderError(f"the header is not UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text.startswith("{"):
+        raise HeaderError("the header is not a JSON object (it does not start with '{')")
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except HeaderError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise HeaderError(f"the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise HeaderError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise HeaderError("__metadata__ must map strings to strings")
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+    for name, spec in header.items():
+        tensors[name] = _entry(name, spec)
+    for name, (_, _, begin, end) in tensors.items():
+        if end > data_len:
+            raise HeaderError(f"tensor '{name}' ends at data byte {end}, the file holds only {data_len} data bytes; "
+                              "the file is truncated")
+    expected = 0  # tensors sorted by offset must tile the data section exactly
+    for name, (_, _, begin, end) in sorted(tensors.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != expected:
+            what = "overlaps the tensor before it" if begin < expected else f"leaves a gap of {begin - expected} bytes"
+            raise HeaderError(f"tensor '{name}' starts at data byte {begin}, which {what} (tensors must follow each "
+                              "other without gaps or overlaps)")
+        expected = end
+    if expected != data_len:
+        if expected > data_len:
+            raise HeaderError(f"the tensors need {expected} data bytes, the file holds only {data_len}; the file is "
+                              "truncated")
+        raise HeaderError(f"the tensors take {expected} data bytes, the file holds {data_len}: "
+                          f"{data_len - expected} bytes belong to no tensor")
+    return metadata, tensors
+
+
+def _entry(name: str, spec) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    if not isinstance(spec, dict):
+        raise HeaderError(f"tensor '{name}': its entry is a {type(spec).__name__}, not an object with dtype, shape "
+                          "and data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in spec]
+    if missing:
+        raise HeaderError(f"tensor '{name}': the entry lacks {', '.join(missing)}")
+    dtype_name, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise HeaderError(f"tensor '{name}': unknown dtype {dtype_name!r} (known: {', '.join(DTYPES)})")
+    dtype = DTYPES[dtype_name]
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise HeaderError(f"tensor '{name}': shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) and 0 <= x <= MAX_BYTES
+                                                                        for x in offsets)):
+        raise HeaderError(f"tensor '{name}': data_offsets {offsets!r} is not a pair of non-negative integers")
+    begin, end = offsets
+    if end < begin:
+        raise HeaderError(f"tensor '{name}': data_offsets [{begin}, {end}] end before they begin")
+    nbytes = _element_size(dtype)
+    for s in shape:
+        nbytes *= s
+        if nbytes > MAX_BYTES:
+            raise HeaderError(f"tensor '{name}': shape {shape} overflows (more bytes than a file can hold)")
+    if end - begin != nbytes:
+        raise HeaderError(f"tensor '{name}' has inconsistent offsets: [{begin}, {end}] spans {end - begin} bytes, "
+                          f"its {dtype_name} shape {shape} needs {nbytes}")
+    return dtype, tuple(shape), begin, end
+
+
 class SafetensorsFile:
     """Header of one safetensors file, validated against the file size; reads tensors on demand."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            size = self.path.stat().st_size
+            if not stat.S_ISREG(os.stat(self.path).st_mode):  # a FIFO or a device would block or never end
+                raise HeaderError("it is not a regular file")
             with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise ValueError("file shorter than the 8-byte header length")
-                (n,) = struct.unpack("<Q", head)
-                if n > _MAX_HEADER or 8 + n > size:
-                    raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
-                header = json.loads(f.read(n))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise OmnimergeError(
-                f"{self.path}: not a readable safetensors file ({e}); the file is truncated or corrupt — "
-                "download or save it again"
-            ) from None
-        if not isinstance(header, dict):
-            raise OmnimergeError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.tensors: dict[str, TensorInfo] = {}
-        data_start, data_len = 8 + n, size - 8 - n
-        end_max = 0
-        for name, spec in header.items():
-            try:
-                dtype = DTYPES[spec["dtype"]]
-                shape = tuple(int(s) for s in spec["shape"])
-                begin, end = (int(x) for x in spec["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise OmnimergeError(
-                    f"{self.path}: corrupt safetensors header entry for tensor '{name}' ({spec!r})"
-                ) from None
-            numel = 1
-            for s in shape:
-                numel *= s
-            if end - begin != numel * _element_size(dtype) or begin < 0:
-                raise OmnimergeError(f"{self.path}: tensor '{name}' has inconsistent offsets in the header")
-            if end > data_len:
-                raise OmnimergeError(
-                    f"{self.path}: tensor '{name}' ends at byte {end} but the file holds only {data_len} "
-                    "data bytes; the file is truncated — download or save it again"
-                )
-            end_max = max(end_max, end)
-            self.tensors[name] = TensorInfo(dtype, shape, data_start + begin, end - begin)
+                size = os.fstat(f.fileno()).st_size
+                n = header_length(f.read(8), size)
+                raw = f.read(n)
+            self.metadata, entries = parse_header(raw, size - 8 - n)
+        except HeaderError as e:
+            raise OmnimergeError(f"{self.path}: corrupt safetensors file: {e}. Download or save it again") from None
+        except OSError as e:
+            raise OmnimergeError(f"{self.path}: cannot be read ({e.strerror or e})") from None
+        data_start = 8 + n
+        self.size = size
+        self.tensors: dict[str, TensorInfo] = {
+            name: TensorInfo(dtype, shape, data_start + begin, end - begin)
+            for name, (dtype, shape, begin, end) in entries.items()
+        }
 
     def read(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
@@ -103,13 +202,17 @@ class SafetensorsFile:
         if info.nbytes == 0:
             return out
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
-        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise OmnimergeError(f"{self.path}: cannot be read ({e.strerror or e})") from None
         try:
             done = 0
             while done < info.nbytes:
                 got = os.preadv(fd, [buf[done:]], info.start + done)
                 if got <= 0:
-                    raise OmnimergeError(f"{self.path}: unexpected end of file while reading tensor '{name}'")
+                    raise OmnimergeError(f"{self.path}: unexpected end of file while reading tensor '{name}'; the "
+                                         "file was truncated after it was opened")
                 done += got
         finally:
             os.close(fd)
