@@ -81,7 +81,7 @@ class BenchConfig:
     base_lr: float = 3e-3
     instruct_lr: float = 1e-3
     expert_lr: float = 2.5e-4
-    lora_lr: float = 6e-4
+    lora_lr: float = 1.2e-4
     text_lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_frac: float = 0.05

@@ -103,12 +103,12 @@ def _link(link: Path, target: Path) -> None:
 
 
 def build_zoo(cfg: BenchConfig, root, *, settings=SETTINGS, text_llm: bool = True, log: Callable[[str], None] | None = print,
-              on_step: Callable[[str, int], None] | None = None, on_done: Callable[[str, bool], None] | None = None,
-              ) -> Path:
+              on_start: Callable[[str], None] | None = None, on_step: Callable[[str, int], None] | None = None,
+              on_done: Callable[[str, bool], None] | None = None) -> Path:
     """Train every model of :func:`zoo_plan` that the cache under ``root`` does not hold yet; returns
     the zoo folder ``root/<cfg.cache_key()>/`` (links to the cached models). Each model's
     ``bench.json`` records its config, training steps, seconds (wall and CPU) and first/last losses.
-    ``on_step(name, step)`` is called after every training step, ``on_done(name, trained)`` after
+    ``on_start(name)`` is called before a model is trained, ``on_step(name, step)`` after every step, ``on_done(name, trained)`` after
     each model (``trained`` False when it came from the cache)."""
     root = Path(root)
     plan = zoo_plan(cfg, settings, text_llm=text_llm)
@@ -125,6 +125,8 @@ def build_zoo(cfg: BenchConfig, root, *, settings=SETTINGS, text_llm: bool = Tru
             if on_done:
                 on_done(m.name, False)
             continue
+        if on_start:
+            on_start(m.name)
         processor = processor or build_processor(cfg)
         parent = zoo / m.parent if m.parent else None
         wall, cpu, history = time.perf_counter(), time.process_time(), []
