@@ -80,7 +80,7 @@ class BenchConfig:
     text_steps: int = 800     # the text LLM (arithmetic learns slowly: 0.50 after 1250 steps of 32 in a probe)
     base_lr: float = 3e-3
     instruct_lr: float = 1e-3
-    expert_lr: float = 2.5e-4
+    expert_lr: float = 1.2e-4
     lora_lr: float = 1.2e-4
     text_lr: float = 2e-3
     weight_decay: float = 0.0
@@ -95,8 +95,8 @@ class BenchConfig:
     # data and seeds
     instruct_items: int = 400   # per vision task: the instruction stage's small pool
     train_items: int = 4000     # per task: the experts' (and the multi-task models') training sets
-    val_items: int = 100
-    test_items: int = 500
+    val_items: int = 50
+    test_items: int = 300
     seed: int = 0           # model initialisation and training order
     data_seed: int = 0      # task generation
     eval_batch_size: int = 250

@@ -48,7 +48,7 @@ __all__ = ["SETTINGS", "BenchResult", "bench", "capability_recipe", "backbone_re
 
 SCALE_PARAMS = ("lambda", "alpha")
 SCALE_GRID = (0.3, 0.6, 1.0)      # five task vectors summed want a scale well under 1
-DENSITY_GRID = (0.2, 0.5)
+DENSITY_GRID: tuple[float, ...] = ()   # densities swept besides the default (none: the run's budget)
 
 
 @dataclass
@@ -109,7 +109,8 @@ def method_defaults(method: str) -> dict[str, Any]:
 
 def sweep_grid(method: str) -> list[dict[str, Any]]:
     """The validation sweep of a method: its scale (``lambda`` or ``alpha``) over :data:`SCALE_GRID` and
-    its ``density`` over :data:`DENSITY_GRID`, each with the method's default value added; ``[{}]``
+    its ``density`` over :data:`DENSITY_GRID` (when that is not empty), each with the method's default
+    value added; ``[{}]``
     (defaults only) for a method with neither. The defaults' own point comes first, so that on a tie
     the defaults stand."""
     defaults = method_defaults(method)
@@ -118,7 +119,7 @@ def sweep_grid(method: str) -> list[dict[str, Any]]:
         if p in defaults:
             axes[p] = _with_default(SCALE_GRID, defaults[p])
             break
-    if "density" in defaults:
+    if "density" in defaults and DENSITY_GRID:
         axes["density"] = _with_default(DENSITY_GRID, defaults["density"])
     if not axes:
         return [{}]
