@@ -76,3 +76,25 @@ def test_lora_without_base_is_a_clear_error(zoo, tmp_path):
         omnimerge.merge({"method": "average", "models": [{"path": str(adapter)}]}, tmp_path / "out")
     omnimerge.merge({"method": "average", "models": [{"path": str(adapter), "lora_base": str(zoo.base("qwen2"))}],
                      "skeleton": str(zoo.base("qwen2"))}, tmp_path / "out")
+
+
+def test_wudi2_auto_resolves_from_the_inputs_at_plan_time(zoo, tmp_path):
+    """wudi2's variant and alpha are decided once per merge: LoRA adapters -> lora at alpha 1.0; full
+    checkpoints (here, the same adapters merged into full weights) -> full at alpha 0.1."""
+    from omnimerge.plan import build_plan
+
+    base = zoo.base("qwen2")
+    adapters, fulls = [], []
+    for i in range(2):
+        a, merged = make_adapter(base, tmp_path / f"a{i}", "Qwen2ForCausalLM", targets=["q_proj"], seed=i)
+        merged.save_pretrained(tmp_path / f"full{i}")
+        adapters.append(str(a))
+        fulls.append(str(tmp_path / f"full{i}"))
+    for paths, want in ((adapters, {"variant": "lora", "alpha": 1.0}), (fulls, {"variant": "full", "alpha": 0.1}),
+                        (adapters[:1] + fulls[:1], {"variant": "full", "alpha": 0.1})):
+        plan = build_plan({"method": "wudi2", "base": str(base), "models": [{"path": p} for p in paths]})
+        merged_jobs = [j for j in plan.jobs if j.action == "merge"]
+        assert merged_jobs and all({k: j.params[k] for k in want} == want for j in merged_jobs)
+    plan = build_plan({"method": "wudi2", "base": str(base), "models": [{"path": p} for p in adapters],
+                       "parameters": {"variant": "full", "alpha": 0.5}})
+    assert all(j.params["variant"] == "full" and j.params["alpha"] == 0.5 for j in plan.jobs if j.action == "merge")

@@ -8,7 +8,7 @@ import torch
 
 import omnimerge.methods.wudi  # noqa: F401  (registers the methods)
 from omnimerge.errors import OmnimergeError
-from omnimerge.methods import MethodContext, get_method
+from omnimerge.methods import InputFacts, MethodContext, get_method
 from omnimerge.methods.ranks import choose_rank
 
 KEY = "language.layers.0.mlp.up_proj.weight"
@@ -29,6 +29,7 @@ def ctx(key=KEY, seed=0):
 
 
 def run(name, base, models, key=KEY, **params):
+    params.setdefault("alpha", 1.0)  # the definitions are checked at α = 1; the defaults have their own test
     c = ctx(key)
     return get_method(name)(base, models, c, **params), c.info
 
@@ -80,15 +81,46 @@ def test_registrations_and_defaults():
     for name, ref in refs.items():
         m = get_method(name)
         assert m.needs_base and ref in m.reference and m.summary
-        assert m.param("alpha").default == 1.0 and m.param("fallback").default == "mean"
+        assert m.param("fallback").default == "mean"
+    # alpha: WUDI's paper scale; the reference MLLM runs' scales for the others (wudi2: from the variant)
+    assert [get_method(n).param("alpha").default for n in refs] == [1.0, "auto", 0.3, 0.3]
+    for name in ("wudi2", "swudi", "aswudi"):
+        assert "MLLMerging" in get_method(name).defaults_from and ".py:" in get_method(name).defaults_from
     w = get_method("wudi")
     assert (w.param("solver").default, w.param("steps").default, w.param("lr").default) == ("iterative", 300, 1e-5)
     w2 = get_method("wudi2")
-    assert [w2.param(p).default for p in ("variant", "rank", "solver")] == ["full", "1/T", "auto"]
+    assert [w2.param(p).default for p in ("variant", "rank", "solver")] == ["auto", "1/T", "auto"]
     s = get_method("swudi")
     assert (s.param("t").default, s.param("rho").default, s.param("init").default, s.param("filter").default) == (
         300.0, 0.85, "sum", True)
     assert get_method("aswudi").param("rank").default == "participation_sqrt"
+
+
+def test_wudi2_auto_variant_and_alpha_follow_the_inputs():
+    w2 = get_method("wudi2")
+    auto = {"alpha": "auto", "variant": "auto"}
+    assert w2.resolved(auto, InputFacts(lora_experts=True)) == {"alpha": 1.0, "variant": "lora"}
+    assert w2.resolved(auto, InputFacts(lora_experts=False)) == {"alpha": 0.1, "variant": "full"}
+    # a named variant or alpha is kept; alpha auto follows the named variant
+    assert w2.resolved({"alpha": "auto", "variant": "lora"}, InputFacts()) == {"alpha": 1.0, "variant": "lora"}
+    assert w2.resolved({"alpha": 0.5, "variant": "auto"}, InputFacts(lora_experts=True)) == {
+        "alpha": 0.5, "variant": "lora"}
+    with pytest.raises(OmnimergeError, match="alpha"):
+        w2.param("alpha").validate("big", "recipe")
+    # called directly (no plan, no facts): the full-fine-tune choices, i.e. the same as naming them
+    base, models, _ = setup((12, 10), 3)
+    c_auto, c_named = ctx(KEY), ctx(KEY)
+    out_auto = get_method("wudi2")(base, models, c_auto)
+    out_named = get_method("wudi2")(base, models, c_named, alpha=0.1, variant="full")
+    assert torch.equal(out_auto, out_named) and c_auto.info["variant"] == "full"
+
+
+def test_swudi_default_alpha_scales_the_alpha_one_result():
+    base, models, _ = setup((12, 10), 3)
+    for name in ("swudi", "aswudi"):
+        one = get_method(name)(base, models, ctx(KEY), alpha=1.0)
+        default = get_method(name)(base, models, ctx(KEY))
+        torch.testing.assert_close(default - base, 0.3 * (one - base), rtol=1e-6, atol=1e-12)
 
 
 def test_parameter_validation():

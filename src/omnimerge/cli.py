@@ -167,13 +167,16 @@ def methods(as_json: bool = typer.Option(False, "--json", help="print JSON")):
     ms = list_methods()
     if as_json:
         print(json.dumps([{"name": m.name, "needs_base": m.needs_base, "summary": m.summary, "reference": m.reference,
-                           "parameters": [{"name": p.name, "type": p.type_name, "default": p.default,
+                           "defaults_from": m.defaults_from, "needs_calibration": list(m.calibration), "parameters": [{"name": p.name, "type": p.type_name, "default": p.default,
                                            "range": p.range_text(), "per_model": p.per_model, "help": p.help}
                                           for p in m.params]} for m in ms], indent=2))
         return
     for m in ms:
-        out.print(f"[bold]{m.name}[/]{' (needs base)' if m.needs_base else ''} — {m.summary}")
+        needs = [w for w, yes in (("needs base", m.needs_base), ("needs calibration", m.needs_calibration)) if yes]
+        out.print(f"[bold]{m.name}[/]{' (' + ', '.join(needs) + ')' if needs else ''} — {m.summary}")
         out.print(f"  [dim]{escape(m.reference)}[/]")
+        if m.defaults_from:
+            out.print(f"  [dim]defaults: {escape(m.defaults_from)}[/]")
         for p in m.params:
             scope = "per model" if p.per_model else "global"
             out.print(escape(f"  {p.name}: {p.type_name} = {p.default!r}  [{p.range_text()}; {scope}]  {p.help}"))

@@ -62,7 +62,10 @@ def run_demo(workdir: str | Path, console: Console | None = None) -> list[dict]:
     console.print(f"building tiny models in {work} ...")
     base, experts, text = build_demo_models(work)
     rows = []
+    data_aware = [m.name for m in list_methods() if m.needs_calibration]
     for method in list_methods():
+        if method.needs_calibration:  # they learn from samples rendered by a processor; the bench runs them
+            continue
         recipe = {
             "method": method.name,
             "models": [{"path": str(e)} for e in experts[: method.max_models]],  # slerp takes one
@@ -80,6 +83,9 @@ def run_demo(workdir: str | Path, console: Console | None = None) -> list[dict]:
     for r in rows:
         table.add_row(r["name"], f"{r['seconds']:.2f}", "ok" if r["ok"] else "FAIL", f"{r['cos']:.3f}", f"{r['ratio']:.3f}")
     console.print(table)
+    if data_aware:
+        console.print(f"not in the demo: {', '.join(data_aware)} learn from calibration samples per model "
+                      "(`calibration:` in the recipe; `omnimerge bench` runs them)")
     console.print(f"outputs are in {work}; inspect one with `omnimerge inspect {work / 'merged-ties'}`")
     return rows
 

@@ -25,7 +25,7 @@ from .checkpoints.card import model_card
 from .checkpoints.output import OutputFolder, model_files, shard_filenames, write_json
 from .checkpoints.safetensors_io import StreamingSafetensorsWriter
 from .errors import OmnimergeError
-from .methods import MethodContext
+from .methods import MethodContext, get_method
 from .plan import Job, Plan, build_plan
 from .recipe import ComponentMethod, Take, load_recipe, parse_recipe
 
@@ -78,6 +78,12 @@ def _compute_inputs(plan: Plan, job: Job, tensors: list[torch.Tensor], device: s
     return [t.to(device=device) if keep(i, t) else t.to(device=device, dtype=cd) for i, t in enumerate(tensors)]
 
 
+def method_context(job: Job, device: str) -> MethodContext:
+    """A merge job's context: its key, its RNG (seeded per tensor), and its calibration statistics if any."""
+    stats = job.stats.for_key(job.canonical) if job.stats is not None else None
+    return MethodContext(job.canonical, torch.Generator(device=device).manual_seed(job.seed), stats=stats)
+
+
 def compute(plan: Plan, job: Job, tensors: list[torch.Tensor], device: str) -> tuple[torch.Tensor, dict[str, Any]]:
     """One job's output tensor (on the CPU, in the job's dtype) and facts for the report."""
     if job.action == "copy":
@@ -89,8 +95,7 @@ def compute(plan: Plan, job: Job, tensors: list[torch.Tensor], device: str) -> t
         xs = [x[: job.rows] for x in xs]
     base = xs[0] if plan.base is not None else None
     models = xs[1:] if plan.base is not None else xs
-    gen = torch.Generator(device=device).manual_seed(job.seed)
-    ctx = MethodContext(job.canonical, gen)
+    ctx = method_context(job, device)
     out = job.method(base, models, ctx, **job.params)
     if not _all_finite(out):
         raise OmnimergeError(f"method '{job.method.name}' produced NaN/Inf for '{job.out_key}'; check its parameters")
@@ -159,7 +164,7 @@ def compute_many(plan: Plan, jobs: list[Job], inputs: list[list[torch.Tensor]],
         xs = [next(moved).to(plan.compute_dtype) for _ in ts]
         base = xs[0] if plan.base is not None else None
         models = xs[1:] if plan.base is not None else xs
-        ctx = MethodContext(job.canonical, torch.Generator(device=device).manual_seed(job.seed))
+        ctx = method_context(job, device)
         out = job.method(base, models, ctx, **job.params)
         o = out.float()
         delta = (out - base).float().norm() if base is not None else o.new_zeros(())
@@ -472,12 +477,20 @@ def merge(recipe, out: str | Path | None = None, *, force: bool = False, dry_run
     if recipe.skeletons and (as_lora is not None or push_to_hub):
         raise OmnimergeError("--as-lora and --push-to-hub take a recipe with one skeleton; `skeletons:` writes "
                              "several outputs (upload each folder with `hf upload REPO FOLDER`)")
+    if recipe.skeletons and any(get_method(m).needs_calibration for m in _recipe_methods(recipe)):
+        raise OmnimergeError("data-aware methods merge into one skeleton; run one recipe per skeleton")
     if recipe.skeletons:
         from .modality import merge_skeletons
 
         return merge_skeletons(recipe, out, force=force, dry_run=dry_run, device=device, allow_pickle=allow_pickle,
                                progress=progress, relative_to=relative_to)
     plan = build_plan(recipe, relative_to=relative_to, allow_pickle=allow_pickle)
+    if plan.needs_statistics and not dry_run:
+        if out is not None:  # the output folder's problems before minutes of forward passes
+            OutputFolder(out, force, protect=[m.path for m in plan.inputs()])
+        from .calibration import attach_statistics
+
+        attach_statistics(plan, device=device, log=(lambda msg: print(msg, file=sys.stderr)) if progress is not False else None)
     if as_lora is not None:
         from .lora_out import write_lora
 
@@ -491,6 +504,10 @@ def merge(recipe, out: str | Path | None = None, *, force: bool = False, dry_run
         raise OmnimergeError("no output folder given")
     return _push(execute(plan, out, force=force, device=device, progress=progress, executor=executor,
                          ray_address=ray_address), push_to_hub, private)
+
+
+def _recipe_methods(recipe) -> list[str]:
+    return [recipe.method] + [p.method for p in recipe.components.values() if isinstance(p, ComponentMethod)]
 
 
 def _push(result: MergeResult, repo: str | None, private: bool) -> MergeResult:

@@ -18,8 +18,8 @@ from .checkpoints.checkpoint import Checkpoint, load_checkpoint
 from .checkpoints.safetensors_io import tensor_nbytes
 from .errors import OmnimergeError
 from .families.align import COMPONENTS, component_of
-from .methods import Method, get_method
-from .recipe import ComponentMethod, ModelEntry, ParamValue, Recipe, Take, parse_recipe, pick
+from .methods import InputFacts, Method, get_method
+from .recipe import CalibrationOptions, ComponentMethod, ModelEntry, ParamValue, Recipe, Take, parse_recipe, pick
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ROW_ALIGNED = ("embed.weight", "lm_head.weight")  # may differ in vocabulary size
@@ -41,6 +41,7 @@ class Job:
     rows: int | None = None  # merge only the first `rows` rows (vocabularies of different sizes)
     seed: int = 0
     note: str = ""
+    stats: Any = None  # merge with a data-aware method: a calibration.StatsSource (set by the statistics stage)
 
     @property
     def nbytes(self) -> int:
@@ -58,6 +59,11 @@ class Plan:
     notes: list[str]
     compute_dtype: torch.dtype
     refs: dict[str, Checkpoint] = field(default_factory=dict)  # every spec in the recipe -> its checkpoint
+    calibration: list[Path] | None = None  # per model, when a method learns from calibration samples
+
+    @property
+    def needs_statistics(self) -> bool:
+        return any(j.method is not None and j.method.needs_calibration for j in self.jobs if j.action == "merge")
 
     @property
     def out_bytes(self) -> int:
@@ -208,6 +214,7 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
 
     notes = [f"{c.name}: {c.note}" for c in dict.fromkeys([skeleton, *models] + ([base] if base else [])) if c.note]
     inputs = ([base] if base else []) + models
+    facts = InputFacts(lora_experts=bool(models) and all(m.lora is not None for m in models))
     entries = list(recipe.models)
     out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else None
     jobs: list[Job] = []
@@ -236,13 +243,38 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
             comp_params = pol.parameters if isinstance(pol, ComponentMethod) else {}
             glob = recipe.parameters if method is methods["*"] else {}
             job.action, job.method, job.note = "merge", method, ""
-            job.params = resolve_params(method, canon, entries, comp_params, glob)
+            job.params = method.resolved(resolve_params(method, canon, entries, comp_params, glob), facts)
             job.rows = rows
             job.seed = tensor_seed(recipe.seed, canon)
             if rows is not None:
                 job.note = f"rows 0..{rows - 1} merged, the rest kept (vocabulary sizes differ)"
         jobs.append(job)
-    return Plan(recipe, skeleton, base, models, tok, jobs, notes, DTYPES[recipe.dtype], cache | by_label)
+    calibration = _check_calibration(recipe, methods, rel, skeleton)
+    return Plan(recipe, skeleton, base, models, tok, jobs, notes, DTYPES[recipe.dtype], cache | by_label, calibration)
+
+
+def _check_calibration(recipe: Recipe, methods: dict[str, Method], rel: Path | None,
+                       skeleton: Checkpoint) -> list[Path] | None:
+    """Every model's calibration file, validated, when a method learns from samples (None otherwise)."""
+    needing = sorted({m.name for m in methods.values() if m.needs_calibration})
+    if not needing:
+        return None
+    from .calibration import load_samples
+
+    settings = recipe.calibration or CalibrationOptions()
+    files = []
+    for i, e in enumerate(recipe.models):
+        if not e.calibration:
+            raise OmnimergeError(
+                f"models[{i}] ({e.label}): method {', '.join(needing)} learns from unlabeled samples of each model; "
+                "add `calibration: samples.jsonl` to every model (one {\"text\": ..., \"image\": ...} per line)"
+            )
+        path = Path(e.calibration)
+        if not path.is_absolute() and rel is not None:
+            path = rel / path
+        load_samples(path, limit=settings.samples, images=skeleton.family.kind == "vlm")
+        files.append(path)
+    return files
 
 
 def _require(m: Checkpoint, canon: str, shape, raw: str, comp: str, skeleton: Checkpoint,

@@ -54,14 +54,15 @@ def pick(value: ParamValue, key: str):
 class ModelEntry(BaseModel):
     """An input model: ``path`` (folder, LoRA adapter folder or cached hub id) plus per-model parameters.
 
-    Any key besides ``path``, ``name`` and ``lora_base`` is a per-model parameter of the method,
-    e.g. ``weight: 0.3`` or ``density: [{filter: 'mlp', value: 0.5}, {value: 0.2}]``.
+    Any key besides ``path``, ``name``, ``lora_base`` and ``calibration`` is a per-model parameter of the
+    method, e.g. ``weight: 0.3`` or ``density: [{filter: 'mlp', value: 0.5}, {value: 0.2}]``.
     """
 
     model_config = ConfigDict(extra="allow")
     path: str
     name: str | None = None
     lora_base: str | None = Field(None, description="base model of a LoRA adapter, if its adapter_config lacks one")
+    calibration: str | None = Field(None, description="JSONL of unlabeled samples for data-aware methods")
 
     @property
     def label(self) -> str:
@@ -101,6 +102,15 @@ class Take(BaseModel):
 Policy = Union[Literal["merge", "keep"], Take, ComponentMethod]
 
 
+class CalibrationOptions(BaseModel):
+    """How data-aware methods use each model's ``calibration`` samples."""
+
+    model_config = ConfigDict(extra="forbid")
+    samples: int = Field(32, ge=1, le=100_000, description="samples per model (the first lines of its file)")
+    batch_size: int = Field(4, ge=1, le=4096)
+    max_tokens: int = Field(512, ge=1, le=1_000_000, description="longest sample, in tokens")
+
+
 class Recipe(BaseModel):
     """A merge recipe. See docs/recipes.md for every field."""
 
@@ -117,6 +127,7 @@ class Recipe(BaseModel):
     seed: int = 0
     tokenizer_source: str | None = None
     shard_size: Union[int, str] = "5GB"
+    calibration: CalibrationOptions | None = None
 
     @field_validator("shard_size", mode="before")
     @classmethod

@@ -16,6 +16,10 @@ A method function has the signature::
 * The result is the merged tensor (not a delta) with the same shape as the inputs.
 * ``ctx.generator`` is the only source of randomness allowed (seeded per tensor by the engine);
   ``ctx.info`` is a dict the method may fill with facts for report.json (e.g. the rank it chose).
+* A data-aware method (registered with ``calibration=(kinds...)``) also gets ``ctx.stats``: one mapping
+  per model of the statistics its calibration samples gave for this tensor (e.g. ``gram``, the
+  Gram matrix of the layer's inputs, or ``fisher``, the diagonal Fisher). A tensor with no statistics
+  (an embedding, a norm) gets an empty mapping, and the method says what it does then.
 """
 
 from __future__ import annotations
@@ -38,6 +42,15 @@ class MethodContext:
     key: str
     generator: torch.Generator
     info: dict[str, Any] = field(default_factory=dict)
+    stats: tuple[dict[str, torch.Tensor], ...] | None = None  # per model, for data-aware methods
+
+
+@dataclass(frozen=True)
+class InputFacts:
+    """What the plan knows about a merge's inputs before reading a tensor, for parameters whose
+    default depends on them (``auto`` values, resolved once per merge so every tensor agrees)."""
+
+    lora_experts: bool = False  # every model is a LoRA adapter over the base
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,18 @@ class Method:
     min_models: int = 1  # how many models (besides the base) the method takes
     max_models: int | None = None
     models_as_read: bool = False  # models may arrive in their read dtype (see the module doc)
+    # ``resolve(params, facts) -> params``: replaces ``auto`` values from the inputs' facts, once per merge
+    resolve: Callable[[dict[str, Any], InputFacts], dict[str, Any]] | None = None
+    defaults_from: str = ""  # where the defaults come from (the reference code, file and line)
+    calibration: tuple[str, ...] = ()  # statistics the method needs from calibration samples (empty: data-free)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.calibration)
+
+    def resolved(self, params: dict[str, Any], facts: InputFacts) -> dict[str, Any]:
+        """``params`` with every ``auto`` value decided from ``facts`` (unchanged without a resolver)."""
+        return dict(params) if self.resolve is None else self.resolve(dict(params), facts)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -149,9 +174,13 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, reference: str, summary: str,
-             min_models: int = 1, max_models: int | None = None, models_as_read: bool = False):
+             min_models: int = 1, max_models: int | None = None, models_as_read: bool = False,
+             resolve: Callable[[dict[str, Any], InputFacts], dict[str, Any]] | None = None, defaults_from: str = "",
+             calibration: tuple[str, ...] = ()):
     """Decorator: register ``fn`` as method ``name`` (taking min_models..max_models models besides the base;
-    ``models_as_read``: see the module doc)."""
+    ``models_as_read``: see the module doc; ``resolve``: see :meth:`Method.resolved`; ``defaults_from``: the
+    source of the defaults, shown by ``omnimerge methods``; ``calibration``: the statistics a data-aware method
+    needs, see :class:`MethodContext`)."""
 
     def deco(fn):
         if name in _REGISTRY:
@@ -159,7 +188,7 @@ def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, ref
         if models_as_read and not needs_base:
             raise ValueError(f"method {name!r}: models_as_read needs a base (models are used as m - base)")
         _REGISTRY[name] = Method(name, fn, tuple(params), needs_base, reference, summary, min_models, max_models,
-                                 models_as_read)
+                                 models_as_read, resolve, defaults_from, tuple(calibration))
         return fn
 
     return deco

@@ -74,7 +74,7 @@ import torch
 from ..errors import OmnimergeError
 from .linalg import gram, leading_svd, spectrum
 from .ranks import RULE_DOC, check_rank_rule, choose_rank, needs_spectrum
-from .registry import MethodContext, Param, register
+from .registry import InputFacts, MethodContext, Param, register
 
 _WUDI_REF = (
     "Whoever Started the Interference Should End It: Guiding Data-Free Model Merging via Task Vectors "
@@ -84,6 +84,18 @@ _OPT_REF = (
     "Unifying Multimodal Large Language Model Capabilities and Modalities via Model Merging "
     "(Wei et al., 2025; OptMerge / WUDI v2), arXiv:2505.19892"
 )
+# Where the MLLM defaults come from: WalkerWorldPeace/MLLMerging (the OptMerge authors' code), LLaMA-Factory/.
+_WUDI2_DEFAULTS = (
+    "variant and alpha from the inputs, as the reference MLLM runs: LoRA experts (Qwen2-VL) -> variant lora, "
+    "SGD lr 1e-4 momentum 0.9 from the mean, alpha 1.0 (MLLMerging LLaMA-Factory/run_merge_wudi2.py:6 and :164); "
+    "full fine-tunes (InternVL2.5) -> variant full, Adam lr 1e-5 from the sum, alpha 0.1 "
+    "(LLaMA-Factory/run_merge_wudi2_internvl.py:6 and :166)"
+)
+_SWUDI_DEFAULTS = (
+    "alpha 0.3: the reference MLLM runs, where 1.0 'collapses MLLM outputs' (MLLMerging "
+    "LLaMA-Factory/run_merge_internvl.py:20-21 and :56-57); t 300, rho 0.85 for LLM/VLM deltas, init sum, "
+    "rank rule participation_sqrt (LLaMA-Factory/swudi_aswudi.py:81-83, :236-242; run_merge_internvl.py)"
+)
 _SWUDI_REF = (
     "omnimerge's closed-form spectral solution of the WUDI objective (gradient flow on the WUDI loss "
     "in closed form), after " + _WUDI_REF
@@ -92,6 +104,9 @@ _SWUDI_REF = (
 # --------------------------------------------------------------------------------------- params
 
 _ALPHA = Param("alpha", float, 1.0, "scale of the merged task vector: θ_base + alpha · τ_merged")
+# swudi / aswudi: the reference MLLM runs' scale (sum-initialised flows overshoot at 1.0 on MLLM deltas)
+_SPECTRAL_ALPHA = Param("alpha", float, 0.3, "scale of the merged task vector: θ_base + alpha · τ_merged "
+                                             "(0.3: the reference MLLM runs; 1.0 collapses MLLM outputs)")
 _FALLBACK = Param(
     "fallback", str, "mean", "what 1-D tensors and embed / lm_head get: the mean or the sum of the task vectors",
     choices=("mean", "sum"),
@@ -114,6 +129,27 @@ def _check_lr(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"must be a positive number or 'auto', got {value!r}")
     return float(value)
+
+
+def _check_alpha_or_auto(value):
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"must be a finite number or 'auto', got {value!r}")
+    return float(value)
+
+
+WUDI2_AUTO_ALPHA = {"full": 0.1, "lora": 1.0}  # the reference runs' scales per variant (see _WUDI2_DEFAULTS)
+
+
+def resolve_wudi2(params: dict, facts: InputFacts) -> dict:
+    """wudi2's ``auto`` values, once per merge: ``variant`` lora when every expert is a LoRA adapter, else
+    full; ``alpha`` the reference run's scale for that variant."""
+    if params.get("variant", "auto") == "auto":
+        params["variant"] = "lora" if facts.lora_experts else "full"
+    if params.get("alpha", "auto") == "auto":
+        params["alpha"] = WUDI2_AUTO_ALPHA[params["variant"]]
+    return params
 
 
 def _check_wudi2_rank(value):
@@ -610,11 +646,15 @@ def _keep_all(desc: torch.Tensor, rows: int, n: int) -> torch.Tensor:
 @register(
     "wudi2",
     params=(
-        _ALPHA,
-        Param("variant", str, "full",
+        Param("alpha", str, "auto", "scale of the merged task vector: θ_base + alpha · τ_merged (auto: 0.1 for "
+              "variant full, 1.0 for lora, as the reference runs)",
+              check=_check_alpha_or_auto, kind_text="float or auto", range_doc="a number, or auto"),
+        Param("variant", str, "auto",
               "full: targets rank-k(τ_i − τ̄) + τ̄, Adam from Σ τ_i; "
-              "lora: targets rank-k(τ_i), SGD with momentum from τ̄",
-              choices=("full", "lora")),
+              "lora: targets rank-k(τ_i), SGD with momentum from τ̄; "
+              "auto: lora when every expert is a LoRA adapter, else full (name it for LoRAs merged into full "
+              "checkpoints)",
+              choices=("auto", "full", "lora")),
         Param("rank", str, "1/T", "rank k of the targets and projectors (a rank rule, or 1/T: ⌊min(m, n)/T⌋)",
               check=_check_wudi2_rank, kind_text="rank rule",
               range_doc=RULE_DOC + ", or 1/T (⌊min(m, n)/T⌋, T = number of models; the default)"),
@@ -631,11 +671,14 @@ def _keep_all(desc: torch.Tensor, rows: int, n: int) -> torch.Tensor:
         _TRACE,
         _FALLBACK,
     ),
-    needs_base=True, reference=_OPT_REF,
+    needs_base=True, reference=_OPT_REF, resolve=resolve_wudi2, defaults_from=_WUDI2_DEFAULTS,
     summary="WUDI v2 (OptMerge): WUDI's objective on rank-k targets and projectors P_i = S_k V_kᵀ.",
 )
-def wudi2(base, models, ctx, alpha=1.0, variant="full", rank="1/T", solver="auto", steps=300, lr="auto",
+def wudi2(base, models, ctx, alpha="auto", variant="auto", rank="1/T", solver="auto", steps=300, lr="auto",
           momentum=0.9, trace=False, fallback="mean"):
+    # called without a plan (no facts about the inputs): auto means the full-fine-tune choices
+    resolved = resolve_wudi2({"alpha": alpha, "variant": variant}, InputFacts())
+    alpha, variant = resolved["alpha"], resolved["variant"]
     taus = _prepare(base, models, ctx, "wudi2")
     reason = _fallback_reason(base, ctx)
     if reason:
@@ -705,7 +748,7 @@ def wudi2(base, models, ctx, alpha=1.0, variant="full", rank="1/T", solver="auto
 @register(
     "swudi",
     params=(
-        _ALPHA,
+        _SPECTRAL_ALPHA,
         Param("t", float, 300.0, "flow time of the filter f(λ) = 1 − e^(−λt)",
               minimum=0.0, exclusive_minimum=True),
         Param("rho", float, 0.85, "fraction of C's n eigenvalues kept (the top ⌈ρ·n⌉)", minimum=0.0, maximum=1.0,
@@ -716,11 +759,11 @@ def wudi2(base, models, ctx, alpha=1.0, variant="full", rank="1/T", solver="auto
         _SPECTRAL_SOLVER,
         _FALLBACK,
     ),
-    needs_base=True, reference=_SWUDI_REF,
+    needs_base=True, reference=_SWUDI_REF, defaults_from=_SWUDI_DEFAULTS,
     summary="WUDI's gradient flow in closed form: τ = θ0 − θ0 Q f Qᵀ + D Q (f/λ) Qᵀ, "
             "f = (1 − e^(−λt))·top-⌈ρn⌉ mask.",
 )
-def swudi(base, models, ctx, alpha=1.0, t=300.0, rho=0.85, init="sum", filter=True, solver="fast",
+def swudi(base, models, ctx, alpha=0.3, t=300.0, rho=0.85, init="sum", filter=True, solver="fast",
           fallback="mean"):
     taus = _prepare(base, models, ctx, "swudi")
     reason = _fallback_reason(base, ctx)
@@ -745,7 +788,7 @@ def swudi(base, models, ctx, alpha=1.0, t=300.0, rho=0.85, init="sum", filter=Tr
 @register(
     "aswudi",
     params=(
-        _ALPHA,
+        _SPECTRAL_ALPHA,
         Param("rank", str, "participation_sqrt",
               "rank rule on the √eigenvalues of C choosing K per tensor (gavish_donoho suits full fine-tunes)",
               check=check_rank_rule, kind_text="rank rule", range_doc=RULE_DOC),
@@ -753,11 +796,11 @@ def swudi(base, models, ctx, alpha=1.0, t=300.0, rho=0.85, init="sum", filter=Tr
         _SPECTRAL_SOLVER,
         _FALLBACK,
     ),
-    needs_base=True, reference=_SWUDI_REF,
+    needs_base=True, reference=_SWUDI_REF, defaults_from=_SWUDI_DEFAULTS,
     summary="swudi without the filter, K chosen per tensor by a rank rule on C's spectrum "
             "(the minimiser on the top-K eigenspace).",
 )
-def aswudi(base, models, ctx, alpha=1.0, rank="participation_sqrt", init="sum", solver="fast", fallback="mean"):
+def aswudi(base, models, ctx, alpha=0.3, rank="participation_sqrt", init="sum", solver="fast", fallback="mean"):
     taus = _prepare(base, models, ctx, "aswudi")
     reason = _fallback_reason(base, ctx)
     if reason:

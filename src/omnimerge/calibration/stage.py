@@ -1,0 +1,227 @@
+"""The statistics stage: samples -> rendered batches -> forward passes -> statistics on disk.
+
+:func:`model_statistics` does it for one model; :func:`attach_statistics` for every model of a plan whose
+method learns from calibration samples, before the streaming merge, one model resident at a time. The
+merge then reads each tensor's statistics lazily from the cached files (:class:`StatsSource`), so memory
+stays bounded by one tensor's statistics, not the model's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .collect import StatisticsCache, collect, load_model, load_renderer, render_batches, statistics_key
+from .data import CalibrationSettings, load_samples
+
+
+def default_stats_dir() -> Path:
+    """``$OMNIMERGE_CACHE/stats``, else ``$XDG_CACHE_HOME/omnimerge/stats``, else ``~/.cache/omnimerge/stats``."""
+    if os.environ.get("OMNIMERGE_CACHE"):
+        return Path(os.environ["OMNIMERGE_CACHE"]) / "stats"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "omnimerge" / "stats"
+
+
+@contextlib.contextmanager
+def _bar(description: str, total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr (a terminal only); yields ``advance_to(done)``."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda _done: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda done: bar.update(task, completed=done)
+
+
+def model_statistics(model_folder: str | Path, calibration: str | Path, kinds: Sequence[str], *,
+                     renderer_folder: str | Path | None = None, settings: CalibrationSettings | None = None,
+                     cache: StatisticsCache, device: str = "cpu", seed: int = 0, lora_base: str | Path | None = None,
+                     memory_budget: int = 2 << 30, log: Callable[[str], None] | None = None) -> Path:
+    """The folder holding the statistics of ``kinds`` for the model in ``model_folder`` (a LoRA adapter runs
+    merged into ``lora_base``) on the first ``settings.samples`` lines of ``calibration``, rendered with the
+    processor/tokenizer of ``renderer_folder`` (default: the model's own folder; a merge passes its
+    skeleton). Reused from ``cache`` when the same model, samples, settings and seed were seen before; the
+    model is loaded only when they were not, and freed after. ``memory_budget``: bytes of accumulators per
+    pass over the samples (more passes when the statistics are larger)."""
+    import transformers
+
+    settings = settings or CalibrationSettings()
+    renderer_folder = Path(renderer_folder or model_folder)
+    vision = getattr(transformers.AutoConfig.from_pretrained(renderer_folder), "vision_config", None) is not None
+    samples = load_samples(calibration, limit=settings.samples, images=vision)
+    extra = [renderer_folder] + ([lora_base] if lora_base is not None else [])
+    key = statistics_key(model_folder, samples, settings, kinds, seed, extra_folders=extra)
+    path = cache.path(key)
+    if path.is_dir():
+        if log:
+            log(f"{model_folder}: statistics reused from {path}")
+        return path
+    batches = render_batches(load_renderer(renderer_folder, vision=vision), samples, settings)
+    if log:
+        log(f"{model_folder}: {len(samples)} samples, {sum(int(b['attention_mask'].sum()) for b in batches)} tokens, "
+            f"collecting {', '.join(kinds)}")
+    model = load_model(model_folder, device, lora_base=lora_base)
+    passes = len(batches) * len(kinds)
+    try:
+        with _bar(f"statistics of {Path(model_folder).name}", passes, log is not None) as advance:
+            done = [0]
+
+            def step(_i: int) -> None:
+                done[0] += 1
+                advance(done[0])
+
+            return cache.save(key, collect(model, batches, kinds, seed=seed, progress=step,
+                                           memory_budget=memory_budget))
+    finally:
+        del model
+
+
+@dataclass(frozen=True)
+class StatsSource:
+    """Per-model statistics folders (see :class:`StatisticsCache`), read lazily per canonical key
+    (``for_key``). ``fisher_norms``: each model's Fisher L2 norm over the merged tensors, added to every
+    key's mapping as ``fisher_norm``."""
+
+    folders: tuple[Path, ...]
+    fisher_norms: tuple[float, ...] | None = None
+    # per model: canonical key -> (part file, the tensor names of its statistics)
+    _index: tuple[dict[str, tuple[Path, tuple[tuple[str, str], ...]]], ...] = field(default=(), compare=False,
+                                                                                   repr=False)
+
+    @staticmethod
+    def _index_folder(folder: Path) -> dict[str, tuple[Path, tuple[tuple[str, str], ...]]]:
+        import json
+
+        from safetensors import safe_open
+
+        found: dict[str, tuple[Path, list[tuple[str, str]]]] = {}
+        aliases: dict[str, str] = {}
+        for f in sorted(folder.glob("part-*.safetensors")):
+            with safe_open(f, "pt") as fh:
+                for name in fh.keys():
+                    canon, _, kind = name.rpartition("::")
+                    found.setdefault(canon, (f, []))[1].append((kind, name))
+                aliases.update(json.loads((fh.metadata() or {}).get("aliases", "{}")))
+        index = {k: (f, tuple(names)) for k, (f, names) in found.items()}
+        for k, target in aliases.items():
+            if target in index:
+                index[k] = index[target]
+        return index
+
+    @classmethod
+    def open(cls, folders: Sequence[Path], merged_keys: Sequence[str] = ()) -> "StatsSource":
+        index = tuple(cls._index_folder(Path(f)) for f in folders)
+        source = cls(tuple(Path(f) for f in folders), None, index)
+        if not any(kind == "fisher" for ix in index for _, names in ix.values() for kind, _ in names):
+            return source
+        norms = []
+        for ix in index:
+            total = 0.0
+            for k in merged_keys:
+                for kind, name in ix.get(k, (None, ()))[1]:
+                    if kind == "fisher":
+                        total += float((source._read(ix[k][0], name).double() ** 2).sum())
+            norms.append(total ** 0.5)
+        return cls(source.folders, tuple(norms), index)
+
+    @staticmethod
+    def _read(path: Path, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as fh:
+            return fh.get_tensor(name)
+
+    def for_key(self, canonical: str) -> tuple[dict[str, torch.Tensor], ...]:
+        out = []
+        for i, ix in enumerate(self._index):
+            stats: dict[str, torch.Tensor] = {}
+            if canonical in ix:
+                path, names = ix[canonical]
+                stats = {kind: self._read(path, name) for kind, name in names}
+            if self.fisher_norms is not None:
+                stats["fisher_norm"] = torch.tensor(self.fisher_norms[i])
+            out.append(stats)
+        return tuple(out)
+
+
+def attach_statistics(plan, *, device: str = "cpu", cache_dir: str | Path | None = None,
+                      log: Callable[[str], None] | None = None) -> StatsSource | None:
+    """Run the statistics stage for ``plan`` (a :class:`omnimerge.plan.Plan` whose method learns from
+    calibration samples) and give its data-aware jobs their :class:`StatsSource`. Returns it (None when no
+    job needs statistics)."""
+    jobs = [j for j in plan.jobs if j.action == "merge" and j.method is not None and j.method.needs_calibration]
+    if not jobs:
+        return None
+    kinds = sorted({k for j in jobs for k in j.method.calibration})
+    opts = plan.recipe.calibration
+    settings = CalibrationSettings(**opts.model_dump()) if opts is not None else CalibrationSettings()
+    cache = StatisticsCache(cache_dir or default_stats_dir())
+    if "coefficient" in kinds:  # learned jointly through the merged model, not one model at a time
+        files = _coefficient_files(plan, [j for j in jobs if "coefficient" in j.method.calibration], settings,
+                                   cache, device, log)
+        source = StatsSource.open(files)
+        for j in jobs:
+            j.stats = source
+        return source
+    files = []
+    for model, calibration in zip(plan.models, plan.calibration):
+        lora = model.lora
+        files.append(model_statistics(lora["adapter"] if lora else model.path, calibration, kinds,
+                                      renderer_folder=plan.skeleton.path, settings=settings, cache=cache,
+                                      device=device, seed=plan.recipe.seed,
+                                      lora_base=lora["base"] if lora else None, log=log))
+    source = StatsSource.open(files, [j.canonical for j in jobs])
+    for j in jobs:
+        j.stats = source
+    return source
+
+
+def _coefficient_files(plan, jobs, settings: CalibrationSettings, cache: StatisticsCache, device: str,
+                       log: Callable[[str], None] | None) -> list[Path]:
+    """AdaMerging's coefficients, one file per model (``<key>::coefficient`` scalars), learned once for the
+    plan's base, models, samples and the method's parameters, and cached."""
+    import hashlib
+    import json
+
+    import transformers
+
+    from .adamerging import learn_coefficients
+
+    params = {k: jobs[0].params[k] for k in ("granularity", "init", "lr", "steps")}
+    vision = getattr(transformers.AutoConfig.from_pretrained(plan.skeleton.path), "vision_config", None) is not None
+    samples = [load_samples(c, limit=settings.samples, images=vision) for c in plan.calibration]
+    parts = [statistics_key(m.lora["adapter"] if m.lora else m.path, s, settings, ["coefficient"], plan.recipe.seed,
+                            extra_folders=[plan.base.path, plan.skeleton.path])
+             for m, s in zip(plan.models, samples)]
+    keys = sorted(j.canonical for j in jobs)
+    joint = hashlib.sha256(json.dumps({"models": parts, "params": params, "keys": keys}, sort_keys=True)
+                           .encode()).hexdigest()[:24]
+    paths = [cache.path(f"{joint}-{i}") for i in range(len(plan.models))]
+    if all(p.is_dir() for p in paths):
+        if log:
+            log(f"adamerging: coefficients reused from {paths[0].parent}")
+        return paths
+    renderer = load_renderer(plan.skeleton.path, vision=vision)
+    batches = [render_batches(renderer, s, settings) for s in samples]
+    model = load_model(plan.base.path, device)
+    task_vectors = []
+    for m in plan.models:
+        task_vectors.append({k: (m.read(k).float() - plan.base.read(k).float()) for k in keys})
+    if log:
+        log(f"adamerging: learning {params['granularity']}-wise coefficients for {len(plan.models)} models, "
+            f"{params['steps']} steps")
+    with _bar("adamerging coefficients", params["steps"], log is not None) as advance:
+        lam = learn_coefficients(model, task_vectors, batches, log=log, progress=advance, **params)
+    del model, task_vectors
+    return [cache.save(f"{joint}-{i}", [({k: {"coefficient": torch.tensor(v[i])} for k, v in lam.items()}, {})])
+            for i in range(len(plan.models))]

@@ -1,0 +1,216 @@
+"""Data-aware methods: merges weighted by statistics of a few unlabeled calibration samples per model.
+
+The statistics come from a stage that runs each model on its own samples before the merge; a method
+here sees them as ``ctx.stats`` (one mapping per model, see :mod:`.registry`) and stays a pure function
+of tensors and statistics.
+
+* ``regmean`` (Jin et al., ICLR 2023): for a linear layer W (out × in, ``y = x Wᵀ``) with input Gram
+  G_i = X_iᵀX_i / N_i on model i's samples, the W minimising Σ_i ‖X_i Wᵀ − X_i W_iᵀ‖² is
+  W = (Σ_i W_i G_i)(Σ_i G_i)⁻¹. The Grams are regularised by scaling their off-diagonal entries by
+  ``alpha``: G̃_i = alpha·G_i + (1 − alpha)·diag(G_i). Two exact routes: the in × in solve, and, when a
+  model's statistics are its N_i input rows X_i with N_i < in (a wide layer seen on few tokens), the
+  Woodbury identity on Σ G̃_i = D + ZᵀZ (D diagonal, Z the stacked √(alpha/N_i)·X_i), which never forms
+  an in × in matrix.
+* ``fisher`` (Matena & Raffel, NeurIPS 2022): θ = Σ_i c_i F̂_i θ_i / Σ_i c_i F̂_i element-wise, with
+  F̂_i = F_i + ε the diagonal Fisher of model i (the mean squared gradient of the log-likelihood of the
+  model's own sampled predictions) and c_i the model's weight, optionally divided by the L2 norm of its
+  whole Fisher (``fisher_norm``), so that models whose Fishers differ in scale count alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import OmnimergeError
+from .registry import MethodContext, Param, register
+
+_REGMEAN_REF = (
+    "Dataless Knowledge Fusion by Merging Weights of Language Models (Jin et al., ICLR 2023), "
+    "arXiv:2212.09849"
+)
+_FISHER_REF = "Merging Models with Fisher-Weighted Averaging (Matena & Raffel, NeurIPS 2022), arXiv:2111.09832"
+_REGMEAN_DEFAULTS = (
+    "alpha 0.9 (off-diagonal scale); FusionBench runs 0.95 on CLIP and 0.6 on GPT-2 "
+    "(tanganke/fusion_bench config/method/regmean/clip_regmean.yaml:6, gpt2_regmean.yaml:4); "
+    "tensors without input statistics take the models' mean, as FusionBench does "
+    "(fusion_bench/method/regmean/regmean.py:117-119)"
+)
+_ADAMERGING_REF = (
+    "AdaMerging: Adaptive Model Merging for Multi-Task Learning (Yang et al., ICLR 2024), arXiv:2310.02575"
+)
+_ADAMERGING_DEFAULTS = (
+    "granularity layer, init 0.3, Adam lr 1e-3, 1000 steps: FusionBench's layer-wise AdaMerging "
+    "(tanganke/fusion_bench config/method/adamerging/clip.yaml:3-6, :14)"
+)
+_FISHER_DEFAULTS = (
+    "normalize true, epsilon 1e-6: FusionBench's fisher_merging "
+    "(tanganke/fusion_bench config/method/fisher_merging/fisher_merging.yaml:3-4)"
+)
+
+
+def _stats(ctx: MethodContext, n: int, method: str) -> tuple[dict, ...]:
+    stats = ctx.stats
+    if stats is None or len(stats) != n:
+        raise OmnimergeError(
+            f"{ctx.key}: '{method}' needs calibration statistics for each of its {n} models; give every model "
+            "a `calibration:` file in the recipe"
+        )
+    return stats
+
+
+def regularized_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha·G + (1 − alpha)·diag(G): the off-diagonal entries scaled by alpha."""
+    out = gram * alpha
+    out.diagonal().add_(gram.diagonal(), alpha=1.0 - alpha)
+    return out
+
+
+def regmean_solve(weights: list[torch.Tensor], grams: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """W = (Σ W_i G̃_i)(Σ G̃_i)⁻¹ for weights (out × in) and Grams (in × in), in float64. Input features that
+    no model ever saw (zero total diagonal) take the models' mean column."""
+    g = [regularized_gram(x.double(), alpha) for x in grams]
+    dead = sum(x.diagonal() for x in g) <= 0
+    if dead.any():
+        for x in g:
+            x.diagonal()[dead] = 1.0
+    total = sum(g)
+    rhs = sum(w.double() @ x for w, x in zip(weights, g))
+    # W total = rhs, total symmetric positive definite: solve totalᵀ Wᵀ = rhsᵀ
+    try:
+        chol = torch.linalg.cholesky(total)
+        return torch.cholesky_solve(rhs.T, chol).T
+    except RuntimeError:  # singular (alpha = 1 on rank-deficient inputs): the least-squares solution
+        return torch.linalg.lstsq(total, rhs.T).solution.T
+
+
+def regmean_solve_rows(weights: list[torch.Tensor], inputs: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """The same W from the input rows X_i (N_i × in, G_i = X_iᵀX_i / N_i) without forming in × in matrices:
+    Σ G̃_i = D + ZᵀZ with D = (1 − alpha)·diag(Σ G_i) and Z the stacked √(alpha/N_i)·X_i, inverted by
+    Woodbury. Needs alpha < 1 (D invertible on the seen features)."""
+    if not alpha < 1.0:
+        raise ValueError("the input-rows route needs alpha < 1")
+    xs = [x.double() for x in inputs]
+    ws = [w.double() for w in weights]
+    diags = [(x * x).sum(0) / x.shape[0] for x in xs]
+    d = (1.0 - alpha) * sum(diags)
+    dead = d <= 0
+    # features no model saw: identity Grams there (the mean column), as in regmean_solve
+    d_each = [(1.0 - alpha) * g for g in diags]
+    if dead.any():
+        for g in d_each:
+            g[dead] = 1.0
+        d = sum(d_each)
+    # rhs = Σ W_i (D_i + (alpha/N_i) X_iᵀ X_i)
+    rhs = sum(w * g for w, g in zip(ws, d_each))
+    for w, x in zip(ws, xs):
+        rhs = rhs + (alpha / x.shape[0]) * ((w @ x.T) @ x)
+    z = torch.cat([x * (alpha / x.shape[0]) ** 0.5 for x in xs])  # (N, in)
+    dinv = 1.0 / d
+    zd = z * dinv  # Z D⁻¹
+    small = torch.eye(z.shape[0], dtype=z.dtype) + zd @ z.T  # I + Z D⁻¹ Zᵀ
+    rd = rhs * dinv  # rhs D⁻¹
+    return rd - torch.linalg.solve(small, (rd @ z.T).T).T @ zd
+
+
+@register(
+    "regmean",
+    params=(
+        Param("alpha", float, 0.9, "scale of the Grams' off-diagonal entries (1: the plain least-squares "
+                                   "merge; smaller: closer to a per-feature weighted average)",
+              minimum=0.0, maximum=1.0),
+    ),
+    needs_base=False, reference=_REGMEAN_REF, defaults_from=_REGMEAN_DEFAULTS, calibration=("gram",),
+    summary="Per linear layer W = (Σ W_i G̃_i)(Σ G̃_i)⁻¹, G_i the Gram of the layer's inputs on model i's "
+            "samples (off-diagonals × alpha); other tensors: the mean.",
+)
+def regmean(base, models, ctx, alpha=0.9):
+    stats = _stats(ctx, len(models), "regmean")
+    have = [("gram" in s) or ("inputs" in s) for s in stats]
+    if models[0].ndim != 2 or not any(have):
+        ctx.info["regmean"] = "mean (no input statistics for this tensor)"
+        return torch.stack(models).mean(0)
+    if not all(have):
+        missing = [i for i, h in enumerate(have) if not h]
+        raise OmnimergeError(f"{ctx.key}: models {missing} have no input statistics for this layer while others do; "
+                             "collect the statistics of every model with the same settings")
+    n = models[0].shape[1]
+    for i, s in enumerate(stats):
+        x = s.get("gram", s.get("inputs"))
+        if x.shape[-1] != n:
+            raise OmnimergeError(f"{ctx.key}: model {i}'s input statistics are {tuple(x.shape)} wide, the weight "
+                                 f"takes {n} inputs; the statistics belong to another model")
+    if alpha < 1.0 and all("inputs" in s for s in stats):
+        merged = regmean_solve_rows(models, [s["inputs"] for s in stats], alpha)
+        ctx.info["regmean"] = "input rows (Woodbury)"
+    else:
+        grams = [s["gram"] if "gram" in s else (s["inputs"].double().T @ s["inputs"].double()) / len(s["inputs"])
+                 for s in stats]
+        merged = regmean_solve(models, grams, alpha)
+        ctx.info["regmean"] = "gram"
+    return merged.to(models[0].dtype)
+
+
+@register(
+    "fisher",
+    params=(
+        Param("weight", float, 1.0, "weight of each model", minimum=0.0, per_model=True),
+        Param("normalize", bool, True, "divide each model's Fisher by its L2 norm over all merged tensors"),
+        Param("epsilon", float, 1e-6, "added to every Fisher entry (no division by zero where all are 0)",
+              minimum=0.0, exclusive_minimum=True),
+    ),
+    needs_base=False, reference=_FISHER_REF, defaults_from=_FISHER_DEFAULTS, calibration=("fisher",),
+    summary="Element-wise Σ c_i F_i θ_i / Σ c_i F_i with F_i each model's diagonal Fisher on its own samples.",
+)
+def fisher(base, models, ctx, weight=1.0, normalize=True, epsilon=1e-6):
+    stats = _stats(ctx, len(models), "fisher")
+    weights = weight if isinstance(weight, list) else [weight] * len(models)
+    if not all("fisher" in s for s in stats):
+        ctx.info["fisher"] = "weighted mean (no Fisher for this tensor)"
+        total = sum(weights)
+        return sum(w * m for w, m in zip(weights, models)) / total
+    coeffs = list(weights)
+    if normalize:
+        norms = [float(s["fisher_norm"]) if "fisher_norm" in s else None for s in stats]
+        if any(v is None for v in norms):
+            raise OmnimergeError(f"{ctx.key}: 'fisher' with normalize needs each model's Fisher norm; the "
+                                 "statistics stage records it (fisher_norm)")
+        inv = [1.0 / (v + epsilon) for v in norms]
+        coeffs = [c * i / sum(inv) for c, i in zip(coeffs, inv)]
+    num = torch.zeros_like(models[0], dtype=torch.float64)
+    den = torch.zeros_like(num)
+    for c, m, s in zip(coeffs, models, stats):
+        f = s["fisher"].double() + epsilon
+        if f.shape != m.shape:
+            raise OmnimergeError(f"{ctx.key}: a Fisher of shape {tuple(f.shape)} for a tensor of shape "
+                                 f"{tuple(m.shape)}; the statistics belong to another model")
+        num += c * f * m.double()
+        den += c * f
+    return (num / den).to(models[0].dtype)
+
+
+@register(
+    "adamerging",
+    params=(
+        Param("granularity", str, "layer", "one coefficient per model for each decoder layer (layer) or for the "
+              "whole model (task)", choices=("layer", "task")),
+        Param("init", float, 0.3, "the coefficients' starting value (and the value of tensors they do not cover)"),
+        Param("lr", float, 1e-3, "Adam learning rate of the coefficients", minimum=0.0, exclusive_minimum=True),
+        Param("steps", int, 1000, "optimisation steps (each takes one batch of every model's samples)",
+              minimum=0),
+    ),
+    needs_base=True, reference=_ADAMERGING_REF, defaults_from=_ADAMERGING_DEFAULTS, calibration=("coefficient",),
+    summary="θ_base + Σ_i λ_i τ_i with layer-wise λ learned to minimise the merged model's prediction entropy "
+            "on every model's unlabeled samples.",
+)
+def adamerging(base, models, ctx, granularity="layer", init=0.3, lr=1e-3, steps=1000):
+    stats = _stats(ctx, len(models), "adamerging")
+    if all("coefficient" in s for s in stats):
+        coeffs = [float(s["coefficient"]) for s in stats]
+        ctx.info["coefficients"] = coeffs
+    else:
+        coeffs = [init] * len(models)
+        ctx.info["coefficients"] = f"init {init} (not a parameter the coefficients were learned for)"
+    out = base.clone()
+    for c, m in zip(coeffs, models):
+        out += c * (m - base)
+    return out
