@@ -83,7 +83,7 @@ def test_micro_bench_reports_every_method_in_both_settings(micro_run):
 
 def test_cached_rerun_trains_nothing_reproduces_and_tunes_on_validation(micro_run, capsys):
     root, first = micro_run
-    rc = main(["bench", "--preset", "micro", "-o", str(root / "report2"), "--cache-dir", str(root / "cache"),
+    rc = main(["bench", "--preset", "micro", "--sweep", "-o", str(root / "report2"), "--cache-dir", str(root / "cache"),
                "--methods", "task_arithmetic,average", "--settings", "lora", "--threads", "1"])
     assert rc == 0
     err = capsys.readouterr().err

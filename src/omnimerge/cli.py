@@ -236,7 +236,7 @@ def bench(
     preset: Optional[str] = typer.Option(None, "--preset", help="full (default), quick (= --quick) or micro (the tests' smallest run)"),
     methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated methods (default: every registered one)"),
     settings: str = typer.Option("full,lora", "--settings", help="expert settings to merge: full, lora or both"),
-    sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="also choose each method's scale/density on the validation split (default on)"),
+    sweep: Optional[bool] = typer.Option(None, "--sweep/--no-sweep", help="also choose each method's scale on the validation split (default: on for the full preset, off for --quick)"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="trained-model cache (default ~/.cache/omnimerge/bench)"),
     set_: list[str] = typer.Option([], "--set", help="override a size/training field, e.g. --set test_items=1000"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (on a busy machine 1 is often faster)"),

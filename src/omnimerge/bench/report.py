@@ -338,7 +338,7 @@ def _plots(result: dict[str, Any], out: Path) -> list[Path]:
             ax.set_xlabel("average test accuracy over the five tasks (95% CI)")
             ax.set_ylabel("merging method (sorted by score)")
             ax.set_title(TITLES.get(setting, setting), fontsize=10)
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2)
         written.append(save(fig, "methods.png"))
 
     rows = [r for r in backbone_rows(result) if "skipped" not in r]

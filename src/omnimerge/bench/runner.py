@@ -79,12 +79,43 @@ class BenchResult:
                 "item_scores": self.item_scores}
 
 
+CALIBRATION_SAMPLES = 32
+
+
+def calibration_files(zoo: Path, cfg: BenchConfig) -> dict[str, Path]:
+    """Unlabeled samples of each expert's task for the data-aware methods (``regmean``, ``fisher``,
+    ...): the first :data:`CALIBRATION_SAMPLES` validation questions and images, written once under
+    ``zoo/calibration/<task>/samples.jsonl``. Validation, never test: the test split stays unseen."""
+    out = {}
+    for task in EXPERT_TASKS:
+        folder = zoo / "calibration" / task
+        path = folder / "samples.jsonl"
+        if not path.is_file():
+            (folder / "images").mkdir(parents=True, exist_ok=True)
+            lines = []
+            for i, item in enumerate(T.generate(task, "validation", CALIBRATION_SAMPLES, seed=cfg.data_seed,
+                                                image_size=cfg.image_size)):
+                sample = {"text": item.question}
+                if item.image is not None:
+                    item.image.save(folder / "images" / f"{i:04d}.png")
+                    sample["image"] = f"images/{i:04d}.png"
+                lines.append(json.dumps(sample))
+            tmp = path.with_suffix(".partial")
+            tmp.write_text("\n".join(lines) + "\n")
+            tmp.replace(path)
+        out[task] = path
+    return out
+
+
 def capability_recipe(zoo: Path, setting: str, method: str, parameters: dict | None = None,
-                      seed: int = 0) -> dict:
-    """The recipe that merges the five experts of ``setting`` into the setting's base with ``method``."""
+                      seed: int = 0, calibration: dict[str, Path] | None = None) -> dict:
+    """The recipe that merges the five experts of ``setting`` into the setting's base with ``method``;
+    with ``calibration`` (task -> samples file) each expert gets its task's samples."""
     base = str(zoo / SETTING_BASE[setting])
-    return {"method": method, "base": base, "skeleton": base,
-            "models": [{"path": str(zoo / f"{setting}_{task}"), "name": task} for task in EXPERT_TASKS],
+    models = [{"path": str(zoo / f"{setting}_{task}"), "name": task} for task in EXPERT_TASKS]
+    if calibration:
+        models = [{**m, "calibration": str(calibration[m["name"]])} for m in models]
+    return {"method": method, "base": base, "skeleton": base, "models": models,
             "parameters": dict(parameters or {}), "seed": seed}
 
 
@@ -127,7 +158,7 @@ def sweep_grid(method: str) -> list[dict[str, Any]]:
 
 
 def _with_default(grid, default) -> list:
-    values = [default] if isinstance(default, (int, float)) and not isinstance(default, bool) else []
+    values = [] if default is None else [default]       # e.g. wudi2's alpha "auto": its own point first
     return values + [v for v in grid if v not in values]
 
 
@@ -182,7 +213,7 @@ def _acc(bits: dict[str, str]) -> dict[str, float]:
 
 def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = None,
               settings: tuple[str, ...] = SETTINGS, sweep: bool = True, keep_merged: bool = False,
-              log: Callable[[str], None] | None = print, progress_stream=None, preset: str = "custom") -> BenchResult:
+              log: Callable[[str], None] | None = print, progress_stream=None, preset: str = "custom settings") -> BenchResult:
     """Run the benchmark into the folder ``out`` (its ``merged/`` holds merged checkpoints while they
     are evaluated; removed afterwards unless ``keep_merged``). Returns the result; the caller writes
     the report (:func:`omnimerge.bench.report.write_report`)."""
@@ -251,7 +282,7 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
     progress = Progress(stages, stream=progress_stream, enabled=log is not None)
     say = progress.message if log is not None else (lambda _m: None)
     train_steps = sum(m.steps for m in plan if m.name not in cached_models)
-    say(f"omnimerge bench ({preset} preset): {len(plan)} models in the zoo, settings {', '.join(settings)}; "
+    say(f"omnimerge bench ({preset}): {len(plan)} models in the zoo, settings {', '.join(settings)}; "
         f"{len(methods)} methods, each with its defaults"
         + (f" and the parameters a validation sweep chooses ({n_points} grid points, {n_cached_points} cached)" if sweep else "")
         + f"; {cfg.test_items} test items per task.")
@@ -308,6 +339,12 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                              training={m.name: _training_info(zoo / m.name) for m in plan})
         result.item_scores = {f"zoo/{n}": _bits(row) for n, row in zoo_scores.items()}
         vals = test_sets(cfg, "validation") if sweep else None
+        calib = calibration_files(zoo, cfg) if any(_needs_calibration(m) for m in methods) else {}
+
+        def recipe_for(setting: str, method: str, params: dict) -> dict:
+            return capability_recipe(zoo, setting, method, params, cfg.seed,
+                                     calibration=calib if _needs_calibration(method) else None)
+
         work = out / "merged"
         work.mkdir(parents=True, exist_ok=True)
 
@@ -338,8 +375,8 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
             for method in methods:
                 progress.begin(method_stage[(setting, method)])
                 row: dict[str, Any] = {"kind": "capability", "setting": setting, "method": method, "parameters": {}}
-                entry = merged_scores("capability", setting, method, capability_recipe(zoo, setting, method, {}, cfg.seed),
-                                      "test", EXPERT_TASKS)
+                entry = merged_scores("capability", setting, method, recipe_for(setting, method, {}), "test",
+                                      EXPERT_TASKS)
                 if "skipped" in entry:
                     row["skipped"] = entry["skipped"]
                     say(f"capability {setting:<4} {method:<16} skipped: {row['skipped']}")
@@ -349,7 +386,7 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                 row.update(accuracy=_acc(entry["bits"]), merge_s=entry["merge_s"])
                 result.item_scores[f"capability/{setting}/{method}"] = entry["bits"]
                 if sweep:
-                    row["tuned"] = _tune(setting, method, grids[method], zoo, cfg, merged_scores, result)
+                    row["tuned"] = _tune(setting, method, grids[method], recipe_for, merged_scores, result)
                 result.merges.append(row)
                 progress.end()
                 tuned = row.get("tuned", {})
@@ -384,7 +421,13 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
     return result
 
 
-def _tune(setting, method, grid, zoo, cfg, merged_scores, result) -> dict[str, Any]:
+def _needs_calibration(method: str) -> bool:
+    from ..methods import get_method
+
+    return bool(getattr(get_method(method), "needs_calibration", False))
+
+
+def _tune(setting, method, grid, recipe_for, merged_scores, result) -> dict[str, Any]:
     """The grid point with the best mean validation accuracy over the five expert tasks (ties: the
     first, i.e. the defaults' own point); points the method refuses are passed over. Returns
     ``{parameters, validation_average, accuracy, merge_s}`` (``parameters`` empty: the defaults)."""
@@ -392,8 +435,8 @@ def _tune(setting, method, grid, zoo, cfg, merged_scores, result) -> dict[str, A
         return {"parameters": {}, "note": "no scale or density to tune"}
     best, best_acc, tried = None, -1.0, {}
     for params in grid:
-        entry = merged_scores("capability", setting, method, capability_recipe(zoo, setting, method, params, cfg.seed),
-                              "validation", EXPERT_TASKS)
+        entry = merged_scores("capability", setting, method, recipe_for(setting, method, params), "validation",
+                              EXPERT_TASKS)
         if "skipped" in entry:
             continue
         acc = _mean(_acc(entry["bits"]).values())
@@ -408,8 +451,7 @@ def _tune(setting, method, grid, zoo, cfg, merged_scores, result) -> dict[str, A
     if not chosen:
         out["note"] = "the defaults score best on validation"
         return out
-    entry = merged_scores("capability", setting, method, capability_recipe(zoo, setting, method, best, cfg.seed),
-                          "test", EXPERT_TASKS)
+    entry = merged_scores("capability", setting, method, recipe_for(setting, method, best), "test", EXPERT_TASKS)
     if "skipped" in entry:      # pragma: no cover - it merged on validation
         out["note"] = entry["skipped"]
         return out
@@ -439,12 +481,14 @@ PRESETS = {"full": BenchConfig.full, "quick": BenchConfig.quick, "micro": BenchC
 
 def bench(out, *, quick: bool = False, preset: str | None = None, config: BenchConfig | None = None,
           overrides: dict | None = None, cache_dir=None, methods: list[str] | None = None,
-          settings: tuple[str, ...] = SETTINGS, sweep: bool = True, keep_merged: bool = False, force: bool = False,
-          log: Callable[[str], None] | None = print, progress_stream=None) -> tuple[BenchResult, list[Path]]:
+          settings: tuple[str, ...] = SETTINGS, sweep: bool | None = None, keep_merged: bool = False,
+          force: bool = False, log: Callable[[str], None] | None = print,
+          progress_stream=None) -> tuple[BenchResult, list[Path]]:
     """Run the benchmark and write its report into ``out``; returns the result and the files written.
 
     ``config`` (default: the ``preset``, "full", "quick" (= ``quick=True``) or "micro") with
-    ``overrides`` (field -> value) sizes the models, training and evaluation. ``out`` may be a
+    ``overrides`` (field -> value) sizes the models, training and evaluation. ``sweep`` (the
+    validation sweep) defaults to on for the full preset and off for the smaller ones. ``out`` may be a
     previous bench report (its files are replaced); any other non-empty folder needs ``force``.
     """
     from ..errors import OmnimergeError
@@ -459,6 +503,8 @@ def bench(out, *, quick: bool = False, preset: str | None = None, config: BenchC
     if preset not in PRESETS:
         raise OmnimergeError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     cfg = config or PRESETS[preset]()
+    if sweep is None:
+        sweep = preset == "full"
     if overrides:
         try:
             cfg = cfg.replace(**overrides)
@@ -471,5 +517,5 @@ def bench(out, *, quick: bool = False, preset: str | None = None, config: BenchC
         progress_stream = sys.stderr
     result = run_bench(cfg, out, cache_dir=cache_dir or default_cache_dir(), methods=methods, settings=settings,
                        sweep=sweep, keep_merged=keep_merged, log=log, progress_stream=progress_stream,
-                       preset=preset if config is None and not overrides else f"{preset} preset with overrides, a custom")
+                       preset=preset + (" preset with --set overrides" if overrides else " preset"))
     return result, write_report(result.to_json(), out)
