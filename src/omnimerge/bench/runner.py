@@ -26,6 +26,7 @@ reason instead of a row of numbers; nothing is silently dropped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -356,7 +357,8 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                 return hit
             folder = work / f"{kind}_{setting}_{method}"
             try:
-                res = merge(recipe, folder, force=True, progress=False)
+                with _no_hf_progress_bars():     # e.g. the calibration stage loading each expert
+                    res = merge(recipe, folder, force=True, progress=False)
             except OmnimergeError as e:
                 entry = {"skipped": str(e).splitlines()[0]}
             else:
@@ -419,6 +421,19 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                       "total_s": round(time.perf_counter() - t_start, 1)}
     summarize(result)
     return result
+
+
+@contextlib.contextmanager
+def _no_hf_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _needs_calibration(method: str) -> bool:
