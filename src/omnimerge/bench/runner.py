@@ -33,6 +33,7 @@ import itertools
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -425,13 +426,21 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
 
 @contextlib.contextmanager
 def _no_hf_progress_bars():
+    """No transformers progress bars or warnings from inside a merge (its calibration stage loads
+    every expert)."""
     from transformers.utils import logging as hf_logging
 
-    was = hf_logging.is_progress_bar_enabled()
+    was, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    # the bench's folders name PaddleOCRVLProcessor (Qwen2-VL's logic without torchvision, see
+    # .model); transformers 5 warns about that class's own registration when AutoProcessor loads it
+    hf_logging.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():   # peft 0.21 asks transformers 5 a deprecated question; not ours
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was:
             hf_logging.enable_progress_bar()
 
