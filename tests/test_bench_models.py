@@ -268,3 +268,27 @@ def test_model_keys_follow_the_stages():
     assert base.model_key("lora", "p") == base.replace(expert_lr=1.0).model_key("lora", "p")
     with pytest.raises(ValueError, match="parent"):
         base.model_key("full")
+
+
+def test_task_vector_stats_on_known_task_vectors():
+    import copy
+
+    from omnimerge.bench.regime import language_matrices, task_vector_stats
+
+    base = build_base_model(MICRO)
+    experts = {}
+    for i, scale in ((1, 0.01), (2, 0.03)):
+        m = copy.deepcopy(base)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if p.ndim == 2 and ".layers." in name and "visual" not in name:
+                    p.add_(scale * p)                      # τ = scale·θ: relative norm exactly `scale`
+        experts[f"e{i}"] = m
+    stats = task_vector_stats(base, experts)
+    mats = language_matrices(base.state_dict())
+    assert mats and all("visual" not in k for k in mats)
+    assert stats["experts"]["e1"]["median_rel_norm"] == pytest.approx(0.01, rel=1e-4)
+    assert stats["max_rel_norm"] == pytest.approx(0.03, rel=1e-4)
+    rms = (sum(float((0.03 * v).pow(2).sum()) for v in mats.values()) / sum(v.numel() for v in mats.values())) ** 0.5
+    assert stats["rms_tau"] == pytest.approx(rms, rel=1e-4)
+    assert stats["cosine"]["e1"]["e2"] == pytest.approx(1.0, abs=1e-5)   # parallel task vectors

@@ -198,3 +198,28 @@ def test_summary_and_report_from_hand_made_results(tmp_path):
     assert all(p.stat().st_size > 0 for p in files)
     assert json.loads((tmp_path / "results.json").read_text())["merges"][1]["skipped"]
     assert "item_scores" not in json.loads((tmp_path / "results.json").read_text())
+
+
+def test_progress_reports_stage_elapsed_and_time_left():
+    import io
+
+    from omnimerge.bench.progress import NOMINAL, Progress, Stage, format_duration
+
+    stream = io.StringIO()                                          # not a terminal: lines, not redraws
+    stages = [Stage("train base", {"train_all": 100}, unit="steps", total=100),
+              Stage("evaluate", {"eval": 1000}, unit="items", total=1000)]
+    p = Progress(stages, stream=stream)
+    assert p.nominal_total() == pytest.approx(100 * NOMINAL["train_all"] + 1000 * NOMINAL["eval"])
+    p.begin(0)
+    p.advance(50)
+    line = p.status()
+    assert line.startswith("[stage 1/2 train base 50/100 steps] elapsed ") and line.endswith(" left")
+    full = p.nominal_total()
+    assert p.remaining() == pytest.approx(full - 50 * NOMINAL["train_all"], rel=0.01)   # too little done to rescale
+    p.end()
+    p.skip(1)                                                       # a cached stage: nothing left
+    assert p.remaining() == 0.0
+    p.message("hello")
+    out = stream.getvalue()
+    assert "[stage 1/2 train base 0/100 steps]" in out and out.endswith("hello\n")
+    assert format_duration(75) == "1 min 15 s" and format_duration(3725) == "1 h 02 min"

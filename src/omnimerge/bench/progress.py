@@ -77,7 +77,8 @@ class Progress:
     def _slowdown(self) -> float:
         done_nominal = sum(s.nominal() * self._fraction(s) for s in self.stages)
         spent = sum(s.spent for s in self.stages) + (self._running_spent() if self.current is not None else 0.0)
-        return spent / done_nominal if done_nominal > 5.0 else 1.0
+        # rescale once there is something to go by: 5 s of work done and 5 s spent
+        return spent / done_nominal if done_nominal > 5.0 and spent > 5.0 else 1.0
 
     def _fraction(self, s: Stage) -> float:
         return min(1.0, s.done / s.total) if s.total else 0.0
