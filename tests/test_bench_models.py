@@ -13,6 +13,7 @@ from omnimerge.bench.model import (
     IMAGE_PAD, IMAGE_PLACEHOLDER, BenchConfig, build_base_model, build_processor, build_tokenizer,
     format_prompt, load_model, load_processor, save_checkpoint,
 )
+from omnimerge.bench.experiment import EXPERT_TASKS
 from omnimerge.bench.train import extract_text_model, save_adapter, train
 
 # A micro model: 32x32 images -> 4x4 patches -> 2x2 = 4 visual tokens; trains in milliseconds per step.
@@ -221,21 +222,73 @@ def test_evaluate_overfit_and_range(tmp_path, proc, items):
 
 
 def test_zoo_builds_once_and_evaluates(tmp_path):
-    from omnimerge.bench.experiment import accuracy_matrix, build_zoo, zoo_names
+    from omnimerge.bench.experiment import SETTING_BASE, accuracy_matrix, build_zoo, score_models, test_sets, zoo_names
 
-    cfg = MICRO.replace(base_steps=2, expert_steps=1, lora_steps=1, multitask_steps=1, text_steps=1,
-                        base_items=24, train_items=8, test_items=3)
+    cfg = BenchConfig.micro().replace(test_items=3)
     logged: list[str] = []
     zoo = build_zoo(cfg, tmp_path, log=logged.append)
-    names = zoo_names()
-    assert len(names) == 13 and zoo.name == cfg.cache_key()
+    names = zoo_names(cfg)
+    assert len(names) == 15 and zoo.name == cfg.cache_key()
     assert [m.split(":")[0] for m in logged if "steps," in m] == names     # one line per model, in order
     assert all((zoo / n / "bench.json").is_file() for n in names)
     assert (zoo / "lora_vqa" / "adapter_config.json").is_file()
-    assert json.loads((zoo / "text_llm" / "bench.json").read_text())["steps"] == 1
+    assert (zoo / "multitask_lora" / "adapter_config.json").is_file()
+    # each setting's experts start from the setting's base
+    assert json.loads((zoo / "full_ocr" / "bench.json").read_text())["parent"] == SETTING_BASE["full"] == "instruct"
+    adapter = json.loads((zoo / "lora_ocr" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((zoo / "base").resolve())
+    assert json.loads((zoo / "text_llm" / "bench.json").read_text())["steps"] == cfg.text_steps
     before = len(logged)
     build_zoo(cfg, tmp_path, log=logged.append)                      # cached: nothing retrained
     assert len(logged) == before
+    # a change to the full fine-tunes' recipe retrains that setting's experts and multi-task model only
+    trained: list[str] = []
+    build_zoo(cfg.replace(expert_lr=cfg.expert_lr * 2), tmp_path, log=None,
+              on_done=lambda name, fresh: trained.append(name) if fresh else None)
+    assert trained == [f"full_{t}" for t in EXPERT_TASKS] + ["multitask"]
     matrix = accuracy_matrix({"base": zoo / "base", "lora_ocr": zoo / "lora_ocr", "text_llm": zoo / "text_llm"}, cfg)
     assert set(matrix["base"]) == set(T.TASKS) and set(matrix["text_llm"]) == {"arithmetic"}
     assert all(0.0 <= v <= 1.0 for row in matrix.values() for v in row.values())
+    # per-item scores, cached beside the model and read back unchanged
+    sets = test_sets(cfg)
+    first = score_models({"base": zoo / "base"}, cfg, sets=sets, cache_name="t")
+    assert (zoo / "base" / "scores" / "t.json").is_file()
+    assert score_models({"base": zoo / "base"}, cfg, sets=sets, cache_name="t") == first
+    assert all(len(v) == cfg.test_items and set(v) <= {0, 1} for v in first["base"].values())
+
+
+def test_model_keys_follow_the_stages():
+    base = BenchConfig.micro()
+    k = base.model_key("base")
+    assert base.replace(expert_lr=1.0).model_key("base") == k              # experts' fields: not the base's
+    assert base.replace(test_items=99).model_key("base") == k              # evaluation: nothing trained
+    assert base.replace(base_steps=99).model_key("base") != k
+    assert base.model_key("full", "p") != base.replace(expert_lr=1.0).model_key("full", "p")
+    assert base.model_key("full", "p", "ocr") != base.model_key("full", "p", "vqa")
+    assert base.model_key("lora", "p") == base.replace(expert_lr=1.0).model_key("lora", "p")
+    with pytest.raises(ValueError, match="parent"):
+        base.model_key("full")
+
+
+def test_task_vector_stats_on_known_task_vectors():
+    import copy
+
+    from omnimerge.bench.regime import language_matrices, task_vector_stats
+
+    base = build_base_model(MICRO)
+    experts = {}
+    for i, scale in ((1, 0.01), (2, 0.03)):
+        m = copy.deepcopy(base)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if p.ndim == 2 and ".layers." in name and "visual" not in name:
+                    p.add_(scale * p)                      # τ = scale·θ: relative norm exactly `scale`
+        experts[f"e{i}"] = m
+    stats = task_vector_stats(base, experts)
+    mats = language_matrices(base.state_dict())
+    assert mats and all("visual" not in k for k in mats)
+    assert stats["experts"]["e1"]["median_rel_norm"] == pytest.approx(0.01, rel=1e-4)
+    assert stats["max_rel_norm"] == pytest.approx(0.03, rel=1e-4)
+    rms = (sum(float((0.03 * v).pow(2).sum()) for v in mats.values()) / sum(v.numel() for v in mats.values())) ** 0.5
+    assert stats["rms_tau"] == pytest.approx(rms, rel=1e-4)
+    assert stats["cosine"]["e1"]["e2"] == pytest.approx(1.0, abs=1e-5)   # parallel task vectors

@@ -49,6 +49,10 @@ STAND_INS = {
         **{f"./experts/qwen2-vl-7b-{task}": (lambda i: lambda z: z.expert("qwen2_vl", i))(i)
            for i, task in enumerate(["vqa", "geometry", "chart", "ocr", "grounding"], 1)},
     },
+    "demo-ties.yaml": {
+        "../omnimerge-demo/qwen2-vl-base": lambda z: z.base("qwen2_vl"),
+        **{f"../omnimerge-demo/qwen2-vl-expert{i}": (lambda i: lambda z: z.expert("qwen2_vl", i))(i) for i in (1, 2, 3)},
+    },
     "modality.yaml": {
         "Qwen/Qwen2-7B-Instruct": lambda z: z.base("qwen2"),
         "Qwen/Qwen2-VL-7B-Instruct": lambda z: z.on_backbone("qwen2_vl", "qwen2"),
@@ -173,3 +177,21 @@ def test_modality_merge(zoo, tmp_path):
         assert set(got) == set(experts[label])
         close_bf16(got[decoder[label] + key], want)
         assert (out / label / "config.json").is_file() and (out / label / "tokenizer.json").is_file()
+
+
+def test_demo_example_runs_as_shipped(tmp_path):
+    """examples/demo-ties.yaml, unchanged, on the models `omnimerge demo` builds beside examples/."""
+    import shutil
+
+    from omnimerge.demo import build_demo_models
+
+    base, experts, _ = build_demo_models(tmp_path / "omnimerge-demo")
+    (tmp_path / "examples").mkdir()
+    shutil.copy(EXAMPLES / "demo-ties.yaml", tmp_path / "examples" / "demo-ties.yaml")
+    out = tmp_path / "merged-demo"
+    assert main(["merge", str(tmp_path / "examples" / "demo-ties.yaml"), "-o", str(out)]) == 0
+    assert verify(out).ok
+    key = "model.layers.0.self_attn.q_proj.weight"
+    b, got = weights(base), weights(out)
+    assert not torch.equal(got[key], b[key])                       # the language backbone merged
+    assert all(torch.equal(got[k], b[k]) for k in got if k.startswith("visual."))

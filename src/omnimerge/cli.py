@@ -255,27 +255,30 @@ def _bench_value(text: str):
 def bench(
     output: Path = typer.Option(Path("omnimerge-bench"), "-o", "--output", help="folder for the report"),
     quick: bool = typer.Option(False, "--quick", help="a smoke run in minutes: smaller model, fewer steps and items"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="full (default), quick (= --quick) or micro (the tests' smallest run)"),
     methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated methods (default: every registered one)"),
     settings: str = typer.Option("full,lora", "--settings", help="expert settings to merge: full, lora or both"),
-    sweep: bool = typer.Option(False, "--sweep", help="choose each method's scale/density on the validation split first"),
+    sweep: Optional[bool] = typer.Option(None, "--sweep/--no-sweep", help="also choose each method's scale on the validation split (default: on for the full preset, off for --quick)"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="trained-model cache (default ~/.cache/omnimerge/bench)"),
-    set_: list[str] = typer.Option([], "--set", help="override a size/training field, e.g. --set base_steps=5000"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    set_: list[str] = typer.Option([], "--set", help="override a size/training field, e.g. --set test_items=1000"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (on a busy machine 1 is often faster)"),
     keep_merged: bool = typer.Option(False, "--keep-merged", help="keep the merged checkpoints under OUTPUT/merged"),
     force: bool = typer.Option(False, "--force", help="write into a non-empty folder that is not a bench report"),
 ):
     """The offline benchmark: train tiny Qwen2-VL experts (cached), merge them with every method, report."""
+    import sys
+
     from .bench.runner import bench as run
 
-    overrides = {k: _bench_value(v) for k, v in _key_values(set_, "--set", "base_steps=5000").items()}
+    overrides = {k: _bench_value(v) for k, v in _key_values(set_, "--set", "test_items=1000").items()}
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    result, files = run(output, quick=quick, overrides=overrides, cache_dir=cache_dir, methods=chosen,
+    result, files = run(output, quick=quick, preset=preset, overrides=overrides, cache_dir=cache_dir, methods=chosen,
                         settings=tuple(s.strip() for s in settings.split(",") if s.strip()), sweep=sweep,
-                        keep_merged=keep_merged, force=force, log=lambda m: err.print(escape(m), highlight=False))
+                        keep_merged=keep_merged, force=force, progress_stream=sys.stderr)
     out.print((output / "report.md").read_text(), highlight=False, markup=False, soft_wrap=True)
     out.print(f"wrote {', '.join(p.name for p in files)} to {output} ({result.timings['total_s']:.0f} s)")
 

@@ -42,18 +42,25 @@ def _task_vector_stats(out: Path, base: Path, experts: list[Path]) -> tuple[floa
     return cos / max(n, 1), ratio / max(n, 1)
 
 
-def run_demo(workdir: str | Path, console: Console | None = None) -> list[dict]:
+def build_demo_models(work: Path) -> tuple[Path, list[Path], Path]:
+    """The demo's tiny models under ``work``: ``qwen2-vl-base``, ``qwen2-vl-expert{1,2,3}`` and
+    ``qwen2-text`` (examples/demo-ties.yaml merges these); returns (base, experts, text)."""
     from .tiny import build_tiny, make_expert
 
+    base = build_tiny("qwen2_vl", work / "qwen2-vl-base", seed=0)
+    experts = [make_expert(base, work / f"qwen2-vl-expert{i}", seed=i, scale=0.02) for i in (1, 2, 3)]
+    text = build_tiny("qwen2", work / "qwen2-text", seed=0)
+    return base, experts, text
+
+
+def run_demo(workdir: str | Path, console: Console | None = None) -> list[dict]:
     console = console or Console()
     work = Path(workdir)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     console.print(f"building tiny models in {work} ...")
-    base = build_tiny("qwen2_vl", work / "qwen2-vl-base", seed=0)
-    experts = [make_expert(base, work / f"qwen2-vl-expert{i}", seed=i, scale=0.02) for i in (1, 2, 3)]
-    text = build_tiny("qwen2", work / "qwen2-text", seed=0)
+    base, experts, text = build_demo_models(work)
     rows = []
     data_aware = [m.name for m in list_methods() if m.needs_calibration]
     for method in list_methods():

@@ -9,8 +9,8 @@ import random
 
 from . import tasks as T
 
-__all__ = ["DESCRIBE", "dense_caption", "describe_items", "base_items", "expert_items", "multitask_items",
-           "text_items"]
+__all__ = ["DESCRIBE", "dense_caption", "describe_items", "base_items", "instruct_items", "expert_items",
+           "multitask_items", "text_items"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,6 +82,18 @@ def base_items(cfg) -> list[T.Item]:
     per_task = -(-n_task // len(T.TASKS)) if n_task else 0
     for task in T.TASKS:
         items += T.generate(task, "train", per_task, seed=seed, image_size=cfg.image_size)
+    return items
+
+
+def instruct_items(cfg) -> list[T.Item]:
+    """The instruction stage's set (the full setting's base, like an -Instruct model): a small pool of
+    ``cfg.instruct_items`` items of every task, the text task included, plus as many scene
+    descriptions; drawn with other seeds than the experts' items, which are many more (``train_items``
+    per task), so that the experts still learn what the brief instruction stage left out."""
+    seed = cfg.data_seed + 2_000_003
+    items = describe_items(cfg, cfg.instruct_items, seed=seed)
+    for task in T.TASKS:
+        items += T.generate(task, "train", cfg.instruct_items, seed=seed, image_size=cfg.image_size)
     return items
 
 

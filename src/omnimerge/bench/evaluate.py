@@ -62,7 +62,7 @@ def greedy_decode(model, inputs: dict, *, max_new_tokens: int, eos_token_id: int
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         next_pos = pos.amax(dim=1) + 1
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kwargs)
-    past = out.past_key_values
+    cache = out.cache
     done = torch.zeros(batch, dtype=torch.bool)
     tokens = []
     for step in range(max_new_tokens):
@@ -75,9 +75,8 @@ def greedy_decode(model, inputs: dict, *, max_new_tokens: int, eos_token_id: int
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
         p = next_pos[:, None]
         p = p[None].expand(3, -1, -1) if _is_vlm(inner) else p
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=p, past_key_values=past,
-                    use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=p, cache=cache, use_cache=True)
+        cache = out.cache
         next_pos = next_pos + 1
     return torch.stack(tokens, dim=1)
 

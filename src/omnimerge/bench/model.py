@@ -2,8 +2,8 @@
 
 Everything is built locally, from code, deterministically (DESIGN.md §6):
 
-- :class:`BenchConfig` holds every size and training setting of the benchmark; :meth:`BenchConfig.cache_key`
-  names trained models in a cache, so a change to any field retrains.
+- :class:`~omnimerge.bench.config.BenchConfig` (re-exported here) holds every size and training
+  setting of the benchmark and names trained models in a cache.
 - :func:`build_tokenizer` trains a byte-level BPE on the tasks' own text (questions, answers, captions)
   with the Qwen-VL special tokens.
 - :func:`build_base_model` builds a randomly initialised ``Qwen2VLForConditionalGeneration``.
@@ -26,25 +26,21 @@ the same ``input_ids`` / ``pixel_values`` / ``image_grid_thw`` / ``mm_token_type
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import hashlib
 import json
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 
 import torch
 
 from . import tasks as T
+from .config import BENCH_VERSION, BenchConfig
 
 __all__ = [
     "BENCH_VERSION", "BenchConfig", "SPECIAL_TOKENS", "IMAGE_PLACEHOLDER", "PAD", "IM_START", "IM_END",
     "build_tokenizer", "build_processor", "build_base_model", "make_vlm_config", "BenchProcessor",
     "load_processor", "save_checkpoint", "save_adapter", "load_model", "format_prompt", "is_adapter_folder",
 ]
-
-# Bumped whenever a change to this layer changes what training produces (invalidates caches).
-BENCH_VERSION = 1
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -66,123 +62,6 @@ CHAT_TEMPLATE = (
 def format_prompt(question: str, image: bool) -> str:
     """The fixed prompt (what the chat template gives for one user turn + generation prompt)."""
     return f"{IM_START}user\n{IMAGE_PLACEHOLDER if image else ''}{question}{IM_END}\n{IM_START}assistant\n"
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """Every size and setting of the benchmark's models and their training.
-
-    ``*_steps`` are optimizer steps of ``batch_size`` items (``text_batch_size`` for the text LLM); ``train_items`` is the number of distinct
-    training items drawn per task (and of captions for the base); ``test_items`` / ``val_items`` the
-    number evaluated per task.
-    """
-
-    # language backbone (Qwen2 architecture)
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    rope_theta: float = 10000.0
-    vocab_size: int = 640  # the corpus saturates at 603 BPE tokens; the rest are unused rows, as in Qwen
-    # vision tower (Qwen2-VL ViT) and images
-    vision_depth: int = 2
-    vision_embed_dim: int = 64
-    vision_heads: int = 4
-    vision_mlp_ratio: int = 2
-    image_size: int = 64
-    patch_size: int = 8
-    merge_size: int = 2
-    init_std: float = 0.08  # initializer_range of the text and vision configs (HF's 0.02 learns slower here)
-    # optimisation
-    batch_size: int = 16
-    text_batch_size: int = 32  # the text LLM's batches (a text-only step costs about a third of an image step)
-    base_steps: int = 3000
-    expert_steps: int = 600
-    lora_steps: int = 600
-    multitask_steps: int = 1500
-    text_steps: int = 2000    # the text LLM (arithmetic learns slowly: 0.50 after 1250 steps of 32 in a probe)
-    base_lr: float = 3e-3
-    expert_lr: float = 2e-3
-    lora_lr: float = 5e-3
-    text_lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_frac: float = 0.05
-    min_lr_frac: float = 0.1
-    grad_clip: float = 1.0
-    base_data: str = "dense"          # the base's pretraining descriptions: "dense" or "generic"
-    base_items: int = 24000           # items in the base's pretraining set
-    base_task_fraction: float = 0.1   # share of them that are the tasks' own items
-    lora_r: int = 8
-    lora_alpha: int = 16
-    # data and seeds
-    train_items: int = 4000
-    val_items: int = 100
-    test_items: int = 300
-    seed: int = 0           # model initialisation and training order
-    data_seed: int = 0      # task generation
-    eval_batch_size: int = 150
-
-    @classmethod
-    def full(cls) -> "BenchConfig":
-        """The preset of ``omnimerge bench`` (sized for ~45 minutes from nothing on 2 CPU cores)."""
-        return cls()
-
-    @classmethod
-    def quick(cls) -> "BenchConfig":
-        """The preset of ``omnimerge bench --quick`` (minutes): a smaller model, fewer steps and items.
-        A smoke run of the whole pipeline, not a measurement: its experts are barely trained."""
-        return cls(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
-                   vision_depth=1, vision_embed_dim=32, vision_heads=2,
-                   base_steps=300, expert_steps=60, lora_steps=60, multitask_steps=150, text_steps=100,
-                   base_items=4000, train_items=1000, val_items=20, test_items=50)
-
-    def replace(self, **changes) -> "BenchConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "BenchConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown BenchConfig fields: {', '.join(unknown)}")
-        return cls(**data)
-
-    def cache_key(self, *, code: bool = True) -> str:
-        """A stable 16-hex-digit digest naming trained models in a cache: every field, ``BENCH_VERSION``
-        and (``code=True``) the source of the modules that decide what training produces (tasks, data,
-        model, train), so that editing a task generator or the training loop retrains. Same config and
-        code -> same key, in any process and on any machine."""
-        data = {"bench_version": BENCH_VERSION, "config": self.to_dict()}
-        if code:
-            data["code"] = _code_digest()
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def image_tokens(self) -> int:
-        """Visual tokens per image (after the 2x2 merge)."""
-        return (self.image_size // (self.patch_size * self.merge_size)) ** 2
-
-
-@functools.lru_cache(maxsize=1)
-def _code_digest() -> str:
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for name in ("tasks.py", "data.py", "model.py", "train.py"):
-        h.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -474,13 +353,16 @@ def generation_config():
 
 @contextlib.contextmanager
 def _quiet():
-    """No transformers progress bars ("Loading weights", "Writing model shards") inside."""
+    """No transformers progress bars ("Loading weights", "Writing model shards") inside, nor peft's
+    deprecation warning about transformers."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():   # peft 0.21 asks transformers 5 a deprecated question; not ours
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
     finally:
         if was:
             hf_logging.enable_progress_bar()

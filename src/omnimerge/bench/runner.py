@@ -2,72 +2,129 @@
 
 ``run_bench(cfg, out)`` is what ``omnimerge bench`` does:
 
-1. train (or reuse from the cache) the zoo of :mod:`.experiment` — base, five experts in two settings
-   (full fine-tune, LoRA), multi-task model, text LLM;
-2. evaluate every zoo model on every task's test set (cached beside the zoo);
+1. train (or reuse from the cache) the zoo of :mod:`.experiment`: the pretrained base, the instruct
+   model, five experts in each setting (full fine-tunes from the instruct model, LoRA adapters on the
+   pretrained base), each setting's multi-task model, the text LLM;
+2. score every zoo model on every task's test set, item by item (cached beside each model), and
+   measure each setting's task vectors (:mod:`.regime`);
 3. **capability merging**: for each setting and each registered method, merge the five experts into
-   the base with the method's documented defaults through :func:`omnimerge.merge` — the same path a
-   user's recipe takes — and evaluate the merged checkpoint; with ``sweep=True`` first choose the
-   method's scale (``lambda``/``alpha``) and ``density`` on the validation split;
-4. **backbone merging**: ``asdf`` and ``task_arithmetic`` merge the text LLM into the multi-task VLM;
-   the vision average and the text (arithmetic) accuracy are reported side by side;
-5. write the report (:mod:`.report`).
+   the setting's base through :func:`omnimerge.merge` (the path a user's recipe takes) with the
+   method's defaults, and with the parameters that score best on the validation split (the sweep,
+   :func:`sweep_grid`); evaluate both on the test split;
+4. **backbone merging**: ``asdf`` and ``task_arithmetic`` merge the text LLM into the full setting's
+   multi-task VLM;
+5. summarise (bootstrap intervals, gain recovered, significance: :mod:`.summary`) and write the
+   report (:mod:`.report`).
 
-A method that cannot merge this setting (e.g. one that takes exactly two models) is listed with the
+Merge results (validation and test scores of each recipe) are cached under the zoo, keyed by the
+recipe and a digest of omnimerge's merging code (everything but the bench and the CLI), so a rerun
+with the same code merges nothing again and a change to a method or the engine recomputes.
+
+A method that cannot merge a setting (e.g. one that takes exactly two models) is listed with the
 reason instead of a row of numbers; nothing is silently dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import itertools
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from . import tasks as T
-from .experiment import EXPERT_TASKS, accuracy_matrix, build_zoo, test_sets
-from .model import BenchConfig, build_processor
+from .config import BenchConfig
+from .experiment import (
+    EXPERT_TASKS, SETTING_BASE, SETTING_MULTITASK, SETTINGS, model_keys, score_models, test_sets, zoo_plan,
+)
+from .progress import NOMINAL, Progress, Stage, format_duration
 
 __all__ = ["SETTINGS", "BenchResult", "bench", "capability_recipe", "backbone_recipes", "default_cache_dir",
-           "sweep_grid", "run_bench"]
+           "sweep_grid", "run_bench", "merge_code_digest"]
 
-SETTINGS = ("full", "lora")
 SCALE_PARAMS = ("lambda", "alpha")
-SCALE_GRID = (0.2, 0.4, 0.7, 1.0, 1.5)  # five task vectors summed want a scale well under 1
-DENSITY_GRID = (0.1, 0.2, 0.5)
+SCALE_GRID = (0.3, 0.6, 1.0)      # five task vectors summed want a scale well under 1
+DENSITY_GRID: tuple[float, ...] = ()   # densities swept besides the default (none: the run's budget)
 
 
 @dataclass
 class BenchResult:
-    """Everything the report shows; ``to_json()`` is ``results.json``."""
+    """Everything the report shows; ``to_json()`` is ``results.json`` (plus the per-item scores,
+    which the report writes to ``scores.json``)."""
 
     config: dict[str, Any]
     cache_key: str
     zoo: dict[str, dict[str, float]]                       # model name -> task -> accuracy
     merges: list[dict[str, Any]] = field(default_factory=list)   # one per (kind, setting, method)
+    regime: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     training: dict[str, dict[str, Any]] = field(default_factory=dict)
+    item_scores: dict[str, dict[str, str]] = field(default_factory=dict)   # run name -> task -> "0110..."
+    settings: tuple[str, ...] = SETTINGS
+    zoo_ci95: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    experts: dict[str, Any] = field(default_factory=dict)     # per setting: each expert against base and others
+    ranking: dict[str, Any] = field(default_factory=dict)     # per setting: methods by average, significance
 
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, "cache_key": self.cache_key, "zoo": self.zoo, "merges": self.merges,
-                "timings": self.timings, "training": self.training, "tasks": list(T.TASKS),
-                "expert_tasks": list(EXPERT_TASKS), "settings": list(SETTINGS)}
+                "regime": self.regime, "timings": self.timings, "training": self.training,
+                "tasks": list(T.TASKS), "expert_tasks": list(EXPERT_TASKS), "settings": list(self.settings),
+                "setting_base": {s: SETTING_BASE[s] for s in self.settings},
+                "setting_multitask": {s: SETTING_MULTITASK[s] for s in self.settings},
+                "zoo_ci95": self.zoo_ci95, "experts": self.experts, "ranking": self.ranking,
+                "item_scores": self.item_scores}
+
+
+CALIBRATION_SAMPLES = 32
+
+
+def calibration_files(zoo: Path, cfg: BenchConfig) -> dict[str, Path]:
+    """Unlabeled samples of each expert's task for the data-aware methods (``regmean``, ``fisher``,
+    ...): the first :data:`CALIBRATION_SAMPLES` validation questions and images, written once under
+    ``zoo/calibration/<task>/samples.jsonl``. Validation, never test: the test split stays unseen."""
+    out = {}
+    for task in EXPERT_TASKS:
+        folder = zoo / "calibration" / task
+        path = folder / "samples.jsonl"
+        if not path.is_file():
+            (folder / "images").mkdir(parents=True, exist_ok=True)
+            lines = []
+            for i, item in enumerate(T.generate(task, "validation", CALIBRATION_SAMPLES, seed=cfg.data_seed,
+                                                image_size=cfg.image_size)):
+                sample = {"text": item.question}
+                if item.image is not None:
+                    item.image.save(folder / "images" / f"{i:04d}.png")
+                    sample["image"] = f"images/{i:04d}.png"
+                lines.append(json.dumps(sample))
+            tmp = path.with_suffix(".partial")
+            tmp.write_text("\n".join(lines) + "\n")
+            tmp.replace(path)
+        out[task] = path
+    return out
 
 
 def capability_recipe(zoo: Path, setting: str, method: str, parameters: dict | None = None,
-                      seed: int = 0) -> dict:
-    """The recipe that merges the five experts of ``setting`` into the base with ``method``."""
-    return {"method": method, "base": str(zoo / "base"), "skeleton": str(zoo / "base"),
-            "models": [{"path": str(zoo / f"{setting}_{task}"), "name": task} for task in EXPERT_TASKS],
+                      seed: int = 0, calibration: dict[str, Path] | None = None) -> dict:
+    """The recipe that merges the five experts of ``setting`` into the setting's base with ``method``;
+    with ``calibration`` (task -> samples file) each expert gets its task's samples."""
+    base = str(zoo / SETTING_BASE[setting])
+    models = [{"path": str(zoo / f"{setting}_{task}"), "name": task} for task in EXPERT_TASKS]
+    if calibration:
+        models = [{**m, "calibration": str(calibration[m["name"]])} for m in models]
+    return {"method": method, "base": base, "skeleton": base, "models": models,
             "parameters": dict(parameters or {}), "seed": seed}
 
 
 def backbone_recipes(zoo: Path, seed: int = 0) -> dict[str, dict]:
-    """Text LLM into the multi-task VLM: ``asdf`` (the text LLM as base, the VLM's delta onto it, cut
-    at the knee) and ``task_arithmetic`` (both task vectors from the shared base, summed)."""
+    """Text LLM into the full setting's multi-task VLM: ``asdf`` (the text LLM as base, the VLM's delta
+    onto it, cut at the knee) and ``task_arithmetic`` (both task vectors from the shared pretrained
+    base, summed)."""
     vlm, llm, base = str(zoo / "multitask"), str(zoo / "text_llm"), str(zoo / "base")
     return {
         "asdf": {"method": "asdf", "base": llm, "models": [{"path": vlm, "name": "vlm"}], "skeleton": vlm,
@@ -77,22 +134,34 @@ def backbone_recipes(zoo: Path, seed: int = 0) -> dict[str, dict]:
     }
 
 
-def sweep_grid(method: str) -> list[dict[str, Any]]:
-    """The validation sweep of a method: its scale (``lambda`` or ``alpha``) over :data:`SCALE_GRID` and
-    its ``density`` over :data:`DENSITY_GRID`, where it has them; ``[{}]`` (defaults only) otherwise."""
+def method_defaults(method: str) -> dict[str, Any]:
     from ..methods import get_method
 
-    names = {p.name for p in get_method(method).params}
-    axes: dict[str, tuple] = {}
+    return {p.name: p.default for p in get_method(method).params}
+
+
+def sweep_grid(method: str) -> list[dict[str, Any]]:
+    """The validation sweep of a method: its scale (``lambda`` or ``alpha``) over :data:`SCALE_GRID` and
+    its ``density`` over :data:`DENSITY_GRID` (when that is not empty), each with the method's default
+    value added; ``[{}]``
+    (defaults only) for a method with neither. The defaults' own point comes first, so that on a tie
+    the defaults stand."""
+    defaults = method_defaults(method)
+    axes: dict[str, list] = {}
     for p in SCALE_PARAMS:
-        if p in names:
-            axes[p] = SCALE_GRID
+        if p in defaults:
+            axes[p] = _with_default(SCALE_GRID, defaults[p])
             break
-    if "density" in names:
-        axes["density"] = DENSITY_GRID
+    if "density" in defaults and DENSITY_GRID:
+        axes["density"] = _with_default(DENSITY_GRID, defaults["density"])
     if not axes:
         return [{}]
     return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def _with_default(grid, default) -> list:
+    values = [] if default is None else [default]       # e.g. wudi2's alpha "auto": its own point first
+    return values + [v for v in grid if v not in values]
 
 
 def _mean(values) -> float:
@@ -100,19 +169,65 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+@functools.lru_cache(maxsize=1)
+def merge_code_digest() -> str:
+    """SHA-256 (16 hex digits) of omnimerge's merging code: every module of the package but the bench
+    and the CLI. Cached merge results are keyed by it."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("bench/") or rel == "cli.py":
+            continue
+        h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+class MergeCache:
+    """Scores of merged recipes, one JSON file per (setting, method) under ``folder``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder / merge_code_digest()
+
+    def _file(self, kind: str, setting: str, method: str) -> Path:
+        return self.folder / f"{kind}_{setting}_{method}.json"
+
+    def get(self, kind, setting, method, split, params) -> dict | None:
+        f = self._file(kind, setting, method)
+        data = json.loads(f.read_text()) if f.is_file() else {}
+        return data.get(f"{split}|{json.dumps(params, sort_keys=True)}")
+
+    def put(self, kind, setting, method, split, params, entry: dict) -> None:
+        f = self._file(kind, setting, method)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(f.read_text()) if f.is_file() else {}
+        data[f"{split}|{json.dumps(params, sort_keys=True)}"] = entry
+        f.write_text(json.dumps(data, sort_keys=True) + "\n")
+
+
+def _bits(scores: dict[str, list[int]]) -> dict[str, str]:
+    return {t: "".join(map(str, s)) for t, s in scores.items()}
+
+
+def _acc(bits: dict[str, str]) -> dict[str, float]:
+    return {t: s.count("1") / len(s) for t, s in bits.items() if s}
+
+
 def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = None,
-              settings: tuple[str, ...] = SETTINGS, sweep: bool = False, keep_merged: bool = False,
-              log: Callable[[str], None] | None = print) -> BenchResult:
+              settings: tuple[str, ...] = SETTINGS, sweep: bool = True, keep_merged: bool = False,
+              log: Callable[[str], None] | None = print, progress_stream=None, preset: str = "custom settings") -> BenchResult:
     """Run the benchmark into the folder ``out`` (its ``merged/`` holds merged checkpoints while they
     are evaluated; removed afterwards unless ``keep_merged``). Returns the result; the caller writes
     the report (:func:`omnimerge.bench.report.write_report`)."""
     from .. import merge
     from ..errors import OmnimergeError
     from ..methods import list_methods
-    from .report import normalized_accuracy
+    from .model import build_processor
+    from .regime import task_vector_stats
+    from .summary import summarize
 
-    log = log or (lambda _msg: None)
     out = Path(out)
+    cache_dir = Path(cache_dir)
     t_start = time.perf_counter()
     all_methods = [m.name for m in list_methods()]
     if methods is None:
@@ -121,128 +236,257 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
     if unknown:
         raise OmnimergeError(f"unknown method(s) {', '.join(unknown)}; `omnimerge methods` lists them")
     bad = sorted(set(settings) - set(SETTINGS))
-    if bad:
-        raise OmnimergeError(f"unknown setting(s) {', '.join(bad)}; choose from {', '.join(SETTINGS)}")
+    if bad or not settings:
+        raise OmnimergeError(f"unknown setting(s) {', '.join(bad) or '(none)'}; choose from {', '.join(SETTINGS)}")
+    settings = tuple(s for s in SETTINGS if s in settings)
 
-    # 1. the zoo
-    t = time.perf_counter()
-    zoo = build_zoo(cfg, cache_dir, log=lambda m: log(f"train {m}"))
-    t_train = time.perf_counter() - t
-
-    # 2. the zoo's accuracies (cached beside it: same config and code -> same numbers)
-    t = time.perf_counter()
-    cached = zoo / "accuracy.json"
-    zoo_acc = json.loads(cached.read_text()) if cached.is_file() else {}
-    names = [n for n in _zoo_models(settings) if n not in zoo_acc]
-    if names:
-        log(f"evaluate {len(names)} trained models on {cfg.test_items} test items per task")
-        zoo_acc.update(accuracy_matrix({n: zoo / n for n in names}, cfg))
-        cached.write_text(json.dumps(zoo_acc, indent=1, sort_keys=True) + "\n")
-    t_eval_zoo = time.perf_counter() - t
-
-    result = BenchResult(config=cfg.to_dict(), cache_key=cfg.cache_key(), zoo=zoo_acc,
-                         training={n: _training_info(zoo / n) for n in _zoo_models(settings)})
-    processor = build_processor(cfg)
-    tests = test_sets(cfg, "test")
-    vals = test_sets(cfg, "validation") if sweep else None
-    work = out / "merged"
-    work.mkdir(parents=True, exist_ok=True)
-
-    def run_one(kind: str, setting: str, method: str, recipe: dict, tasks: tuple[str, ...]) -> dict:
-        row: dict[str, Any] = {"kind": kind, "setting": setting, "method": method,
-                               "parameters": dict(recipe.get("parameters", {}))}
-        folder = work / f"{kind}_{setting}_{method}"
-        try:
-            res = merge(recipe, folder, force=True, progress=False)
-        except OmnimergeError as e:
-            row["skipped"] = str(e).splitlines()[0]
-            log(f"{kind} {setting:<4} {method:<16} skipped: {row['skipped']}")
-            return row
-        row["merge_s"] = round(res.seconds, 3)
-        row["accuracy"] = accuracy_matrix({method: folder}, cfg, tasks=tasks, sets=tests,
-                                          processor=processor)[method]
-        if not keep_merged:
-            shutil.rmtree(folder, ignore_errors=True)
-        return row
-
-    # 3. capability merging
-    t = time.perf_counter()
+    # ---- the plan: what is cached, what is left, what it costs
+    plan = zoo_plan(cfg, settings)
+    keys = model_keys(cfg, plan)
+    zoo = cache_dir / cfg.cache_key()
+    cached_models = {m.name for m in plan if (cache_dir / "models" / f"{m.name}-{keys[m.name]}" / "bench.json").is_file()}
+    test_cache = f"test-n{cfg.test_items}-seed{cfg.data_seed}"
+    n_tasks = {m.name: (1 if m.name == "text_llm" else len(T.TASKS)) for m in plan}
+    scored = {m.name for m in plan if m.name in cached_models and
+              (cache_dir / "models" / f"{m.name}-{keys[m.name]}" / "scores" / f"{test_cache}.json").is_file()}
+    merge_cache = MergeCache(zoo / "merges")
+    grids = {m: (sweep_grid(m) if sweep else [{}]) for m in methods}
+    kind_of = {"base": "train_all", "instruct": "train_all", "full": "train_language", "multitask": "train_language",
+               "lora": "train_lora", "multitask_lora": "train_lora", "text_llm": "train_text"}
+    stages: list[Stage] = []
+    train_stage: dict[str, int] = {}
+    for m in plan:
+        if m.name not in cached_models:
+            train_stage[m.name] = len(stages)
+            stages.append(Stage(f"train {m.name}", {kind_of[m.stage]: m.steps}, unit="steps", total=m.steps))
+    to_score = [m.name for m in plan if m.name not in scored]
+    eval_items = sum(n_tasks[n] * cfg.test_items for n in to_score)
+    eval_stage = len(stages)
+    stages.append(Stage("evaluate the zoo", {"eval": eval_items}, unit="items", total=eval_items))
+    method_stage: dict[tuple[str, str], int] = {}
+    n_points = n_cached_points = 0
     for setting in settings:
-        experts = {task: zoo_acc[f"{setting}_{task}"][task] for task in EXPERT_TASKS}
         for method in methods:
-            params: dict[str, Any] = {}
-            if sweep:
-                params = _sweep(zoo, setting, method, cfg, vals, processor, work, log)
-            row = run_one("capability", setting, method, capability_recipe(zoo, setting, method, params, cfg.seed),
-                          EXPERT_TASKS)
-            if "accuracy" in row:
-                acc = row["accuracy"]
-                row["average"] = _mean(acc[t] for t in EXPERT_TASKS)
-                row["normalized"] = normalized_accuracy(acc, experts)
-                log(f"capability {setting:<4} {method:<16} avg {row['average']:.3f}  "
-                    f"normalized {row['normalized']:.3f}  ({row['merge_s']:.1f} s merge)")
-            result.merges.append(row)
-    t_capability = time.perf_counter() - t
+            todo_val = [p for p in grids[method] if p and merge_cache.get("capability", setting, method, "validation", p) is None]
+            todo_test = 0 if merge_cache.get("capability", setting, method, "test", {}) else 1
+            n_points += len([p for p in grids[method] if p])
+            n_cached_points += len([p for p in grids[method] if p]) - len(todo_val)
+            work = {"merge": len(todo_val) + todo_test * 2,
+                    "eval": len(todo_val) * len(EXPERT_TASKS) * cfg.val_items
+                    + todo_test * 2 * len(EXPERT_TASKS) * cfg.test_items}
+            method_stage[(setting, method)] = len(stages)
+            stages.append(Stage(f"{setting} {method}", work, unit="items",
+                                total=work["eval"]))
+    backbone_stage = len(stages)
+    stages.append(Stage("backbone merging", {"merge": 2, "eval": 2 * len(T.TASKS) * cfg.test_items}, unit="items",
+                        total=2 * len(T.TASKS) * cfg.test_items))
 
-    # 4. backbone merging
-    t = time.perf_counter()
-    for method, recipe in backbone_recipes(zoo, cfg.seed).items():
-        row = run_one("backbone", "text", method, recipe, T.TASKS)
-        if "accuracy" in row:
-            acc = row["accuracy"]
-            row["vision_average"] = _mean(acc[t] for t in EXPERT_TASKS)
-            row["text"] = _mean(acc[t] for t in T.TEXT_TASKS)
-            log(f"backbone   text {method:<16} vision avg {row['vision_average']:.3f}  text {row['text']:.3f}  "
-                f"({row['merge_s']:.1f} s merge)")
-        result.merges.append(row)
-    t_backbone = time.perf_counter() - t
+    progress = Progress(stages, stream=progress_stream, enabled=log is not None)
+    say = progress.message if log is not None else (lambda _m: None)
+    train_steps = sum(m.steps for m in plan if m.name not in cached_models)
+    say(f"omnimerge bench ({preset}): {len(plan)} models in the zoo, settings {', '.join(settings)}; "
+        f"{len(methods)} methods, each with its defaults"
+        + (f" and the parameters a validation sweep chooses ({n_points} grid points, {n_cached_points} cached)" if sweep else "")
+        + f"; {cfg.test_items} test items per task.")
+    if cached_models == {m.name for m in plan}:
+        say(f"Cache: {zoo} — reusing all {len(plan)} trained models"
+            + (" and their test scores." if len(scored) == len(plan) else "."))
+    else:
+        say(f"Cache: {zoo} — will train {len(plan) - len(cached_models)} models ({train_steps} steps)"
+            + (f", reusing {len(cached_models)}" if cached_models else "") + ".")
+    say(f"Estimated time: about {format_duration(progress.nominal_total())} on 2 quiet CPU cores "
+        "(the estimate below corrects itself to this machine's speed).")
+
+    with progress:
+        # 1. the zoo
+        t = time.perf_counter()
+
+        def on_start(name: str) -> None:
+            progress.begin(train_stage[name])
+
+        def on_step(_name: str, _step: int) -> None:
+            progress.advance(1)
+
+        def on_done(name: str, trained: bool) -> None:
+            if trained:
+                progress.end()
+
+        from .experiment import build_zoo
+
+        build_zoo(cfg, cache_dir, settings=settings, log=(lambda m: say(f"train {m}")) if log else None,
+                  on_start=on_start, on_step=on_step, on_done=on_done)
+        t_train = time.perf_counter() - t
+
+        # 2. the zoo's scores and task vectors
+        t = time.perf_counter()
+        processor = build_processor(cfg)
+        tests = test_sets(cfg, "test")
+        progress.begin(eval_stage)
+        if to_score:
+            say(f"evaluate {len(to_score)} zoo models on {cfg.test_items} test items per task")
+        zoo_scores = score_models({m.name: zoo / m.name for m in plan}, cfg, sets=tests, processor=processor,
+                                  cache_name=test_cache, on_task=lambda _n, _t, k: progress.advance(k))
+        progress.end()
+        regime = {}
+        for setting in settings:
+            stats = task_vector_stats(zoo / SETTING_BASE[setting], {t: zoo / f"{setting}_{t}" for t in EXPERT_TASKS})
+            regime[setting] = stats
+            say(f"regime {setting:<4}: median ‖τ‖/‖θ‖ {stats['median_rel_norm']:.4f}, max {stats['max_rel_norm']:.4f}, "
+                f"rms(τ) {stats['rms_tau']:.2e}")
+        t_eval_zoo = time.perf_counter() - t
+
+        result = BenchResult(config=cfg.to_dict(), cache_key=cfg.cache_key(),
+                             zoo={n: {t: sum(s) / len(s) for t, s in row.items()} for n, row in zoo_scores.items()},
+                             regime=regime, settings=settings,
+                             training={m.name: _training_info(zoo / m.name) for m in plan})
+        result.item_scores = {f"zoo/{n}": _bits(row) for n, row in zoo_scores.items()}
+        vals = test_sets(cfg, "validation") if sweep else None
+        calib = calibration_files(zoo, cfg) if any(_needs_calibration(m) for m in methods) else {}
+
+        def recipe_for(setting: str, method: str, params: dict) -> dict:
+            return capability_recipe(zoo, setting, method, params, cfg.seed,
+                                     calibration=calib if _needs_calibration(method) else None)
+
+        work = out / "merged"
+        work.mkdir(parents=True, exist_ok=True)
+
+        def merged_scores(kind: str, setting: str, method: str, recipe: dict, split: str, tasks) -> dict:
+            """{"bits": task -> "0101", "merge_s": s} or {"skipped": reason}; cached."""
+            params = recipe.get("parameters", {})
+            hit = merge_cache.get(kind, setting, method, split, params)
+            if hit is not None:
+                return hit
+            folder = work / f"{kind}_{setting}_{method}"
+            try:
+                with _no_hf_progress_bars():     # e.g. the calibration stage loading each expert
+                    res = merge(recipe, folder, force=True, progress=False)
+            except OmnimergeError as e:
+                entry = {"skipped": str(e).splitlines()[0]}
+            else:
+                sets = tests if split == "test" else vals
+                scores = score_models({method: folder}, cfg, sets=sets, tasks=tasks, processor=processor,
+                                      on_task=lambda _n, _t, k: progress.advance(k))[method]
+                entry = {"bits": _bits(scores), "merge_s": round(res.seconds, 3)}
+                if not keep_merged:
+                    shutil.rmtree(folder, ignore_errors=True)
+            merge_cache.put(kind, setting, method, split, params, entry)
+            return entry
+
+        # 3. capability merging
+        t = time.perf_counter()
+        for setting in settings:
+            for method in methods:
+                progress.begin(method_stage[(setting, method)])
+                row: dict[str, Any] = {"kind": "capability", "setting": setting, "method": method, "parameters": {}}
+                entry = merged_scores("capability", setting, method, recipe_for(setting, method, {}), "test",
+                                      EXPERT_TASKS)
+                if "skipped" in entry:
+                    row["skipped"] = entry["skipped"]
+                    say(f"capability {setting:<4} {method:<16} skipped: {row['skipped']}")
+                    result.merges.append(row)
+                    progress.end()
+                    continue
+                row.update(accuracy=_acc(entry["bits"]), merge_s=entry["merge_s"])
+                result.item_scores[f"capability/{setting}/{method}"] = entry["bits"]
+                if sweep:
+                    row["tuned"] = _tune(setting, method, grids[method], recipe_for, merged_scores, result)
+                result.merges.append(row)
+                progress.end()
+                tuned = row.get("tuned", {})
+                say(f"capability {setting:<4} {method:<16} avg {_mean(row['accuracy'].values()):.3f}"
+                    + (f"  tuned {tuned['parameters']} avg {_mean(tuned['accuracy'].values()):.3f}"
+                       if tuned.get("parameters") else "")
+                    + f"  ({row['merge_s']:.1f} s merge)")
+        t_capability = time.perf_counter() - t
+
+        # 4. backbone merging
+        t = time.perf_counter()
+        progress.begin(backbone_stage)
+        for method, recipe in backbone_recipes(zoo, cfg.seed).items() if "full" in settings else ():
+            row = {"kind": "backbone", "setting": "text", "method": method, "parameters": {}}
+            entry = merged_scores("backbone", "text", method, recipe, "test", T.TASKS)
+            if "skipped" in entry:
+                row["skipped"] = entry["skipped"]
+            else:
+                row.update(accuracy=_acc(entry["bits"]), merge_s=entry["merge_s"])
+                result.item_scores[f"backbone/text/{method}"] = entry["bits"]
+                say(f"backbone   text {method:<16} vision avg {_mean(row['accuracy'][t] for t in EXPERT_TASKS):.3f}  "
+                    f"text {_mean(row['accuracy'][t] for t in T.TEXT_TASKS):.3f}")
+            result.merges.append(row)
+        progress.end()
+        t_backbone = time.perf_counter() - t
     if not keep_merged:
         shutil.rmtree(work, ignore_errors=True)
     result.timings = {"train_s": round(t_train, 1), "evaluate_zoo_s": round(t_eval_zoo, 1),
                       "capability_s": round(t_capability, 1), "backbone_s": round(t_backbone, 1),
                       "total_s": round(time.perf_counter() - t_start, 1)}
+    summarize(result)
     return result
 
 
-def _zoo_models(settings) -> list[str]:
-    from .experiment import zoo_names
+@contextlib.contextmanager
+def _no_hf_progress_bars():
+    """No transformers progress bars or warnings from inside a merge (its calibration stage loads
+    every expert)."""
+    from transformers.utils import logging as hf_logging
 
-    kinds = ("base", *settings, "multitask", "text_llm")
-    return zoo_names(kinds)
+    was, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    # the bench's folders name PaddleOCRVLProcessor (Qwen2-VL's logic without torchvision, see
+    # .model); transformers 5 warns about that class's own registration when AutoProcessor loads it
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():   # peft 0.21 asks transformers 5 a deprecated question; not ours
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _needs_calibration(method: str) -> bool:
+    from ..methods import get_method
+
+    return bool(getattr(get_method(method), "needs_calibration", False))
+
+
+def _tune(setting, method, grid, recipe_for, merged_scores, result) -> dict[str, Any]:
+    """The grid point with the best mean validation accuracy over the five expert tasks (ties: the
+    first, i.e. the defaults' own point); points the method refuses are passed over. Returns
+    ``{parameters, validation_average, accuracy, merge_s}`` (``parameters`` empty: the defaults)."""
+    if grid == [{}]:
+        return {"parameters": {}, "note": "no scale or density to tune"}
+    best, best_acc, tried = None, -1.0, {}
+    for params in grid:
+        entry = merged_scores("capability", setting, method, recipe_for(setting, method, params), "validation",
+                              EXPERT_TASKS)
+        if "skipped" in entry:
+            continue
+        acc = _mean(_acc(entry["bits"]).values())
+        tried[json.dumps(params, sort_keys=True)] = round(acc, 4)
+        if acc > best_acc:
+            best, best_acc = params, acc
+    if best is None:
+        return {"parameters": {}, "note": "every grid point refused; defaults kept"}
+    defaults = method_defaults(method)
+    chosen = {k: v for k, v in best.items() if defaults.get(k) != v}
+    out: dict[str, Any] = {"parameters": chosen, "validation_average": round(best_acc, 4), "grid": tried}
+    if not chosen:
+        out["note"] = "the defaults score best on validation"
+        return out
+    entry = merged_scores("capability", setting, method, recipe_for(setting, method, best), "test", EXPERT_TASKS)
+    if "skipped" in entry:      # pragma: no cover - it merged on validation
+        out["note"] = entry["skipped"]
+        return out
+    out.update(accuracy=_acc(entry["bits"]), merge_s=entry["merge_s"])
+    result.item_scores[f"capability/{setting}/{method}/tuned"] = entry["bits"]
+    return out
 
 
 def _training_info(folder: Path) -> dict[str, Any]:
     info = json.loads((folder / "bench.json").read_text())
     return {k: info[k] for k in ("steps", "train_wall_s", "train_cpu_s", "loss_first", "loss_last") if k in info}
-
-
-def _sweep(zoo: Path, setting: str, method: str, cfg: BenchConfig, vals, processor, work: Path, log) -> dict:
-    """The grid point of :func:`sweep_grid` with the best mean validation accuracy over the five
-    expert tasks (ties: the first, i.e. the smallest values); points the method refuses are passed
-    over, and with none left the defaults stand."""
-    from .. import merge
-    from ..errors import OmnimergeError
-
-    grid = sweep_grid(method)
-    if grid == [{}]:
-        return {}
-    best, best_acc = {}, -1.0
-    for params in grid:
-        folder = work / f"sweep_{setting}_{method}"
-        try:
-            merge(capability_recipe(zoo, setting, method, params, cfg.seed), folder, force=True, progress=False)
-        except OmnimergeError:  # a grid point the method refuses (e.g. della's epsilon against a density)
-            continue
-        acc = accuracy_matrix({method: folder}, cfg, tasks=EXPERT_TASKS, sets=vals, processor=processor)[method]
-        shutil.rmtree(folder, ignore_errors=True)
-        mean = _mean(acc.values())
-        if mean > best_acc:
-            best, best_acc = params, mean
-    if best_acc < 0:
-        log(f"sweep      {setting:<4} {method:<16} refused every grid point; defaults kept")
-    else:
-        log(f"sweep      {setting:<4} {method:<16} chose {best} (validation avg {best_acc:.3f})")
-    return best
 
 
 def default_cache_dir() -> Path:
@@ -256,15 +500,20 @@ def default_cache_dir() -> Path:
     return Path(root) / "omnimerge" / "bench"
 
 
-def bench(out, *, quick: bool = False, config: BenchConfig | None = None, overrides: dict | None = None,
-          cache_dir=None, methods: list[str] | None = None, settings: tuple[str, ...] = SETTINGS,
-          sweep: bool = False, keep_merged: bool = False, force: bool = False,
-          log: Callable[[str], None] | None = print) -> tuple[BenchResult, list[Path]]:
+PRESETS = {"full": BenchConfig.full, "quick": BenchConfig.quick, "micro": BenchConfig.micro}
+
+
+def bench(out, *, quick: bool = False, preset: str | None = None, config: BenchConfig | None = None,
+          overrides: dict | None = None, cache_dir=None, methods: list[str] | None = None,
+          settings: tuple[str, ...] = SETTINGS, sweep: bool | None = None, keep_merged: bool = False,
+          force: bool = False, log: Callable[[str], None] | None = print,
+          progress_stream=None) -> tuple[BenchResult, list[Path]]:
     """Run the benchmark and write its report into ``out``; returns the result and the files written.
 
-    ``config`` (default: the ``quick`` or full preset) with ``overrides`` (field -> value) sizes the
-    models, training and evaluation. ``out`` may be a previous bench report (its files are replaced);
-    any other non-empty folder needs ``force``.
+    ``config`` (default: the ``preset``, "full", "quick" (= ``quick=True``) or "micro") with
+    ``overrides`` (field -> value) sizes the models, training and evaluation. ``sweep`` (the
+    validation sweep) defaults to on for the full preset and off for the smaller ones. ``out`` may be a
+    previous bench report (its files are replaced); any other non-empty folder needs ``force``.
     """
     from ..errors import OmnimergeError
     from .report import write_report
@@ -274,13 +523,23 @@ def bench(out, *, quick: bool = False, config: BenchConfig | None = None, overri
         raise OmnimergeError(f"{out} is a file; give a folder for the report")
     if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file() and not force:
         raise OmnimergeError(f"{out} exists and is not a bench report; choose another folder or pass --force")
-    cfg = config or (BenchConfig.quick() if quick else BenchConfig.full())
+    preset = preset or ("quick" if quick else "full")
+    if preset not in PRESETS:
+        raise OmnimergeError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    cfg = config or PRESETS[preset]()
+    if sweep is None:
+        sweep = preset == "full"
     if overrides:
         try:
             cfg = cfg.replace(**overrides)
         except TypeError as e:
             fields = ", ".join(sorted(cfg.to_dict()))
             raise OmnimergeError(f"unknown bench setting in {sorted(overrides)}; the fields are: {fields}") from e
+    if log is not None and progress_stream is None:
+        import sys
+
+        progress_stream = sys.stderr
     result = run_bench(cfg, out, cache_dir=cache_dir or default_cache_dir(), methods=methods, settings=settings,
-                       sweep=sweep, keep_merged=keep_merged, log=log)
+                       sweep=sweep, keep_merged=keep_merged, log=log, progress_stream=progress_stream,
+                       preset=preset + (" preset with --set overrides" if overrides else " preset"))
     return result, write_report(result.to_json(), out)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,16 +29,18 @@ from typing import Callable, Sequence
 import torch
 
 from . import tasks as T
-from .data import DESCRIBE, base_items, dense_caption, describe_items, expert_items, multitask_items, text_items
+from .data import (
+    DESCRIBE, base_items, dense_caption, describe_items, expert_items, instruct_items, multitask_items, text_items,
+)
 from .model import (
     IM_END, BenchConfig, BenchProcessor, build_processor, format_prompt, load_model, load_processor,
     save_adapter, save_checkpoint,
 )
 
 __all__ = [
-    "train", "train_base", "train_expert", "train_multitask", "train_text_llm", "expert_steps",
+    "train", "train_base", "train_instruct", "train_expert", "train_multitask", "train_text_llm", "expert_steps",
     "Encoded", "encode_items", "collate", "LORA_TARGET", "trainable_parameters",
-    "extract_text_model", "base_items", "describe_items", "dense_caption", "expert_items", "multitask_items", "text_items",
+    "extract_text_model", "base_items", "instruct_items", "describe_items", "dense_caption", "expert_items", "multitask_items", "text_items",
     "save_checkpoint", "save_adapter", "load_model", "load_processor",
 ]
 
@@ -141,7 +144,9 @@ def train(model, items: Sequence[T.Item], cfg: BenchConfig, *, steps: int, lr: f
         torch.manual_seed(seed)
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
                           target_modules=LORA_TARGET, init_lora_weights=True)
-        model = get_peft_model(model, lcfg)
+        with warnings.catch_warnings():   # peft 0.21 asks transformers 5 a deprecated question; not ours
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, lcfg)
         params = [p for p in model.parameters() if p.requires_grad]
         lr = cfg.lora_lr if lr is None else lr
     else:
@@ -212,6 +217,15 @@ def train_base(cfg: BenchConfig, processor: BenchProcessor | None = None, **kw):
                  trainable="all", processor=processor, **kw)
 
 
+def train_instruct(base, cfg: BenchConfig, processor: BenchProcessor | None = None, **kw):
+    """The full setting's base: the pretrained base (a model, modified in place, or a folder), every
+    parameter trained briefly on :func:`instruct_items` (all tasks, a small pool): decent at each task,
+    not saturated."""
+    model = load_model(base) if isinstance(base, (str, Path)) else base
+    return train(model, instruct_items(cfg), cfg, steps=cfg.instruct_steps, lr=cfg.instruct_lr, trainable="all",
+                 processor=processor, **kw)
+
+
 def train_expert(base, task: str, cfg: BenchConfig, *, lora: bool = False,
                  processor: BenchProcessor | None = None, **kw):
     """One task's expert from ``base`` (a model, modified in place, or a folder): the language
@@ -223,10 +237,14 @@ def train_expert(base, task: str, cfg: BenchConfig, *, lora: bool = False,
                  lora=lora, processor=processor, **kw)
 
 
-def train_multitask(base, cfg: BenchConfig, processor: BenchProcessor | None = None, **kw):
-    """The multi-task model (the upper bound): the language backbone trained on the union of the
-    experts' training sets."""
+def train_multitask(base, cfg: BenchConfig, processor: BenchProcessor | None = None, *, lora: bool = False, **kw):
+    """A setting's multi-task model (the upper bound): trained from the setting's base on the union of
+    the experts' training sets with the experts' recipe: the language backbone fully at ``expert_lr``
+    for ``multitask_steps``, or (``lora=True``) a LoRA at ``lora_lr`` for ``lora_multitask_steps``."""
     model = load_model(base) if isinstance(base, (str, Path)) else base
+    if lora:
+        return train(model, multitask_items(cfg), cfg, steps=cfg.lora_multitask_steps, lr=cfg.lora_lr, lora=True,
+                     processor=processor, **kw)
     return train(model, multitask_items(cfg), cfg, steps=cfg.multitask_steps, lr=cfg.expert_lr,
                  processor=processor, **kw)
 
