@@ -7,7 +7,9 @@ bytes. Files are compared byte for byte, except that the temporary root's path i
 ``<ROOT>`` in text files and JSON files lose their ``seconds`` timings.
 
 Each case's ``pins`` are parameters added after the digests were taken, set to the values that give
-the old behaviour (``trim: per_tensor`` for TIES; the old code had no such parameter).
+the old behaviour (``trim: per_tensor`` for TIES; the old code had no such parameter). A pinned
+case's weights and report must match; its omnimerge.yaml and model card, which record the recipe
+with its pins, are not compared.
 """
 
 from __future__ import annotations
@@ -80,25 +82,34 @@ CASES = {
 }
 
 
-def _drop_seconds(x):
+def _drop(x, pins: dict):
+    """``x`` without its ``seconds`` timings, nor the pinned parameters in its ``params`` entries."""
     if isinstance(x, dict):
-        return {k: _drop_seconds(v) for k, v in x.items() if k != "seconds"}
+        return {k: (_drop({q: w for q, w in v.items() if q not in pins}, pins) if k == "params" else _drop(v, pins))
+                for k, v in x.items() if k != "seconds"}
     if isinstance(x, list):
-        return [_drop_seconds(v) for v in x]
+        return [_drop(v, pins) for v in x]
     return x
 
 
-def digests(folder: Path, root: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (by relative path), normalised as the module doc says."""
+RECIPE_FILES = ("omnimerge.yaml", "README.md")  # they record the recipe, pins included
+# Cases whose model card changed by design: it cites the method's reference, which now names the
+# source of DARE's default drop rate (MLLMerging's p = 0.2).
+CARD_CHANGED = ("merge_dare_linear", "merge_dare_linear_l1")
+
+
+def digests(folder: Path, root: Path, pins: dict | None = None) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (by relative path), normalised as the module doc says; with
+    ``pins``, the files that record the recipe are left out (they name the pins)."""
     out = {}
     for p in sorted(folder.rglob("*")):
-        if not p.is_file():
+        if not p.is_file() or (pins and p.name in RECIPE_FILES):
             continue
         data = p.read_bytes()
         if p.suffix in (".json", ".yaml", ".md", ".txt", ".jinja"):
             text = data.decode().replace(str(root), "<ROOT>")
             if p.suffix == ".json":
-                text = json.dumps(_drop_seconds(json.loads(text)), sort_keys=True)
+                text = json.dumps(_drop(json.loads(text), pins or {}), sort_keys=True)
             data = text.encode()
         out[str(p.relative_to(folder))] = hashlib.sha256(data).hexdigest()
     return out

@@ -18,7 +18,7 @@ import omnimerge
 from omnimerge.checkpoints.adapter import target_names
 from omnimerge.checkpoints.card import input_name, model_card
 from omnimerge.cli import main
-from omnimerge.lora_out import lora_factors, parse_rank
+from omnimerge.run.outputs.lora_adapter import lora_factors, parse_rank
 from omnimerge.methods.ranks import choose_rank, knee
 from omnimerge.tiny import dummy_inputs
 from conftest import leftovers

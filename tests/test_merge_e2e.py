@@ -194,7 +194,7 @@ def test_tied_embeddings_input_feeds_untied_lm_head(zoo, tmp_path):
 
 
 def test_interrupted_merge_leaves_nothing(zoo, tmp_path):
-    from omnimerge.engine import execute
+    from omnimerge.api import write_plan
     from omnimerge.plan import build_plan
 
     base, experts = zoo.base("qwen2"), zoo.experts("qwen2")
@@ -208,7 +208,7 @@ def test_interrupted_merge_leaves_nothing(zoo, tmp_path):
 
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        execute(plan, out, on_tensor=stop)
+        write_plan(plan, out, on_tensor=stop)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 

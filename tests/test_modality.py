@@ -11,7 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 import omnimerge
-from omnimerge import modality
+from omnimerge.api import write_plan
+from omnimerge.plan import build_plans
+from omnimerge.run.outputs import skeletons
 from omnimerge.cli import main
 from omnimerge.tiny import build_tiny, make_expert
 from omnimerge.verify import verify
@@ -54,13 +56,13 @@ def recipe_for(family, **extra):
 
 
 def test_one_output_per_skeleton_each_loads_and_runs(family, tmp_path, monkeypatch):
-    computed, real = [], modality.compute
+    computed, real = [], skeletons.compute
 
     def counting(plan, job, *args):
         computed.append(job.canonical)
         return real(plan, job, *args)
 
-    monkeypatch.setattr(modality, "compute", counting)
+    monkeypatch.setattr(skeletons, "compute", counting)
     out = tmp_path / "out"
     results = omnimerge.merge(recipe_for(family), out)
 
@@ -133,7 +135,7 @@ def test_interrupted_or_refused_leaves_old_output(family, tmp_path):
     (out / "keep.txt").write_text("old")
     with pytest.raises(omnimerge.OmnimergeError, match="--force"):
         omnimerge.merge(recipe_for(family), out)
-    plans = modality.build_plans(recipe_for(family))
+    plans = build_plans(recipe_for(family))
     seen = []
 
     def stop(job):
@@ -142,7 +144,7 @@ def test_interrupted_or_refused_leaves_old_output(family, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        modality.execute_plans(plans, out, force=True, on_tensor=stop)
+        write_plan(plans, out, force=True, on_tensor=stop)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and leftovers(tmp_path) == []
     omnimerge.merge(recipe_for(family), out, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["audio", "video", "vision"]

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import OmnimergeError
+from .run.options import RunOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Merge the weights of multimodal LLMs.")
@@ -61,13 +62,14 @@ def merge(
                                               "local one)"),
 ):
     """Merge the models of RECIPE into OUTPUT."""
-    from .engine import merge as run_merge
+    from .api import merge as run_merge
 
     if output is None and not dry_run:
         raise OmnimergeError("give an output folder with -o OUTPUT (or --dry-run to only check the recipe)")
-    result = run_merge(recipe, output, force=force, dry_run=dry_run, device=device, allow_pickle=allow_pickle,
-                       progress=progress, as_lora=as_lora, push_to_hub=push_to_hub, private=private,
-                       executor=executor, ray_address=ray_address)
+    options = RunOptions(force=force, dry_run=dry_run, device=device, allow_pickle=allow_pickle, progress=progress,
+                         as_lora=as_lora, push_to_hub=push_to_hub, private=private, executor=executor,
+                         ray_address=ray_address)
+    result = run_merge(recipe, output, options=options)
     results = result if isinstance(result, dict) else {None: result}  # `skeletons:`: one result per output
     for note in dict.fromkeys(n for r in results.values() for n in r.plan.notes):
         err.print(f"[yellow]note[/]: {escape(note)}")
@@ -102,13 +104,13 @@ def extract(
     private: bool = typer.Option(False, "--private", help="with --push-to-hub: create the repo as private"),
 ):
     """Write MODEL − BASE as a PEFT LoRA adapter over BASE."""
-    from .lora_out import extract as run_extract
+    from .api import extract as run_extract
 
     if output is None and not dry_run:
         raise OmnimergeError("give an output folder with -o OUTPUT (or --dry-run to only check the inputs)")
-    result = run_extract(model, base, output, rank=rank, force=force, dry_run=dry_run, device=device,
-                         allow_pickle=allow_pickle, progress=progress, out_dtype=out_dtype, push_to_hub=push_to_hub,
-                         private=private)
+    options = RunOptions(force=force, dry_run=dry_run, device=device, allow_pickle=allow_pickle, progress=progress,
+                         push_to_hub=push_to_hub, private=private)
+    result = run_extract(model, base, output, rank=rank, out_dtype=out_dtype, options=options)
     for note in result.plan.notes:
         err.print(f"[yellow]note[/]: {escape(note)}")
     if dry_run:

@@ -40,10 +40,6 @@ REQUIRED = object()  # a mergekit parameter without a default
 log = logging.getLogger("omnimerge.mergekit")
 
 
-def is_mergekit(data: Any) -> bool:
-    return isinstance(data, dict) and "merge_method" in data
-
-
 # --- values -------------------------------------------------------------------------------------
 def _num(v: Any, where: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
@@ -93,13 +89,16 @@ class MkMethod:
     params: tuple[MkParam, ...]
     min_non_base: int = 1
     max_non_base: int | None = None
+    fixed: tuple[tuple[str, Any], ...] = ()  # our parameters set to mergekit's behaviour, whatever our default
 
     def param(self, name: str) -> MkParam | None:
         return next((p for p in self.params if p.name == name), None)
 
 
-def _gta(ours: str, normalize: bool, rescale: bool, density: str | None, extra: tuple[MkParam, ...] = ()) -> MkMethod:
-    """mergekit's generalised task arithmetic family; ``density``: how its density reaches us."""
+def _gta(ours: str, normalize: bool, rescale: bool, density: str | None, extra: tuple[MkParam, ...] = (),
+         fixed: tuple[tuple[str, Any], ...] = ()) -> MkMethod:
+    """mergekit's generalised task arithmetic family; ``density``: how its density reaches us; ``fixed``:
+    our parameters that must take mergekit's behaviour."""
     dens = {
         None: MkParam("density", 1.0, None, per_input=True),  # task_arithmetic: no sparsification
         "density": MkParam("density", 1.0, "density", per_input=True),
@@ -113,10 +112,11 @@ def _gta(ours: str, normalize: bool, rescale: bool, density: str | None, extra: 
         MkParam("rescale", rescale, "rescale" if density is not None else None, _rescale),
         MkParam("int8_mask", False, None, _bool),
         *extra,
-    ))
+    ), fixed=fixed)
 
 
 _GAMMA = MkParam("gamma", 0.01, "gamma", per_input=True)
+_PER_TENSOR = (("trim", "per_tensor"),)  # mergekit's magnitude trim keeps each tensor's own top density
 _EPSILON = MkParam("epsilon", 0.15, "epsilon", per_input=True)
 
 # mergekit 0.1.5: mergekit/merge_methods/registry.py and the method modules (defaults as there).
@@ -126,9 +126,9 @@ METHODS: dict[str, MkMethod] = {
     "slerp": MkMethod("slerp", "required", (MkParam("t", REQUIRED, "t"),), 1, 1),
     "model_stock": MkMethod("model_stock", "required", (MkParam("filter_wise", False, "filter_wise", _bool),), 2),
     "task_arithmetic": _gta("task_arithmetic", False, False, None),
-    "ties": _gta("ties", True, False, "density"),
+    "ties": _gta("ties", True, False, "density", fixed=_PER_TENSOR),
     "dare_linear": _gta("dare_linear", False, True, "p"),
-    "dare_ties": _gta("dare_ties", False, True, "p"),
+    "dare_ties": _gta("dare_ties", False, True, "p", fixed=_PER_TENSOR),
     "breadcrumbs": _gta("breadcrumbs", False, False, "density", (_GAMMA,)),
     "breadcrumbs_ties": _gta("breadcrumbs_ties", False, False, "density", (_GAMMA,)),
     "della": _gta("della", True, True, "density", (_EPSILON,)),
@@ -480,7 +480,7 @@ def _translate(data: dict, source: str) -> dict:
                                          f"(its parameters: {', '.join(p.name for p in mk.params)})")
                 notes.append(f"{scope}.{k}: mergekit's `{name}` has no parameter '{k}'; ignored (mergekit ignores "
                              "it too)")
-    ours_params: dict[str, Any] = {}
+    ours_params: dict[str, Any] = dict(mk.fixed)
     for p in mk.params:
         if p.ours is None:
             continue

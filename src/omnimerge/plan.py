@@ -8,6 +8,7 @@ missing tensors, shapes, layer counts.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,7 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
         if m.needs_base and base is None:
             where = "method" if comp == "*" else f"components.{comp}.method"
             raise OmnimergeError(f"{where}: '{m.name}' needs a `base:` model (task vectors are θ_i − θ_base); add one")
-    if recipe.skeleton or recipe.skeletons:  # several skeletons: this plans the first; modality.build_plans all
+    if recipe.skeleton or recipe.skeletons:  # several skeletons: this plans the first; build_plans all
         skeleton = ref(recipe.skeleton or recipe.skeletons[0])
     else:
         vlm = [m for m in ([base] if base else []) + models if m.family.kind in ("vlm", "audio")]
@@ -276,3 +277,100 @@ def _check_layers(inputs: list[Checkpoint], skeleton: Checkpoint) -> None:
                 "merging needs the same layer count (a layer-dropping or depth-upscaled model cannot be "
                 "aligned layer by layer)"
             )
+
+
+# --- several skeletons (modality merging) -------------------------------------------------------
+# Vision-, audio- and video-LLMs fine-tuned from one base LLM share its language backbone. A recipe
+# with ``skeletons: [a, b, c]`` is planned as one ordinary single-skeleton merge per skeleton (each
+# output's omnimerge.yaml names its own skeleton and reproduces it alone); run/outputs/skeletons.py
+# computes what they share once.
+_HUB_REV = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+@")
+
+
+def _entry(recipe: Recipe, spec: str):
+    """The model entry that ``spec`` names (by name, then by path), if any."""
+    return next((e for e in recipe.models if e.name == spec), None) or \
+        next((e for e in recipe.models if e.path == spec), None)
+
+
+def _label(recipe: Recipe, spec: str, ckpt: Checkpoint) -> str:
+    """The output subfolder of one skeleton: its model entry's `name`, else its folder (or hub repo) name."""
+    entry = _entry(recipe, spec)
+    if entry is not None and entry.name:
+        label = entry.name
+    else:
+        label = Path(spec.split("@", 1)[0] if _HUB_REV.match(spec) else spec).name
+        if label in ("", ".", ".."):
+            label = ckpt.path.name
+    if label.startswith(".") or "/" in label or "\\" in label:
+        raise OmnimergeError(f"skeletons: '{spec}' would be written to OUT/{label}, which is not a plain folder name; "
+                             "list the model under `models` with a `name:` to label its output")
+    return label
+
+
+def _backbone(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """Language tensors and their shapes, then the width (not the rows: vocabularies may differ) of
+    the embedding and the head, in the checkpoint's order."""
+    shapes = {c: tuple(ckpt.info(c)[1]) for c in ckpt.canon_to_raw if component_of(c) == "language"}
+    for c in ("embed.weight", "lm_head.weight"):
+        if ckpt.has(c):
+            shapes[c] = tuple(ckpt.info(c)[1][1:])
+    return shapes
+
+
+def _where(ckpt: Checkpoint, canon: str) -> str:
+    return ckpt.source.describe(ckpt.raw_key(canon))
+
+
+def _check_shared_backbone(skeletons: dict[str, Checkpoint]) -> None:
+    """Every skeleton must have the first one's language backbone: same tensors, same shapes."""
+    (first_label, first), *rest = skeletons.items()
+    want = _backbone(first)
+    fix = ("modality merging needs skeletons built on one base LLM (the same language backbone); merge models "
+           "of different backbones separately")
+    for label, ck in rest:
+        if ck.layer_count() != first.layer_count():
+            raise OmnimergeError(
+                f"skeletons: '{label}' ({ck.path}) has {ck.layer_count()} decoder layers, '{first_label}' "
+                f"({first.path}) has {first.layer_count()}; {fix}")
+        got = _backbone(ck)
+        for key in list(want) + [k for k in got if k not in want]:
+            if key not in got or key not in want:
+                (has, h), (lacks, l) = ((first, first_label), (ck, label)) if key not in got else \
+                    ((ck, label), (first, first_label))
+                raise OmnimergeError(f"skeletons: '{key}' is in '{h}' ({_where(has, key)}) but not in '{l}' "
+                                     f"({lacks.path}); {fix}")
+            if got[key] != want[key]:
+                what = "width" if key in ("embed.weight", "lm_head.weight") else "shape"
+                raise OmnimergeError(
+                    f"skeletons: the {what} of '{key}' differs: {want[key]} in '{first_label}' ({_where(first, key)}), "
+                    f"{got[key]} in '{label}' ({_where(ck, key)}); {fix}")
+
+
+def build_plans(recipe: Recipe | dict, *, relative_to: str | Path | None = None,
+                allow_pickle: bool = False) -> dict[str, Plan]:
+    """One plan per skeleton of a recipe with ``skeletons:``, keyed by output label (OUT/<label>).
+
+    Checks, before anything is read, that the labels are distinct folder names and that every
+    skeleton has the same language backbone (tensors and shapes), naming the files that differ.
+    """
+    recipe = parse_recipe(recipe)
+    if not recipe.skeletons:
+        raise OmnimergeError("the recipe has no `skeletons:` list; use omnimerge.plan.build_plan for one output")
+    rel = Path(relative_to) if relative_to else None
+    skeletons: dict[str, Checkpoint] = {}
+    specs: dict[str, str] = {}
+    for spec in recipe.skeletons:
+        entry = _entry(recipe, spec)
+        ck = load_checkpoint(entry.path if entry else spec, name=spec, relative_to=rel, allow_pickle=allow_pickle,
+                             lora_base=entry.lora_base if entry else None)
+        label = _label(recipe, spec, ck)
+        if label in skeletons:
+            raise OmnimergeError(
+                f"skeletons: '{specs[label]}' and '{spec}' would both be written to OUT/{label}; give them "
+                "distinct folder names, or list them under `models` with distinct `name:`s")
+        skeletons[label], specs[label] = ck, spec
+    _check_shared_backbone(skeletons)
+    return {label: build_plan(recipe.model_copy(update={"skeleton": spec, "skeletons": None}), relative_to=rel,
+                              allow_pickle=allow_pickle)
+            for label, spec in specs.items()}

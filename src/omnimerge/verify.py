@@ -11,6 +11,7 @@ import torch
 from .checkpoints.checkpoint import load_checkpoint, read_config
 from .checkpoints.sources import open_weights
 from .errors import OmnimergeError
+from .families.models import model_class
 
 
 @dataclass
@@ -33,17 +34,6 @@ class VerifyResult:
         self.checks.append(Check(name, ok, detail))
 
 
-def _model_class(config: dict):
-    import transformers
-
-    archs = config.get("architectures") or []
-    for name in archs:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    raise OmnimergeError(f"config.json names architectures {archs}, none of which transformers provides here")
-
-
 def _forward(model, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
@@ -57,7 +47,7 @@ def verify(out: str | Path, *, image: bool = True, audio: bool = True) -> Verify
     out = Path(out)
     config = read_config(out)
     res = VerifyResult(out)
-    cls = _model_class(config)
+    cls = model_class(config)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()

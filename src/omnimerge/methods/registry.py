@@ -14,15 +14,20 @@ A method function has the signature::
 * Parameters declared ``per_model=True`` arrive as a list with one value per model; the others
   arrive as one scalar.
 * The result is the merged tensor (not a delta) with the same shape as the inputs.
-* ``ctx.generator`` is the only source of randomness allowed (seeded per tensor by the engine);
+* ``ctx.generator`` is the only source of randomness allowed (seeded per tensor by the run);
   ``ctx.info`` is a dict the method may fill with facts for report.json (e.g. the rank it chose).
+* A method that needs a quantity over *every* tensor it merges (TIES's ``trim: global``: one
+  magnitude threshold per task vector over the whole model) declares a :class:`Reduction`. The run
+  computes it in streaming passes over the inputs before the merge (``run.stream.prepass``) and
+  hands each tensor's merge the result as ``ctx.reduction``. Called directly on tensors, the method
+  gets ``ctx.reduction = None`` and computes the quantity over the tensor it is given.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Protocol
 
 import torch
 
@@ -38,6 +43,33 @@ class MethodContext:
     key: str
     generator: torch.Generator
     info: dict[str, Any] = field(default_factory=dict)
+    reduction: Any = None  # the method's global reduction over its group of tensors (see the module doc)
+
+
+class Accumulator(Protocol):
+    """A reduction in progress: fed every tensor of its group once per pass, until ``done``."""
+
+    done: bool
+
+    def feed(self, base: torch.Tensor, models: list[torch.Tensor], ctx: MethodContext, params: dict) -> None:
+        """One tensor's inputs (as the method gets them), in this pass."""
+
+    def next_pass(self) -> None:
+        """Called after every tensor of the group has been fed in this pass."""
+
+    def result(self) -> Any:
+        """Once ``done``: what each tensor's merge gets as ``ctx.reduction``."""
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A quantity over all the tensors a method merges, computed before the merge.
+
+    ``group(params)``: the key of the group of tensors that share one result (tensors with the same
+    key share it), or None when the tensor needs none; ``start(params)``: a fresh :class:`Accumulator`."""
+
+    group: Callable[[dict[str, Any]], Hashable | None]
+    start: Callable[[dict[str, Any]], Accumulator]
 
 
 @dataclass(frozen=True)
@@ -133,6 +165,7 @@ class Method:
     min_models: int = 1  # how many models (besides the base) the method takes
     max_models: int | None = None
     models_as_read: bool = False  # models may arrive in their read dtype (see the module doc)
+    reduction: Reduction | None = None  # a global pre-pass (see the module doc)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -142,14 +175,19 @@ class Method:
         raise OmnimergeError(f"method '{self.name}' has no parameter '{name}' (its parameters: {known})")
 
     def __call__(self, base, models, ctx: MethodContext, **params) -> torch.Tensor:
-        return self.fn(base, models, ctx, **params)
+        """The method on one tensor; parameters not given take their declared defaults."""
+        unknown = set(params) - {p.name for p in self.params}
+        if unknown:
+            raise TypeError(f"method '{self.name}': unexpected parameters: {', '.join(sorted(unknown))}")
+        return self.fn(base, models, ctx, **{p.name: p.default for p in self.params} | params)
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, reference: str, summary: str,
-             min_models: int = 1, max_models: int | None = None, models_as_read: bool = False):
+             min_models: int = 1, max_models: int | None = None, models_as_read: bool = False,
+             reduction: Reduction | None = None):
     """Decorator: register ``fn`` as method ``name`` (taking min_models..max_models models besides the base;
     ``models_as_read``: see the module doc)."""
 
@@ -159,7 +197,7 @@ def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, ref
         if models_as_read and not needs_base:
             raise ValueError(f"method {name!r}: models_as_read needs a base (models are used as m - base)")
         _REGISTRY[name] = Method(name, fn, tuple(params), needs_base, reference, summary, min_models, max_models,
-                                 models_as_read)
+                                 models_as_read, reduction)
         return fn
 
     return deco

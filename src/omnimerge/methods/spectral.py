@@ -33,7 +33,7 @@ path is no closer to the float64 truth than the fast one.
   is W_r times the polar factor of a small matrix;
 * TSV with a small rank (k ≤ r·``RANDOMIZED_FRACTION``) where the task's spectrum (the Gram
   matrix's eigenvalues) shows that it converges (``linalg.randomized_iters``): a seeded randomized
-  SVD (``linalg.top_svd``, the engine's per-tensor generator) instead of the eigenvectors. A fixed
+  SVD (``linalg.top_svd``, the per-tensor generator of the run) instead of the eigenvectors. A fixed
   number of iterations is not enough: on slowly decaying spectra it was 15-86 % off.
 
 **Zero singular values.** Singular vectors of a zero singular value are arbitrary (a full SVD returns
