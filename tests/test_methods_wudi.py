@@ -1,4 +1,4 @@
-"""wudi, wudi2, swudi, aswudi pinned to their definitions (DESIGN §5) and to plain references."""
+"""wudi, wudi2, swudi, aswudi pinned to their definitions (docs/methods.md) and to plain references."""
 
 import math
 import re

@@ -18,12 +18,8 @@ from omnimerge.cli import main
 from omnimerge.tiny import build_tiny, make_expert
 from omnimerge.verify import verify
 from conftest import leftovers
+from layouts import DECODER, HEAD  # the tests' own reading of the tiny checkpoints' keys
 
-# The test's own reading of the tiny checkpoints (hub layout): decoder prefix and lm_head key.
-DECODER = {"qwen2": "model.", "qwen2_vl": "model.", "qwen2_audio": "language_model.model.",
-           "llava_onevision": "language_model.model."}
-HEAD = {"qwen2": "lm_head.weight", "qwen2_vl": "lm_head.weight", "qwen2_audio": "language_model.lm_head.weight",
-        "llava_onevision": "language_model.lm_head.weight"}
 EXPERTS = {"vision": "qwen2_vl", "audio": "qwen2_audio", "video": "llava_onevision"}
 
 

@@ -1,9 +1,8 @@
 """omnimerge: merge the weights of multimodal LLMs."""
 
-__version__ = "0.1.0"
-
-from .errors import OmnimergeError  # noqa: E402
-from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
+from .errors import OmnimergeError
+from .recipe import Recipe, load_recipe, parse_recipe
+from .version import __version__
 
 
 def merge(recipe, out=None, **kwargs):

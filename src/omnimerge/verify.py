@@ -12,6 +12,7 @@ from .checkpoints.checkpoint import load_checkpoint, read_config
 from .checkpoints.sources import open_weights
 from .errors import OmnimergeError
 from .families.models import model_class
+from .families.probes import probe_inputs
 
 
 @dataclass
@@ -42,8 +43,6 @@ def _forward(model, inputs: dict) -> torch.Tensor:
 def verify(out: str | Path, *, image: bool = True, audio: bool = True) -> VerifyResult:
     """Load ``out`` with the class in its config, run text (and image or audio) forward passes, check logits
     are finite, and check that tensors the recipe kept equal the skeleton's bytes."""
-    from .tiny import dummy_inputs
-
     out = Path(out)
     config = read_config(out)
     res = VerifyResult(out)
@@ -54,11 +53,11 @@ def verify(out: str | Path, *, image: bool = True, audio: bool = True) -> Verify
     model = cls.from_pretrained(out)
     model.eval()
     res.add("load", True, f"{cls.__name__} loaded ({sum(p.numel() for p in model.parameters()):,} parameters)")
-    logits = _forward(model, dummy_inputs(model))
+    logits = _forward(model, probe_inputs(model))
     res.add("text forward", bool(torch.isfinite(logits).all()), f"logits {tuple(logits.shape)} finite")
     if image and "vision_config" in config:
         try:
-            inputs = dummy_inputs(model, image=True)
+            inputs = probe_inputs(model, image=True)
         except (KeyError, NotImplementedError, ValueError) as e:
             res.add("image forward", True, f"skipped: no image inputs known for this family ({e})")
         else:
@@ -66,7 +65,7 @@ def verify(out: str | Path, *, image: bool = True, audio: bool = True) -> Verify
             res.add("image forward", bool(torch.isfinite(logits).all()), f"logits {tuple(logits.shape)} finite")
     if audio and "audio_config" in config:
         try:
-            inputs = dummy_inputs(model, audio=True)
+            inputs = probe_inputs(model, audio=True)
         except ValueError as e:
             res.add("audio forward", True, f"skipped: no audio inputs known for this family ({e})")
         else:

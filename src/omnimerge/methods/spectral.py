@@ -1,4 +1,4 @@
-"""Spectral merges: TSV, Iso-C and Iso-CTS (DESIGN §5), each with an exact and a fast path.
+"""Spectral merges: TSV, Iso-C and Iso-CTS (docs/methods.md), each with an exact and a fast path.
 
 τ_i = θ_i − θ_base; every result is θ_base + α · merged. Matrices are (m, n) = (out, in); tensors of
 ndim > 2 are batches of matrices over the last two dimensions; tensors of ndim < 2 take the

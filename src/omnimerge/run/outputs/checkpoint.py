@@ -12,13 +12,13 @@ from typing import Any
 import torch
 import yaml
 
-from ... import __version__
 from ...checkpoints.card import model_card
 from ...checkpoints.output import model_files, shard_filenames, write_json
 from ...checkpoints.safetensors_io import StreamingSafetensorsWriter
 from ...methods import get_method
 from ...plan import Job, Plan
 from ...recipe import ComponentMethod, Take
+from ...version import __version__
 from ..compute import compute_many, group_steps, read_step
 from ..stream import MergeResult
 

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import yaml
 
-from ... import __version__
 from ...checkpoints.adapter import AdapterWriter
 from ...checkpoints.card import adapter_card, hub_id
 from ...checkpoints.checkpoint import Checkpoint
@@ -45,6 +44,7 @@ from ...methods import get_method
 from ...methods.linalg import GRAM_MIN, truncate
 from ...methods.ranks import RankRule, check_rank_rule, choose_rank, needs_spectrum
 from ...plan import DTYPES, Job, Plan, tensor_seed
+from ...version import __version__
 from ..compute import compute, read_inputs
 from ..stream import MergeResult
 from .checkpoint import component_policies, resolved_recipe
