@@ -15,10 +15,10 @@ import yaml
 from safetensors.torch import load_file
 
 import omnimerge
-from omnimerge.checkpoints.adapter import target_names
+from omnimerge.checkpoints.peft_writer import target_names
 from omnimerge.checkpoints.card import input_name, model_card
 from omnimerge.cli import main
-from omnimerge.run.outputs.lora_adapter import lora_factors, parse_rank
+from omnimerge.run.outputs.lora import lora_factors, parse_rank
 from omnimerge.methods.ranks import choose_rank, knee
 from omnimerge.families.probes import probe_inputs
 from conftest import leftovers

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import omnimerge
 from omnimerge.errors import OmnimergeError
-from omnimerge.mergekit_format import filter_regex, from_mergekit
+from omnimerge.mergekit_yaml import filter_regex, from_mergekit
 from omnimerge.methods import MethodContext, get_method
 from omnimerge.methods.gta import della_keep_probabilities
 from omnimerge.plan import build_plan, resolve_params
@@ -676,7 +676,7 @@ def test_parity_with_mergekit(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "mergekit_parity", Path(__file__).parent.parent / "benchmarks" / "mergekit_parity.py")
+        "mergekit_parity", Path(__file__).parent.parent / "measurements" / "mergekit_parity.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     rows = mod.run(tmp_path, Path(os.environ["OMNIMERGE_MERGEKIT_VENV"]))

@@ -403,7 +403,7 @@ def test_aswudi_picks_the_rank_its_rule_defines(m, n, rule):
 
 
 def low_rank_plus_noise(shape, T, rank, seed):
-    """benchmarks/spectral.py's task vectors: rank-`rank` parts plus 10 % noise, float32."""
+    """measurements/spectral.py's task vectors: rank-`rank` parts plus 10 % noise, float32."""
     g = torch.Generator().manual_seed(seed)
     m, n = shape
     base = 0.02 * torch.randn(m, n, generator=g)

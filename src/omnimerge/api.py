@@ -20,7 +20,7 @@ from .recipe import load_recipe, parse_recipe
 from .run.executors import make_executor, require_ray
 from .run.options import EXECUTORS, RunOptions
 from .run.outputs.checkpoint import CheckpointOutput
-from .run.outputs.lora_adapter import LoraOutput, check_extract_pair, parse_rank
+from .run.outputs.lora import LoraOutput, check_extract_pair, parse_rank
 from .run.outputs.skeletons import SkeletonsOutput
 from .run.stream import MergeResult, write_output
 
@@ -107,7 +107,7 @@ def extract(model: str | Path, base: str | Path, out: str | Path | None = None, 
             out_dtype: str | None = None, options: RunOptions | None = None, **kwargs) -> MergeResult:
     """Write MODEL − BASE (any fine-tune of BASE, or a LoRA adapter over it) as a LoRA adapter on BASE.
 
-    ``rank`` is a rank rule (see :func:`~omnimerge.run.outputs.lora_adapter.parse_rank`); ``out_dtype``
+    ``rank`` is a rank rule (see :func:`~omnimerge.run.outputs.lora.parse_rank`); ``out_dtype``
     the factors' dtype (default float32); ``options`` as for :func:`merge` (``executor`` stays local).
     """
     o = _options(options, kwargs)

@@ -271,7 +271,7 @@ def eval_(
     """Evaluate a merged real checkpoint with lmms-eval (optional dependency), with its family's model type."""
     import shlex
 
-    from .evaluation import lmms_eval_command, run_lmms_eval
+    from .lmms_eval_runner import lmms_eval_command, run_lmms_eval
 
     extra = _key_values(model_arg, "--model-arg", "max_pixels=802816")
     kw = dict(device=device, batch_size=batch_size, output=output, limit=limit, model_args=extra)

@@ -180,7 +180,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise OmnimergeError(f"{source}: a recipe must be a mapping of fields, got {type(data).__name__}")
     if "merge_method" in data:  # a mergekit configuration: translated field by field
-        from .mergekit_format import from_mergekit
+        from .mergekit_yaml import from_mergekit
 
         data = from_mergekit(data, source)
     try:

@@ -19,7 +19,7 @@ tensor by tensor, Δ = result − base (in the compute dtype, before any cast), 
 
 Module names are those of the base model as transformers builds it (on the meta device: no memory,
 no weights), matched to the checkpoint's tensors through the family table's canonical keys — the
-same mapping that reads LoRA adapters back (``checkpoints/lora.py``).
+same mapping that reads LoRA adapters back (``checkpoints/peft_reader.py``).
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from typing import Any
 import torch
 import yaml
 
-from ...checkpoints.adapter import AdapterWriter
 from ...checkpoints.card import adapter_card, hub_id
 from ...checkpoints.checkpoint import Checkpoint
 from ...checkpoints.output import write_json
+from ...checkpoints.peft_writer import AdapterWriter
 from ...errors import OmnimergeError
 from ...families.align import canonical_keys
 from ...families.models import model_class

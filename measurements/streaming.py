@@ -22,9 +22,9 @@ Wall time and peak RSS (``ru_maxrss`` of the child, from ``wait4``) are printed 
 then the medians over ``--repeats`` and the ratios omnimerge/floor and omnimerge/mergekit, with the
 load average (the ratios are taken within one run, so that a busy machine slows all alike).
 
-    python benchmarks/streaming.py --small                        # smoke run: ~1.4 GB of inputs
-    python benchmarks/streaming.py --mergekit mk/bin/mergekit-yaml --repeats 3 --keep
-    python benchmarks/streaming.py --cold ...                     # drop the page cache before each run (root)
+    python measurements/streaming.py --small                        # smoke run: ~1.4 GB of inputs
+    python measurements/streaming.py --mergekit mk/bin/mergekit-yaml --repeats 3 --keep
+    python measurements/streaming.py --cold ...                     # drop the page cache before each run (root)
 
 The default size is a Qwen2-VL-2B-shaped base + 3 experts (4.4 GB each, 17.7 GB in all; the
 checkpoints are written to ``--workdir`` and deleted at the end unless ``--keep``).
