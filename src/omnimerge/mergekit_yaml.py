@@ -33,9 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .dtypes import DTYPE_NAMES
 from .errors import OmnimergeError
+from .families.align import COMPONENTS
 
-COMPONENTS_ALL_MERGED = {c: "merge" for c in ("language", "embed", "lm_head", "vision", "projector", "audio", "other")}
+COMPONENTS_ALL_MERGED = dict.fromkeys(COMPONENTS, "merge")
 REQUIRED = object()  # a mergekit parameter without a default
 log = logging.getLogger("omnimerge.mergekit")
 
@@ -138,7 +140,6 @@ METHODS: dict[str, MkMethod] = {
 _KNOWN_PARAMS = sorted({p.name for m in METHODS.values() for p in m.params})
 _TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
               "tokenizer_source", "tokenizer", "chat_template", "modules")
-_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 # --- filters and gradients ----------------------------------------------------------------------
@@ -392,8 +393,8 @@ def _inputs_from_slices(slices: Any, ctx: _Context) -> tuple[list[_Input], dict,
 # --- the translation ----------------------------------------------------------------------------
 def _dtype(v: Any, where: str) -> str:
     name = v[len("torch."):] if isinstance(v, str) and v.startswith("torch.") else v
-    if name not in _DTYPES:
-        raise OmnimergeError(f"{where}: {v!r} is not a dtype omnimerge writes; use one of {', '.join(_DTYPES)}")
+    if name not in DTYPE_NAMES:
+        raise OmnimergeError(f"{where}: {v!r} is not a dtype omnimerge writes; use one of {', '.join(DTYPE_NAMES)}")
     return name
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,25 @@ import torch
 
 from .checkpoints.checkpoint import Checkpoint, load_checkpoint
 from .checkpoints.safetensors_io import tensor_nbytes
+from .dtypes import DTYPE_NAMES
 from .errors import OmnimergeError
 from .families.align import COMPONENTS, component_of
 from .methods import Method, get_method
 from .recipe import ComponentMethod, ModelEntry, ParamValue, Recipe, Take, parse_recipe, pick
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 ROW_ALIGNED = ("embed.weight", "lm_head.weight")  # may differ in vocabulary size
+
+
+class Action(str, Enum):
+    """What a job does: copy one input's tensor (``source``), or merge the inputs (``method``,
+    ``params``, ``rows``, ``seed``)."""
+
+    MERGE = "merge"
+    COPY = "copy"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -35,12 +48,12 @@ class Job:
     component: str
     shape: tuple[int, ...]
     out_dtype: torch.dtype
-    action: str  # "merge" or "copy"
-    source: Checkpoint | None = None  # copy: where from
-    method: Method | None = None  # merge: how
-    params: dict[str, Any] = field(default_factory=dict)
-    rows: int | None = None  # merge only the first `rows` rows (vocabularies of different sizes)
-    seed: int = 0
+    action: Action
+    source: Checkpoint | None = None  # COPY: where from
+    method: Method | None = None  # MERGE: how
+    params: dict[str, Any] = field(default_factory=dict)  # MERGE: the method's parameters for this tensor
+    rows: int | None = None  # MERGE: merge only the first `rows` rows (vocabularies of different sizes)
+    seed: int = 0  # MERGE: the tensor's random seed
     note: str = ""
 
     @property
@@ -82,8 +95,8 @@ class Plan:
         """Per component and action: tensor count, bytes, method and sources (what --dry-run prints)."""
         rows: dict[tuple, dict[str, Any]] = {}
         for j in self.jobs:
-            how = j.method.name if j.action == "merge" else "copy"
-            frm = ", ".join(m.name for m in self.inputs()) if j.action == "merge" else j.source.name
+            how = j.method.name if j.action is Action.MERGE else "copy"
+            frm = ", ".join(m.name for m in self.inputs()) if j.action is Action.MERGE else j.source.name
             key = (j.component, how, frm, j.note)
             r = rows.setdefault(key, {"component": j.component, "action": how, "from": frm, "note": j.note,
                                        "tensors": 0, "bytes": 0})
@@ -219,7 +232,7 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
         dtype, shape = skeleton.source.info(raw)
         target = (out_dtype or dtype) if dtype.is_floating_point else dtype
         pol = recipe.policy(comp)
-        job = Job(raw, canon, comp, tuple(shape), target, "copy", source=skeleton, note="keep")
+        job = Job(raw, canon, comp, tuple(shape), target, Action.COPY, source=skeleton, note="keep")
         if isinstance(pol, Take):
             src = ref(pol.take)
             _require(src, canon, shape, raw, comp, skeleton)
@@ -236,7 +249,7 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
                 rows = _require(m, canon, shape, raw, comp, skeleton, rows_ok=canon in ROW_ALIGNED) or rows
             comp_params = pol.parameters if isinstance(pol, ComponentMethod) else {}
             glob = recipe.parameters if method is methods["*"] else {}
-            job.action, job.method, job.note = "merge", method, ""
+            job.action, job.method, job.note = Action.MERGE, method, ""
             job.params = resolve_params(method, canon, entries, comp_params, glob)
             job.rows = rows
             job.seed = tensor_seed(recipe.seed, canon)

@@ -9,11 +9,13 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .dtypes import DTYPE_NAMES
 from .errors import OmnimergeError
+from .families.align import COMPONENTS
 
 Scalar = Union[bool, int, float, str]
-DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
-ComponentName = Literal["language", "embed", "lm_head", "vision", "projector", "audio", "other"]
+DTypeName = Literal[DTYPE_NAMES]
+ComponentName = Literal[COMPONENTS]
 
 
 class FilteredValue(BaseModel):

@@ -17,7 +17,7 @@ from ..errors import OmnimergeError
 from ..families.align import layer_index
 from ..methods.linalg import spectrum
 from ..methods.ranks import check_rank_rule, choose_rank
-from ..plan import Job, Plan, build_plan
+from ..plan import Action, Job, Plan, build_plan
 from ..recipe import load_recipe
 from ..run.stream import stream
 from .plots import write_plots
@@ -60,7 +60,7 @@ class StatisticsOutput:
         self.tensors: dict[str, Any] = {}
 
     def steps(self, device: str) -> list[Job]:
-        return [j for j in self.plan.jobs if j.action == "merge" and j.rows is None]
+        return [j for j in self.plan.jobs if j.action is Action.MERGE and j.rows is None]
 
     def read(self, job: Job) -> list[torch.Tensor]:
         base = self.plan.base.read(job.canonical).float()

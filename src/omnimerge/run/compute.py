@@ -14,7 +14,7 @@ import torch
 
 from ..errors import OmnimergeError
 from ..methods import MethodContext
-from ..plan import Job, Plan
+from ..plan import Action, Job, Plan
 
 SMALL_TENSOR = 1 << 20  # output bytes up to which a merge joins a GPU batch
 BATCH_BYTES = 64 << 20  # input + output bytes of one batch, at most
@@ -29,7 +29,7 @@ def all_finite(t: torch.Tensor) -> bool:
 def read_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
     """A job's input tensors as read: the source's (copy), or the base and models' (+ the skeleton's
     full tensor when only some rows merge). A model's NaN/Inf is an error naming the file."""
-    if job.action == "copy":
+    if job.action is Action.COPY:
         return [job.source.read(job.canonical)]
     tensors = []
     for m in plan.inputs():
@@ -80,7 +80,7 @@ def compute(plan: Plan, job: Job, tensors: list[torch.Tensor], device: str,
             reduction: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """One job's output tensor (on the CPU, in the job's dtype) and facts for the report.
     ``reduction``: the pre-pass result for this job (see stream.prepass)."""
-    if job.action == "copy":
+    if job.action is Action.COPY:
         t = tensors[0]
         return (t if t.dtype == job.out_dtype else t.to(job.out_dtype)), {}
     full = tensors.pop() if job.rows is not None else None
@@ -109,7 +109,7 @@ def group_steps(plan: Plan, jobs: list[Job], device: str) -> list[list[Job]]:
     steps: list[list[Job]] = []
     size, batching = 0, False
     for j in jobs:
-        small = j.action == "merge" and j.rows is None and j.nbytes <= SMALL_TENSOR
+        small = j.action is Action.MERGE and j.rows is None and j.nbytes <= SMALL_TENSOR
         cost = j.nbytes * (len(plan.inputs()) + 1)
         if small and batching and size + cost <= BATCH_BYTES:
             steps[-1].append(j)
@@ -137,7 +137,7 @@ def compute_many(plan: Plan, jobs: list[Job], inputs: list[list[torch.Tensor]], 
     ``reductions``: the pre-pass results by canonical key."""
     red = reductions or {}
     if len(jobs) == 1:
-        if device == "cpu" and jobs[0].action == "merge":  # let the read dtype's copies go before the merge
+        if device == "cpu" and jobs[0].action is Action.MERGE:  # let the read dtype's copies go before the merge
             inputs[0][:] = compute_inputs(plan, jobs[0], inputs[0], device)
         return [compute(plan, jobs[0], inputs[0], device, red.get(jobs[0].canonical))]
     moved = iter(_moved([t for ts in inputs for t in ts], device))

@@ -29,7 +29,7 @@ import torch
 from ..checkpoints.output import OutputFolder
 from ..errors import OmnimergeError
 from ..methods import MethodContext
-from ..plan import Job, Plan
+from ..plan import Action, Job, Plan
 from .compute import compute_inputs, read_inputs
 from .memory import give_memory_back, keep_freed_memory_for_reuse
 from .options import RunOptions
@@ -209,7 +209,7 @@ def prepass(work: Iterable[tuple[Plan, Job]], device: str = "cpu") -> dict[str, 
     grouped: list[tuple[Plan, Job, Hashable]] = []
     accumulators: dict[Hashable, Any] = {}
     for plan, job in work:
-        red = job.method.reduction if job.action == "merge" else None
+        red = job.method.reduction if job.action is Action.MERGE else None
         key = red.group(job.params) if red is not None else None
         if key is None:
             continue

@@ -16,7 +16,7 @@ from ...checkpoints.card import model_card
 from ...checkpoints.output import model_files, shard_filenames, write_json
 from ...checkpoints.safetensors_io import StreamingSafetensorsWriter
 from ...methods import get_method
-from ...plan import Job, Plan
+from ...plan import Action, Job, Plan
 from ...recipe import ComponentMethod, Take
 from ...version import __version__
 from ..compute import compute_many, group_steps, read_step
@@ -124,7 +124,7 @@ def tensor_report(plan: Plan, job: Job, info: dict, seconds: float, shard: str) 
     """One tensor's entry in report.json."""
     r: dict[str, Any] = {"canonical": job.canonical, "component": job.component, "action": job.action,
                          "shape": list(job.shape), "dtype": str(job.out_dtype).removeprefix("torch."), "shard": shard}
-    if job.action == "merge":
+    if job.action is Action.MERGE:
         r["method"] = job.method.name
         r["params"] = job.params
         if job.rows is not None:

@@ -43,7 +43,7 @@ from ...families.models import model_class
 from ...methods import get_method
 from ...methods.linalg import GRAM_MIN, truncate
 from ...methods.ranks import RankRule, check_rank_rule, choose_rank, needs_spectrum
-from ...plan import DTYPES, Job, Plan, tensor_seed
+from ...plan import DTYPES, Action, Job, Plan, tensor_seed
 from ...version import __version__
 from ..compute import compute, read_inputs
 from ..stream import MergeResult
@@ -231,10 +231,10 @@ class LoraOutput:
     def read(self, job: Job):
         """The job's inputs and the base's tensor, or None when the job copies the base's own tensor."""
         plan = self.plan
-        if job.action == "copy" and job.source is plan.base:
+        if job.action is Action.COPY and job.source is plan.base:
             return None
         inputs = read_inputs(plan, job)
-        base = inputs[0] if job.action == "merge" else plan.base.read(job.canonical)
+        base = inputs[0] if job.action is Action.MERGE else plan.base.read(job.canonical)
         return inputs, base.to(plan.compute_dtype, copy=True)
 
     def compute(self, job: Job, got, device: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ...checkpoints.output import shard_filenames
-from ...plan import Job, Plan
+from ...plan import Action, Job, Plan
 from ..compute import compute, read_inputs
 from ..stream import MergeResult
 from .checkpoint import ShardWriter, tensor_report, write_side_files
@@ -50,7 +50,7 @@ class Output:
 
 
 def _same_work(a: Job, b: Job) -> bool:
-    return (a.action == b.action == "merge" and a.rows is None and b.rows is None and a.shape == b.shape
+    return (a.action is b.action is Action.MERGE and a.rows is None and b.rows is None and a.shape == b.shape
             and a.method is b.method and a.params == b.params and a.seed == b.seed)
 
 
@@ -61,7 +61,7 @@ def plan_steps(outputs: list[Output]) -> list[Step]:
     first = outputs[0].plan
     by_canon = [{j.canonical: j for j in o.plan.jobs} for o in outputs]
     shared = [j.canonical for j in first.jobs
-              if j.action == "merge" and all(j.canonical in m and _same_work(j, m[j.canonical]) for m in by_canon)]
+              if j.action is Action.MERGE and all(j.canonical in m and _same_work(j, m[j.canonical]) for m in by_canon)]
     steps = [Step(first, by_canon[0][c], [(o, m[c]) for o, m in zip(outputs, by_canon)]) for c in shared]
     done = set(shared)
     for o, m in zip(outputs, by_canon):
