@@ -236,27 +236,6 @@ def _tsv_parts(taus: list[torch.Tensor], rank, fast: bool, generator, rtol: floa
     return ubar, s, bi, vh, ranks
 
 
-def tsv_factors(taus: list[torch.Tensor], rank=PER_TASK, *, exact: bool = False,
-                generator: torch.Generator | None = None):
-    """TSV's concatenated and orthogonalised factors of one matrix: (Ū, S, V̄ᵀ, ranks), with
-    merged = Ū diag(S) V̄ᵀ; Ū has orthonormal columns and V̄ᵀ orthonormal rows (where K ≤ min(m, n)).
-    The method itself folds the last polar factor into the final product; this helper is for tests
-    and analysis.
-    """
-    rank = _check_tsv_rank(rank)
-    dt = _compute_dtype(taus[0])
-    taus = [t.to(dt) for t in taus]
-    flip = taus[0].shape[-2] > taus[0].shape[-1]
-    if flip:
-        taus = [t.mT for t in taus]
-    ubar, s, bi, vh, ranks = _tsv_parts(taus, rank, _fast(taus[0].shape, exact), generator, zero_rtol(dt))
-    vbar_h = (bi @ vh.double()).to(dt) if bi is not None else vh
-    ubar = ubar.to(dt)
-    if flip:
-        return vbar_h.mT, s, ubar.mT, ranks
-    return ubar, s, vbar_h, ranks
-
-
 def _tsv_matrix(taus, rank, exact: bool, ctx: MethodContext, ranks_out: list) -> torch.Tensor:
     dt = taus[0].dtype
     flip = taus[0].shape[-2] > taus[0].shape[-1]
