@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import omnimerge
-from omnimerge.engine import _read_inputs, _steps, compute, compute_many
+from omnimerge.run.compute import compute, compute_many, group_steps, read_inputs
 from omnimerge.plan import build_plan
 
 
@@ -20,17 +20,17 @@ def plan_for(zoo, method: str, **params):
 @pytest.mark.parametrize("method,params", [("ties", {"density": 0.4}), ("dare_ties", {"p": 0.3})])
 def test_a_batch_gives_what_one_tensor_at_a_time_gives(zoo, method, params):
     plan = plan_for(zoo, method, **params)
-    steps = _steps(plan, plan.jobs, "cuda")  # grouping needs no GPU
+    steps = group_steps(plan, plan.jobs, "cuda")  # grouping needs no GPU
     assert [j for s in steps for j in s] == plan.jobs
     batches = [s for s in steps if len(s) > 1]
     assert batches and all(j.action == "merge" and j.nbytes <= 1 << 20 for s in batches for j in s)
     for step in batches[:3]:
-        got = compute_many(plan, step, [_read_inputs(plan, j) for j in step], "cpu")
+        got = compute_many(plan, step, [read_inputs(plan, j) for j in step], "cpu")
         for job, (out, info) in zip(step, got):
-            want, want_info = compute(plan, job, _read_inputs(plan, job), "cpu")
+            want, want_info = compute(plan, job, read_inputs(plan, job), "cpu")
             assert out.dtype == want.dtype and torch.equal(out, want), job.out_key
             assert info == want_info
-    assert _steps(plan, plan.jobs, "cpu") == [[j] for j in plan.jobs]
+    assert group_steps(plan, plan.jobs, "cpu") == [[j] for j in plan.jobs]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")

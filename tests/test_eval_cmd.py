@@ -11,7 +11,7 @@ import pytest
 
 from omnimerge import OmnimergeError
 from omnimerge.cli import main
-from omnimerge.evaluation import LMMS_MODELS, PAPER_TASKS, lmms_eval_command, run_lmms_eval
+from omnimerge.lmms_eval_runner import LMMS_MODELS, PAPER_TASKS, lmms_eval_command, run_lmms_eval
 
 
 def _opts(cmd):

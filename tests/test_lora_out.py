@@ -15,12 +15,12 @@ import yaml
 from safetensors.torch import load_file
 
 import omnimerge
-from omnimerge.checkpoints.adapter import target_names
+from omnimerge.checkpoints.peft_writer import target_names
 from omnimerge.checkpoints.card import input_name, model_card
 from omnimerge.cli import main
-from omnimerge.lora_out import lora_factors, parse_rank
+from omnimerge.run.outputs.lora import lora_factors, parse_rank
 from omnimerge.methods.ranks import choose_rank, knee
-from omnimerge.tiny import dummy_inputs
+from omnimerge.families.probes import probe_inputs
 from conftest import leftovers
 from test_cli import COMMIT, hub  # noqa: F401 - the fake Hugging Face cache fixture
 
@@ -40,7 +40,7 @@ def load(family, folder, adapter=None):
 def logits(model, image):
     torch.manual_seed(0)  # the dummy image is random
     with torch.no_grad():
-        return model(**dummy_inputs(model, image=image)).logits
+        return model(**probe_inputs(model, image=image)).logits
 
 
 def recipe(zoo, family, n=2):

@@ -21,7 +21,7 @@ CHILD = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
 
     from omnimerge.plan import build_plan
-    from omnimerge.engine import execute
+    from omnimerge.api import write_plan
 
     out = {}
     for method, recipe in json.loads(sys.argv[1]).items():
@@ -29,7 +29,7 @@ CHILD = textwrap.dedent("""
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
         before = status("VmRSS")
-        execute(plan, sys.argv[2], progress=False, force=True)
+        write_plan(plan, sys.argv[2], progress=False, force=True)
         out[method] = {"growth": status("VmHWM") - before, "largest": max(j.nbytes for j in plan.jobs),
                        "inputs": sum(j.nbytes for j in plan.jobs) * len(plan.inputs())}
     print(json.dumps(out))
@@ -39,7 +39,7 @@ CHILD = textwrap.dedent("""
 # of two tensors (this one's and the next one's, read ahead), the result and a few temporaries (about
 # 10 tensors); TIES also the trimmed task vectors, the elected signs, the sums of the agreeing entries
 # and its masks (about 16). Both caps allow for the allocator keeping freed blocks for reuse, which
-# can hold up to as much again (engine._release_freed_tensors_to_the_os; measured 13-17x and 21-26x).
+# can hold up to as much again (run.memory.keep_freed_memory_for_reuse; measured 13-17x and 21-26x).
 CAPS = {"task_arithmetic": 24, "ties": 40}
 
 

@@ -12,20 +12,10 @@ import yaml
 from safetensors.torch import load_file
 
 import omnimerge
-from omnimerge.tiny import FAMILIES
+from omnimerge.tiny import VLM_FAMILIES as VLMS
 from omnimerge.verify import verify
+from layouts import DECODER  # the tests' own reading of raw keys (not omnimerge's table)
 
-# The test's own reading of raw keys (not omnimerge's table): decoder prefix per family on disk.
-DECODER = {
-    "qwen2": "model.", "qwen3": "model.", "llama": "model.", "mistral": "model.", "gemma3_text": "model.",
-    "qwen2_vl": "model.", "qwen2_5_vl": "model.",
-    "qwen3_vl": "model.language_model.", "qwen3_vl_moe": "model.language_model.",
-    "llava": "language_model.model.", "llava_onevision": "language_model.model.", "internvl": "language_model.model.",
-    "gemma3": "language_model.model.", "mistral3": "language_model.model.",
-    "idefics3": "model.text_model.", "smolvlm": "model.text_model.",
-}
-VLMS = [f for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "llava_onevision", "internvl",
-                    "gemma3", "mistral3", "idefics3", "smolvlm") if f in FAMILIES]
 BACKBONE_PAIRS = [("qwen2", "qwen2_vl"), ("qwen2", "qwen2_5_vl"), ("qwen3", "qwen3_vl"), ("llama", "llava"),
                   ("qwen2", "internvl")]
 
@@ -194,7 +184,7 @@ def test_tied_embeddings_input_feeds_untied_lm_head(zoo, tmp_path):
 
 
 def test_interrupted_merge_leaves_nothing(zoo, tmp_path):
-    from omnimerge.engine import execute
+    from omnimerge.api import write_plan
     from omnimerge.plan import build_plan
 
     base, experts = zoo.base("qwen2"), zoo.experts("qwen2")
@@ -208,7 +198,7 @@ def test_interrupted_merge_leaves_nothing(zoo, tmp_path):
 
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        execute(plan, out, on_tensor=stop)
+        write_plan(plan, out, on_tensor=stop)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 

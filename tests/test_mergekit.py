@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 import omnimerge
 from omnimerge.errors import OmnimergeError
-from omnimerge.mergekit_format import filter_regex, from_mergekit
+from omnimerge.mergekit_yaml import filter_regex, from_mergekit
 from omnimerge.methods import MethodContext, get_method
-from omnimerge.methods.mergekit import della_keep_probabilities
+from omnimerge.methods.gta import della_keep_probabilities
 from omnimerge.plan import build_plan, resolve_params
 from omnimerge.recipe import load_recipe, parse_recipe, pick
 from omnimerge.verify import verify
@@ -329,7 +329,7 @@ dtype: bfloat16
     assert r["models"][0] == {"path": "org/a", "p": pytest.approx(0.47), "weight": 0.4}
     assert r["models"][1]["p"] == 0.75
     # mergekit's defaults for dare_ties, written out: density 1 (p 0), no normalising, L1 rescale
-    assert r["parameters"] == {"p": 0.0, "lambda": 1.0, "normalize": False, "rescale": "l1"}
+    assert r["parameters"] == {"trim": "per_tensor", "p": 0.0, "lambda": 1.0, "normalize": False, "rescale": "l1"}
     assert r["components"] == {c: "merge" for c in
                                ("language", "embed", "lm_head", "vision", "projector", "audio", "other")}
     assert r["dtype"] == "float32" and r["out_dtype"] == "bfloat16"  # computed in float32, written as dtype
@@ -339,7 +339,7 @@ dtype: bfloat16
 
 @pytest.mark.parametrize("method,params", [
     ("task_arithmetic", {"lambda": 1.0, "normalize": False}),
-    ("ties", {"density": 1.0, "lambda": 1.0, "normalize": True, "rescale": "none"}),
+    ("ties", {"trim": "per_tensor", "density": 1.0, "lambda": 1.0, "normalize": True, "rescale": "none"}),
     ("dare_linear", {"p": 0.0, "lambda": 1.0, "normalize": False, "rescale": "l1"}),
     ("breadcrumbs", {"density": 1.0, "lambda": 1.0, "normalize": False, "rescale": "none", "gamma": 0.01}),
     ("breadcrumbs_ties", {"density": 1.0, "lambda": 1.0, "normalize": False, "rescale": "none", "gamma": 0.01}),
@@ -676,7 +676,7 @@ def test_parity_with_mergekit(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "mergekit_parity", Path(__file__).parent.parent / "benchmarks" / "mergekit_parity.py")
+        "mergekit_parity", Path(__file__).parent.parent / "measurements" / "mergekit_parity.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     rows = mod.run(tmp_path, Path(os.environ["OMNIMERGE_MERGEKIT_VENV"]))

@@ -115,11 +115,15 @@ def test_ties_per_model_density_by_hand():
 
 
 def test_ties_keeps_exactly_k_entries_even_with_ties():
-    out = run("ties", torch.zeros(10), [torch.ones(10)], density=0.5)
+    out = run("ties", torch.zeros(10), [torch.ones(10)], density=0.5, trim="per_tensor")
     assert int((out != 0).sum()) == 5
     assert torch.all((out == 0) | (out == 1))
-    out = run("ties", torch.zeros(4), [torch.ones(4)], density=0.2)  # k = int(0.8) = 0 → keeps none
-    torch.testing.assert_close(out, torch.zeros(4))
+    # the global trim keeps every entry that reaches the threshold (as the paper's code: |τ| >= kth value)
+    out = run("ties", torch.zeros(10), [torch.ones(10)], density=0.5, trim="global")
+    torch.testing.assert_close(out, torch.ones(10))
+    for trim in ("per_tensor", "global"):
+        out = run("ties", torch.zeros(4), [torch.ones(4)], density=0.2, trim=trim)  # k = int(0.8) = 0 → keeps none
+        torch.testing.assert_close(out, torch.zeros(4))
 
 
 def test_ties_density_one_same_signs_is_mean_of_deltas():
@@ -246,7 +250,10 @@ def test_registrations():
     assert get_method("ties").param("density").default == 0.2
     assert get_method("ties").param("density").per_model
     assert get_method("dare_ties").param("density").default == 1.0
-    assert get_method("dare_linear").param("p").default == 0.5
+    assert get_method("dare_linear").param("p").default == 0.2  # MLLMerging's DEFAULT_HPARAMS
+    assert "baseline_merging.py" in get_method("dare_linear").reference
+    assert get_method("ties").param("trim").default == "global" and "model_merging.py" in get_method("ties").reference
+    assert get_method("dare_ties").param("trim").default == "global"
     assert get_method("dare_linear").param("p").per_model  # mergekit sets DARE rates per model
 
 

@@ -1,4 +1,4 @@
-"""wudi, wudi2, swudi, aswudi pinned to their definitions (DESIGN §5) and to plain references."""
+"""wudi, wudi2, swudi, aswudi pinned to their definitions (docs/methods.md) and to plain references."""
 
 import math
 import re
@@ -435,7 +435,7 @@ def test_aswudi_picks_the_rank_its_rule_defines(m, n, rule):
 
 
 def low_rank_plus_noise(shape, T, rank, seed):
-    """benchmarks/spectral.py's task vectors: rank-`rank` parts plus 10 % noise, float32."""
+    """measurements/spectral.py's task vectors: rank-`rank` parts plus 10 % noise, float32."""
     g = torch.Generator().manual_seed(seed)
     m, n = shape
     base = 0.02 * torch.randn(m, n, generator=g)

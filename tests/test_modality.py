@@ -11,17 +11,15 @@ import yaml
 from safetensors.torch import load_file
 
 import omnimerge
-from omnimerge import modality
+from omnimerge.api import write_plan
+from omnimerge.plan import build_plans
+from omnimerge.run.outputs import skeletons
 from omnimerge.cli import main
 from omnimerge.tiny import build_tiny, make_expert
 from omnimerge.verify import verify
 from conftest import leftovers
+from layouts import DECODER, HEAD  # the tests' own reading of the tiny checkpoints' keys
 
-# The test's own reading of the tiny checkpoints (hub layout): decoder prefix and lm_head key.
-DECODER = {"qwen2": "model.", "qwen2_vl": "model.", "qwen2_audio": "language_model.model.",
-           "llava_onevision": "language_model.model."}
-HEAD = {"qwen2": "lm_head.weight", "qwen2_vl": "lm_head.weight", "qwen2_audio": "language_model.lm_head.weight",
-        "llava_onevision": "language_model.lm_head.weight"}
 EXPERTS = {"vision": "qwen2_vl", "audio": "qwen2_audio", "video": "llava_onevision"}
 
 
@@ -54,13 +52,13 @@ def recipe_for(family, **extra):
 
 
 def test_one_output_per_skeleton_each_loads_and_runs(family, tmp_path, monkeypatch):
-    computed, real = [], modality.compute
+    computed, real = [], skeletons.compute
 
     def counting(plan, job, *args):
         computed.append(job.canonical)
         return real(plan, job, *args)
 
-    monkeypatch.setattr(modality, "compute", counting)
+    monkeypatch.setattr(skeletons, "compute", counting)
     out = tmp_path / "out"
     results = omnimerge.merge(recipe_for(family), out)
 
@@ -133,7 +131,7 @@ def test_interrupted_or_refused_leaves_old_output(family, tmp_path):
     (out / "omnimerge.yaml").write_text("method: average\nmodels:\n- path: old\n")  # an earlier omnimerge output
     with pytest.raises(omnimerge.OmnimergeError, match="--force"):
         omnimerge.merge(recipe_for(family), out)
-    plans = modality.build_plans(recipe_for(family))
+    plans = build_plans(recipe_for(family))
     seen = []
 
     def stop(job):
@@ -142,7 +140,7 @@ def test_interrupted_or_refused_leaves_old_output(family, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        modality.execute_plans(plans, out, force=True, on_tensor=stop)
+        write_plan(plans, out, force=True, on_tensor=stop)
     assert [p.name for p in out.iterdir()] == ["omnimerge.yaml"] and leftovers(tmp_path) == []
     omnimerge.merge(recipe_for(family), out, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["audio", "video", "vision"]

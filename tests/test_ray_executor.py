@@ -12,7 +12,7 @@ import pytest
 
 import omnimerge
 from omnimerge.cli import main
-from omnimerge.engine import execute
+from omnimerge.api import write_plan
 from omnimerge.errors import OmnimergeError
 from omnimerge.methods import registry
 from omnimerge.plan import build_plan
@@ -96,7 +96,7 @@ def test_a_merge_error_in_a_worker_is_raised_and_leaves_nothing(zoo, tmp_path, r
     bad = [j for j in plan.jobs if j.action == "merge"][-where]
     bad.params = {**bad.params, "lambda": float("nan")}  # that tensor's merge makes NaN, in a worker
     with pytest.raises(OmnimergeError, match="NaN"):
-        execute(plan, tmp_path / "out", executor="ray")
+        write_plan(plan, tmp_path / "out", executor="ray")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -109,3 +109,13 @@ def test_without_ray_the_error_says_how_to_install_it(zoo, tmp_path, monkeypatch
     assert main(["merge", str(path), "-o", str(tmp_path / "out"), "--executor", "dask"]) == 2
     assert "unknown executor 'dask'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["merge_task_arithmetic_bf16", "merge_dare_ties"])
+def test_ray_writes_the_pre_redesign_bytes(tmp_path, ray_cluster, name):
+    from digest_cases import CASES, DATA, RECIPE_FILES, build_inputs, digests, run_case
+
+    want = json.loads(DATA.read_text())["cases"][name]
+    pins = CASES[name][3]
+    out = run_case(name, build_inputs(tmp_path / "in"), tmp_path / "out" / name, executor="ray")
+    assert digests(out, tmp_path, pins) == {f: d for f, d in want.items() if not (pins and f in RECIPE_FILES)}

@@ -228,7 +228,8 @@ def test_resolve_params_defaults():
     ties = get_method("ties")
     entries = recipe(models=[{"path": "a"}, {"path": "b"}]).models
     got = resolve_params(ties, UP, entries, {}, {})
-    assert got == {"density": [0.2, 0.2], "weight": [1.0, 1.0], "lambda": 1.0, "normalize": True, "rescale": "none"}
+    assert got == {"density": [0.2, 0.2], "weight": [1.0, 1.0], "lambda": 1.0, "normalize": True, "rescale": "none",
+                   "trim": "global"}
 
 
 def test_resolve_params_precedence_per_filter():
@@ -259,7 +260,8 @@ def test_resolve_params_precedence_per_filter():
 
     # component scalar beats recipe scalar; recipe applies where the component says nothing
     got = resolve_params(ties, UP, entries[1:2], {"density": 0.6}, {"density": 0.3, "lambda": 0.5})
-    assert got == {"density": [0.6], "weight": [3.0], "lambda": 0.5, "normalize": True, "rescale": "none"}
+    assert got == {"density": [0.6], "weight": [3.0], "lambda": 0.5, "normalize": True, "rescale": "none",
+                   "trim": "global"}
 
 
 def test_resolve_params_validates_the_chosen_value():

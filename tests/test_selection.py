@@ -57,3 +57,41 @@ def test_small_inputs_and_edges():
     assert float(kth_largest(v, 4)) == 2.0
     with pytest.raises(ValueError):
         kth_largest(v, 0)
+
+
+# --- the k-th largest over many tensors, in streaming passes (TIES's global trim) ----------------------
+def streamed(chunks: list[torch.Tensor], fraction: float) -> tuple[float, int]:
+    s = selection.StreamedKthLargest(fraction)
+    passes = 0
+    while not s.done:
+        for c in chunks:
+            s.feed(c)
+        s.next_pass()
+        passes += 1
+    return s.threshold, passes
+
+
+def brute_force(chunks: list[torch.Tensor], fraction: float) -> float:
+    """The definition: the k-th largest of all values together, k = int(fraction · N)."""
+    values = torch.cat([c.reshape(-1) for c in chunks])
+    n, k = values.numel(), int(fraction * values.numel())
+    return float("inf") if k <= 0 else 0.0 if k >= n else float(values.kthvalue(n - k + 1).values)
+
+
+@pytest.mark.parametrize("dtype,passes", [(torch.float32, 2), (torch.float64, 4), (torch.bfloat16, 1)])
+def test_streamed_kth_largest_is_the_global_kthvalue(dtype, passes):
+    g = torch.Generator().manual_seed(7)
+    for trial in range(24):
+        shapes = [tuple(int(x) for x in torch.randint(1, 40, (int(torch.randint(1, 4, (), generator=g)),),
+                                                      generator=g)) for _ in range(int(torch.randint(1, 7, (), generator=g)))]
+        chunks = [(torch.randn(s, generator=g) * 10.0 ** float(torch.randint(-4, 2, (), generator=g))).abs().to(dtype)
+                  for s in shapes]
+        if trial % 4 == 0:  # many equal values (bf16 task vectors, zeros of a DARE drop)
+            chunks = [c.float().mul(4).round().div(4).to(dtype) for c in chunks]
+        if trial % 5 == 0:
+            chunks[0].zero_()
+        fraction = float(torch.rand((), generator=g)) if trial % 7 else (0.0, 1.0, 1e-9)[trial % 3]
+        got, n_passes = streamed(chunks, fraction)
+        assert got == brute_force(chunks, fraction), (trial, fraction)
+        k, n = int(fraction * sum(c.numel() for c in chunks)), sum(c.numel() for c in chunks)
+        assert n_passes == (1 if k <= 0 or k >= n else passes)

@@ -9,6 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from omnimerge import tiny
+from omnimerge.families import probes
+from omnimerge.families.probes import probe_inputs
+from omnimerge.families.table import MODEL_TYPES
 
 REQUIRED = {"qwen2", "qwen3", "llama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "internvl"}
 
@@ -32,19 +35,19 @@ def test_required_families_present():
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_build_load_forward(built, family):
     model = load(built[family])
-    assert model.config.architectures == [tiny.SPECS[family].arch]
+    assert model.config.architectures == [MODEL_TYPES[family].model_class]
     with torch.no_grad():
-        logits = model(**tiny.dummy_inputs(model)).logits
+        logits = model(**probe_inputs(model)).logits
         assert torch.isfinite(logits).all()
         if family in tiny.VLM_FAMILIES:
             torch.manual_seed(0)
-            first = model(**tiny.dummy_inputs(model, image=True)).logits
-            second = model(**tiny.dummy_inputs(model, image=True)).logits  # other random pixels
+            first = model(**probe_inputs(model, image=True)).logits
+            second = model(**probe_inputs(model, image=True)).logits  # other random pixels
             assert torch.isfinite(first).all()
             assert not torch.allclose(first[0, -1], second[0, -1])  # the image reaches the text
         if family in tiny.AUDIO_FAMILIES:
-            first = model(**tiny.dummy_inputs(model, audio=True)).logits
-            second = model(**tiny.dummy_inputs(model, audio=True)).logits  # another random clip
+            first = model(**probe_inputs(model, audio=True)).logits
+            second = model(**probe_inputs(model, audio=True)).logits  # another random clip
             assert torch.isfinite(first).all()
             assert not torch.allclose(first[0, -1], second[0, -1])  # the audio reaches the text
 
@@ -54,7 +57,7 @@ def test_tokenizer_matches_config(built, family):
     tok = transformers.AutoTokenizer.from_pretrained(built[family])
     config = transformers.AutoConfig.from_pretrained(built[family])
     image_token = tiny.SPECS[family].tokens["image_token_id"]
-    assert tok.convert_tokens_to_ids(image_token) == tiny.image_token_id(config)
+    assert tok.convert_tokens_to_ids(image_token) == probes.image_token_id(config)
     assert len(tok) <= config.get_text_config().vocab_size
     assert json.loads((built[family] / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
 
@@ -63,7 +66,7 @@ def test_tokenizer_matches_config(built, family):
 def test_audio_token_and_feature_extractor_match_config(built, family):
     tok = transformers.AutoTokenizer.from_pretrained(built[family])
     config = transformers.AutoConfig.from_pretrained(built[family])
-    assert tok.convert_tokens_to_ids(tiny.SPECS[family].tokens["audio_token_index"]) == tiny.audio_token_id(config)
+    assert tok.convert_tokens_to_ids(tiny.SPECS[family].tokens["audio_token_index"]) == probes.audio_token_id(config)
     features = transformers.AutoFeatureExtractor.from_pretrained(built[family])
     clip = torch.randn(features.sampling_rate).numpy()  # one second
     got = features(clip, sampling_rate=features.sampling_rate, return_tensors="pt")["input_features"]

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import OmnimergeError
+from .run.options import RunOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Merge the weights of multimodal LLMs.")
@@ -81,14 +82,15 @@ def merge(
                                               "local one)"),
 ):
     """Merge the models of RECIPE into OUTPUT."""
-    from .engine import merge as run_merge
+    from .api import merge as run_merge
 
     device = check_device(device)
     if output is None and not dry_run:
         raise OmnimergeError("give an output folder with -o OUTPUT (or --dry-run to only check the recipe)")
-    result = run_merge(recipe, output, force=force, dry_run=dry_run, device=device, allow_pickle=allow_pickle,
-                       progress=progress, as_lora=as_lora, push_to_hub=push_to_hub, private=private,
-                       executor=executor, ray_address=ray_address)
+    options = RunOptions(force=force, dry_run=dry_run, device=device, allow_pickle=allow_pickle, progress=progress,
+                         as_lora=as_lora, push_to_hub=push_to_hub, private=private, executor=executor,
+                         ray_address=ray_address)
+    result = run_merge(recipe, output, options=options)
     results = result if isinstance(result, dict) else {None: result}  # `skeletons:`: one result per output
     for note in dict.fromkeys(n for r in results.values() for n in r.plan.notes):
         err.print(f"[yellow]note[/]: {escape(note)}")
@@ -123,14 +125,14 @@ def extract(
     private: bool = typer.Option(False, "--private", help="with --push-to-hub: create the repo as private"),
 ):
     """Write MODEL − BASE as a PEFT LoRA adapter over BASE."""
-    from .lora_out import extract as run_extract
+    from .api import extract as run_extract
 
     device = check_device(device)
     if output is None and not dry_run:
         raise OmnimergeError("give an output folder with -o OUTPUT (or --dry-run to only check the inputs)")
-    result = run_extract(model, base, output, rank=rank, force=force, dry_run=dry_run, device=device,
-                         allow_pickle=allow_pickle, progress=progress, out_dtype=out_dtype, push_to_hub=push_to_hub,
-                         private=private)
+    options = RunOptions(force=force, dry_run=dry_run, device=device, allow_pickle=allow_pickle, progress=progress,
+                         push_to_hub=push_to_hub, private=private)
+    result = run_extract(model, base, output, rank=rank, out_dtype=out_dtype, options=options)
     for note in result.plan.notes:
         err.print(f"[yellow]note[/]: {escape(note)}")
     if dry_run:
@@ -297,7 +299,7 @@ def eval_(
     """Evaluate a merged real checkpoint with lmms-eval (optional dependency), with its family's model type."""
     import shlex
 
-    from .evaluation import lmms_eval_command, run_lmms_eval
+    from .lmms_eval_runner import lmms_eval_command, run_lmms_eval
 
     extra = _key_values(model_arg, "--model-arg", "max_pixels=802816")
     kw = dict(device=device, batch_size=batch_size, output=output, limit=limit, model_args=extra)

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .checkpoints.checkpoint import load_checkpoint
-from .engine import merge
+from .api import merge
 from .methods import list_methods
 from .verify import verify
 

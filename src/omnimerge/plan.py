@@ -8,7 +8,9 @@ missing tensors, shapes, layer counts.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +18,25 @@ import torch
 
 from .checkpoints.checkpoint import Checkpoint, check_distinct_models, load_checkpoint
 from .checkpoints.safetensors_io import tensor_nbytes
+from .dtypes import DTYPE_NAMES
 from .errors import OmnimergeError
 from .families.align import COMPONENTS, component_of
 from .methods import InputFacts, Method, get_method
 from .recipe import CalibrationOptions, ComponentMethod, ModelEntry, ParamValue, Recipe, Take, parse_recipe, pick
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 ROW_ALIGNED = ("embed.weight", "lm_head.weight")  # may differ in vocabulary size
+
+
+class Action(str, Enum):
+    """What a job does: copy one input's tensor (``source``), or merge the inputs (``method``,
+    ``params``, ``rows``, ``seed``)."""
+
+    MERGE = "merge"
+    COPY = "copy"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -34,12 +48,12 @@ class Job:
     component: str
     shape: tuple[int, ...]
     out_dtype: torch.dtype
-    action: str  # "merge" or "copy"
-    source: Checkpoint | None = None  # copy: where from
-    method: Method | None = None  # merge: how
-    params: dict[str, Any] = field(default_factory=dict)
-    rows: int | None = None  # merge only the first `rows` rows (vocabularies of different sizes)
-    seed: int = 0
+    action: Action
+    source: Checkpoint | None = None  # COPY: where from
+    method: Method | None = None  # MERGE: how
+    params: dict[str, Any] = field(default_factory=dict)  # MERGE: the method's parameters for this tensor
+    rows: int | None = None  # MERGE: merge only the first `rows` rows (vocabularies of different sizes)
+    seed: int = 0  # MERGE: the tensor's random seed
     note: str = ""
     stats: Any = None  # merge with a data-aware method: a calibration.StatsSource (set by the statistics stage)
 
@@ -72,6 +86,11 @@ class Plan:
     def inputs(self) -> list[Checkpoint]:
         return ([self.base] if self.base else []) + self.models
 
+    def input_folders(self) -> list[Path]:
+        """Every folder the merge reads (LoRA bases and the tokenizer source included): an output may lie
+        in none of them."""
+        return [p for m in self.inputs() + [self.skeleton] for p in m.folders()] + [Path(self.tokenizer_source)]
+
     def shards(self) -> list[list[Job]]:
         """Greedy split of the jobs, in order, into shards of at most ``shard_size`` bytes."""
         limit, shards, size = self.recipe.shard_bytes, [[]], 0
@@ -87,8 +106,8 @@ class Plan:
         """Per component and action: tensor count, bytes, method and sources (what --dry-run prints)."""
         rows: dict[tuple, dict[str, Any]] = {}
         for j in self.jobs:
-            how = j.method.name if j.action == "merge" else "copy"
-            frm = ", ".join(m.name for m in self.inputs()) if j.action == "merge" else j.source.name
+            how = j.method.name if j.action is Action.MERGE else "copy"
+            frm = ", ".join(m.name for m in self.inputs()) if j.action is Action.MERGE else j.source.name
             key = (j.component, how, frm, j.note)
             r = rows.setdefault(key, {"component": j.component, "action": how, "from": frm, "note": j.note,
                                        "tensors": 0, "bytes": 0})
@@ -204,7 +223,7 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
         if m.needs_base and base is None:
             where = "method" if comp == "*" else f"components.{comp}.method"
             raise OmnimergeError(f"{where}: '{m.name}' needs a `base:` model (task vectors are θ_i − θ_base); add one")
-    if recipe.skeleton or recipe.skeletons:  # several skeletons: this plans the first; modality.build_plans all
+    if recipe.skeleton or recipe.skeletons:  # several skeletons: this plans the first; build_plans all
         skeleton = ref(recipe.skeleton or recipe.skeletons[0])
     else:
         vlm = [m for m in ([base] if base else []) + models if m.family.kind in ("vlm", "audio")]
@@ -226,7 +245,7 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
         dtype, shape = skeleton.source.info(raw)
         target = (out_dtype or dtype) if dtype.is_floating_point else dtype
         pol = recipe.policy(comp)
-        job = Job(raw, canon, comp, tuple(shape), target, "copy", source=skeleton, note="keep")
+        job = Job(raw, canon, comp, tuple(shape), target, Action.COPY, source=skeleton, note="keep")
         if isinstance(pol, Take):
             src = ref(pol.take)
             _require(src, canon, shape, raw, comp, skeleton)
@@ -243,7 +262,7 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
                 rows = _require(m, canon, shape, raw, comp, skeleton, rows_ok=canon in ROW_ALIGNED) or rows
             comp_params = pol.parameters if isinstance(pol, ComponentMethod) else {}
             glob = recipe.parameters if method is methods["*"] else {}
-            job.action, job.method, job.note = "merge", method, ""
+            job.action, job.method, job.note = Action.MERGE, method, ""
             job.params = method.resolved(resolve_params(method, canon, entries, comp_params, glob), facts)
             job.rows = rows
             job.seed = tensor_seed(recipe.seed, canon)
@@ -309,3 +328,100 @@ def _check_layers(inputs: list[Checkpoint], skeleton: Checkpoint) -> None:
                 "merging needs the same layer count (a layer-dropping or depth-upscaled model cannot be "
                 "aligned layer by layer)"
             )
+
+
+# --- several skeletons (modality merging) -------------------------------------------------------
+# Vision-, audio- and video-LLMs fine-tuned from one base LLM share its language backbone. A recipe
+# with ``skeletons: [a, b, c]`` is planned as one ordinary single-skeleton merge per skeleton (each
+# output's omnimerge.yaml names its own skeleton and reproduces it alone); run/outputs/skeletons.py
+# computes what they share once.
+_HUB_REV = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+@")
+
+
+def _entry(recipe: Recipe, spec: str):
+    """The model entry that ``spec`` names (by name, then by path), if any."""
+    return next((e for e in recipe.models if e.name == spec), None) or \
+        next((e for e in recipe.models if e.path == spec), None)
+
+
+def _label(recipe: Recipe, spec: str, ckpt: Checkpoint) -> str:
+    """The output subfolder of one skeleton: its model entry's `name`, else its folder (or hub repo) name."""
+    entry = _entry(recipe, spec)
+    if entry is not None and entry.name:
+        label = entry.name
+    else:
+        label = Path(spec.split("@", 1)[0] if _HUB_REV.match(spec) else spec).name
+        if label in ("", ".", ".."):
+            label = ckpt.path.name
+    if label.startswith(".") or "/" in label or "\\" in label:
+        raise OmnimergeError(f"skeletons: '{spec}' would be written to OUT/{label}, which is not a plain folder name; "
+                             "list the model under `models` with a `name:` to label its output")
+    return label
+
+
+def _backbone(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """Language tensors and their shapes, then the width (not the rows: vocabularies may differ) of
+    the embedding and the head, in the checkpoint's order."""
+    shapes = {c: tuple(ckpt.info(c)[1]) for c in ckpt.canon_to_raw if component_of(c) == "language"}
+    for c in ("embed.weight", "lm_head.weight"):
+        if ckpt.has(c):
+            shapes[c] = tuple(ckpt.info(c)[1][1:])
+    return shapes
+
+
+def _where(ckpt: Checkpoint, canon: str) -> str:
+    return ckpt.source.describe(ckpt.raw_key(canon))
+
+
+def _check_shared_backbone(skeletons: dict[str, Checkpoint]) -> None:
+    """Every skeleton must have the first one's language backbone: same tensors, same shapes."""
+    (first_label, first), *rest = skeletons.items()
+    want = _backbone(first)
+    fix = ("modality merging needs skeletons built on one base LLM (the same language backbone); merge models "
+           "of different backbones separately")
+    for label, ck in rest:
+        if ck.layer_count() != first.layer_count():
+            raise OmnimergeError(
+                f"skeletons: '{label}' ({ck.path}) has {ck.layer_count()} decoder layers, '{first_label}' "
+                f"({first.path}) has {first.layer_count()}; {fix}")
+        got = _backbone(ck)
+        for key in list(want) + [k for k in got if k not in want]:
+            if key not in got or key not in want:
+                (has, h), (lacks, l) = ((first, first_label), (ck, label)) if key not in got else \
+                    ((ck, label), (first, first_label))
+                raise OmnimergeError(f"skeletons: '{key}' is in '{h}' ({_where(has, key)}) but not in '{l}' "
+                                     f"({lacks.path}); {fix}")
+            if got[key] != want[key]:
+                what = "width" if key in ("embed.weight", "lm_head.weight") else "shape"
+                raise OmnimergeError(
+                    f"skeletons: the {what} of '{key}' differs: {want[key]} in '{first_label}' ({_where(first, key)}), "
+                    f"{got[key]} in '{label}' ({_where(ck, key)}); {fix}")
+
+
+def build_plans(recipe: Recipe | dict, *, relative_to: str | Path | None = None,
+                allow_pickle: bool = False) -> dict[str, Plan]:
+    """One plan per skeleton of a recipe with ``skeletons:``, keyed by output label (OUT/<label>).
+
+    Checks, before anything is read, that the labels are distinct folder names and that every
+    skeleton has the same language backbone (tensors and shapes), naming the files that differ.
+    """
+    recipe = parse_recipe(recipe)
+    if not recipe.skeletons:
+        raise OmnimergeError("the recipe has no `skeletons:` list; use omnimerge.plan.build_plan for one output")
+    rel = Path(relative_to) if relative_to else None
+    skeletons: dict[str, Checkpoint] = {}
+    specs: dict[str, str] = {}
+    for spec in recipe.skeletons:
+        entry = _entry(recipe, spec)
+        ck = load_checkpoint(entry.path if entry else spec, name=spec, relative_to=rel, allow_pickle=allow_pickle,
+                             lora_base=entry.lora_base if entry else None)
+        label = _label(recipe, spec, ck)
+        if label in skeletons:
+            raise OmnimergeError(
+                f"skeletons: '{specs[label]}' and '{spec}' would both be written to OUT/{label}; give them "
+                "distinct folder names, or list them under `models` with distinct `name:`s")
+        skeletons[label], specs[label] = ck, spec
+    _check_shared_backbone(skeletons)
+    return {label: build_plan(recipe.model_copy(update={"skeleton": spec, "skeletons": None}), relative_to=rel,
+                              allow_pickle=allow_pickle)
+            for label, spec in specs.items()}

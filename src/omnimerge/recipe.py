@@ -10,11 +10,13 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .dtypes import DTYPE_NAMES
 from .errors import OmnimergeError
+from .families.align import COMPONENTS
 
 Scalar = Union[bool, int, float, str]
-DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
-ComponentName = Literal["language", "embed", "lm_head", "vision", "projector", "audio", "other"]
+DTypeName = Literal[DTYPE_NAMES]
+ComponentName = Literal[COMPONENTS]
 
 
 class FilteredValue(BaseModel):
@@ -268,7 +270,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise OmnimergeError(f"{source}: a recipe must be a mapping of fields, got {type(data).__name__}")
     if "merge_method" in data:  # a mergekit configuration: translated field by field
-        from .mergekit_format import from_mergekit
+        from .mergekit_yaml import from_mergekit
 
         data = from_mergekit(data, source)
     try:

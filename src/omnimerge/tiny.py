@@ -1,5 +1,8 @@
 """Tiny random models of real architectures, for tests, the demo and benchmarks.
 
+The sizes are this module's; the config and model classes are the family table's
+(``families.table.MODEL_TYPES``), and probe inputs for them are ``families.probes.probe_inputs``.
+
 Every text LLM here and every VLM's language backbone share `TEXT_DIMS`, so a text model and
 its VLM partner (see `PAIRS`) have identical decoder, embedding and lm_head shapes.
 All families share one tokenizer (same special tokens at the same ids).
@@ -14,6 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .families.table import MODEL_TYPES
 
 TEXT_DIMS = dict(
     hidden_size=64,
@@ -76,10 +81,9 @@ def _qwen3_vl_vision(h: int) -> dict:
 
 @dataclass(frozen=True)
 class Spec:
-    """How to build one family: config class, model class, sub-config kwargs, token ids."""
+    """How to build a tiny model of one model type: sub-config kwargs and token ids (its config and
+    model classes are the family table's, ``families.table.MODEL_TYPES``)."""
 
-    config: str
-    arch: str
     text: dict = field(default_factory=dict)  # extra text-config kwargs
     vision: Callable[[int], dict] | None = None  # text hidden size -> vision-config kwargs
     top: dict = field(default_factory=dict)  # extra top-level kwargs of a VLM config
@@ -96,43 +100,39 @@ SIGLIP = _vit(model_type="siglip_vision_model", vision_use_head=False)  # as in 
 QWEN3_VL_TEXT = dict(rope_parameters={**MROPE, "mrope_interleaved": True})
 
 SPECS: dict[str, Spec] = {
-    "qwen2": Spec("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": Spec("Qwen3Config", "Qwen3ForCausalLM"),
-    "llama": Spec("LlamaConfig", "LlamaForCausalLM"),
-    "mistral": Spec("MistralConfig", "MistralForCausalLM"),
-    "gemma2": Spec("Gemma2Config", "Gemma2ForCausalLM", text=dict(query_pre_attn_scalar=16)),
-    "gemma3_text": Spec("Gemma3TextConfig", "Gemma3ForCausalLM", text=dict(query_pre_attn_scalar=16)),
-    "qwen2_vl": Spec("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", text=dict(rope_parameters=MROPE),
-                     vision=_qwen2_vl_vision, tokens=QWEN_VL_TOKENS, image_placeholder=QWEN_VL_IMAGE),
-    "qwen2_5_vl": Spec("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", text=dict(rope_parameters=MROPE),
+    "qwen2": Spec(),
+    "qwen3": Spec(),
+    "llama": Spec(),
+    "mistral": Spec(),
+    "gemma2": Spec(text=dict(query_pre_attn_scalar=16)),
+    "gemma3_text": Spec(text=dict(query_pre_attn_scalar=16)),
+    "qwen2_vl": Spec(text=dict(rope_parameters=MROPE), vision=_qwen2_vl_vision, tokens=QWEN_VL_TOKENS, image_placeholder=QWEN_VL_IMAGE),
+    "qwen2_5_vl": Spec(text=dict(rope_parameters=MROPE),
                        vision=_qwen2_5_vl_vision, tokens=QWEN_VL_TOKENS, image_placeholder=QWEN_VL_IMAGE),
-    "qwen3_vl": Spec("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", text=QWEN3_VL_TEXT,
+    "qwen3_vl": Spec(text=QWEN3_VL_TEXT,
                      vision=_qwen3_vl_vision, tokens=QWEN_VL_TOKENS, image_placeholder=QWEN_VL_IMAGE),
-    "qwen3_vl_moe": Spec("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration",
-                         text=dict(QWEN3_VL_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "qwen3_vl_moe": Spec(text=dict(QWEN3_VL_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
                          vision=_qwen3_vl_vision, tokens=QWEN_VL_TOKENS, image_placeholder=QWEN_VL_IMAGE),
-    "llava": Spec("LlavaConfig", "LlavaForConditionalGeneration", vision=_vit(model_type="clip_vision_model"),
+    "llava": Spec(vision=_vit(model_type="clip_vision_model"),
                   text_type="llama", top=dict(image_seq_length=(IMAGE // PATCH) ** 2),
                   tokens=dict(image_token_id="<image>")),
-    "llava_onevision": Spec("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration",
-                            vision=SIGLIP, text_type="qwen2",
+    "llava_onevision": Spec(vision=SIGLIP, text_type="qwen2",
                             top=dict(image_grid_pinpoints=[[IMAGE, IMAGE], [IMAGE, 2 * IMAGE]]),
                             tokens=dict(image_token_id="<image>", video_token_id="<video>")),
-    "internvl": Spec("InternVLConfig", "InternVLForConditionalGeneration",
-                     vision=_vit(image_size=[IMAGE, IMAGE], patch_size=[PATCH, PATCH]), text_type="qwen2",
+    "internvl": Spec(vision=_vit(image_size=[IMAGE, IMAGE], patch_size=[PATCH, PATCH]), text_type="qwen2",
                      top=dict(image_seq_length=(IMAGE // PATCH // 2) ** 2),
                      tokens=dict(image_token_id="<IMG_CONTEXT>"), image_placeholder="<img><IMG_CONTEXT></img>"),
-    "gemma3": Spec("Gemma3Config", "Gemma3ForConditionalGeneration", text=dict(query_pre_attn_scalar=16),
+    "gemma3": Spec(text=dict(query_pre_attn_scalar=16),
                    vision=SIGLIP, top=dict(mm_tokens_per_image=4),
                    tokens=dict(image_token_id="<image_soft_token>", boi_token_id="<start_of_image>",
                                eoi_token_id="<end_of_image>"), image_placeholder="<start_of_image>"),
-    "mistral3": Spec("Mistral3Config", "Mistral3ForConditionalGeneration", vision=_vit(head_dim=16),
+    "mistral3": Spec(vision=_vit(head_dim=16),
                      text_type="mistral", tokens=dict(image_token_id="[IMG]"), image_placeholder="[IMG]"),
-    "idefics3": Spec("Idefics3Config", "Idefics3ForConditionalGeneration", vision=_vit(), text_type="llama",
+    "idefics3": Spec(vision=_vit(), text_type="llama",
                      tokens=dict(image_token_id="<image>")),
-    "smolvlm": Spec("SmolVLMConfig", "SmolVLMForConditionalGeneration", vision=_vit(), text_type="llama",
+    "smolvlm": Spec(vision=_vit(), text_type="llama",
                     tokens=dict(image_token_id="<image>")),
-    "qwen2_audio": Spec("Qwen2AudioConfig", "Qwen2AudioForConditionalGeneration", text_type="qwen2",
+    "qwen2_audio": Spec(text_type="qwen2",
                         audio=_qwen2_audio, tokens=dict(audio_token_index="<|AUDIO|>"),
                         image_placeholder="<|audio_bos|><|AUDIO|><|audio_eos|>"),
 }
@@ -140,7 +140,7 @@ FAMILIES = tuple(SPECS)
 TEXT_FAMILIES = tuple(f for f, s in SPECS.items() if s.vision is None and s.audio is None)
 VLM_FAMILIES = tuple(f for f, s in SPECS.items() if s.vision is not None)
 AUDIO_FAMILIES = tuple(f for f, s in SPECS.items() if s.audio is not None)
-QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # take grid_thw and a Qwen image processor
+QWEN_VL = tuple(f for f in SPECS if MODEL_TYPES[f].probe == "qwen_vl")  # take grid_thw and a Qwen image processor
 # (text LLM, VLM) whose language tensors have identical names-after-prefix and shapes.
 PAIRS = (
     ("qwen2", "qwen2_vl"), ("qwen2", "qwen2_5_vl"), ("qwen2", "internvl"), ("qwen2", "llava_onevision"),
@@ -189,7 +189,7 @@ def make_config(family: str, *, num_layers=None, vocab_size=None, tie_word_embed
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     spec = SPECS[family]
     text = _text_kwargs(spec, num_layers, vocab_size, hidden_size, intermediate_size, tie_word_embeddings)
-    cls = getattr(transformers, spec.config)
+    cls = getattr(transformers, MODEL_TYPES[family].config_class)
     if spec.vision is None and spec.audio is None:
         config = cls(**text)
     else:
@@ -197,7 +197,7 @@ def make_config(family: str, *, num_layers=None, vocab_size=None, tie_word_embed
         tower = ({"vision_config": spec.vision(text["hidden_size"])} if spec.vision else
                  {"audio_config": spec.audio(text["hidden_size"])})
         config = cls(text_config=text, **tower, tie_word_embeddings=tie_word_embeddings, **spec.top, **tokens)
-    config.architectures = [spec.arch]
+    config.architectures = [MODEL_TYPES[family].model_class]
     return config
 
 
@@ -207,7 +207,7 @@ def build_model(family: str, *, seed: int = 0, dtype=torch.float32, **config_kwa
 
     config = make_config(family, **config_kwargs)
     torch.manual_seed(seed)
-    model = getattr(transformers, SPECS[family].arch)(config)
+    model = getattr(transformers, MODEL_TYPES[family].model_class)(config)
     with torch.no_grad():  # e.g. Gemma 3's projector and InternViT's position embeddings start at zero
         for p in model.parameters():
             if p.dim() >= 2 and not p.any():
@@ -317,131 +317,3 @@ def make_expert(src_dir, dst_dir, *, seed: int, scale: float = 0.01, pattern: st
                 tensors[key] = (t.float() + noise).to(t.dtype)
         save_file(tensors, str(path), metadata=metadata)
     return dst
-
-
-# ---------------------------------------------------------------- dummy inputs
-# Each entry: config -> (number of image placeholder tokens, extra forward kwargs).
-
-def _qwen_vl_image(c):
-    v = c.vision_config
-    side = 2 * v.spatial_merge_size  # a 2x2 grid of merged tokens
-    pixels = torch.randn(side * side, v.in_channels * v.temporal_patch_size * v.patch_size ** 2)
-    thw = torch.tensor([[1, side, side]])
-    return side * side // v.spatial_merge_size ** 2, dict(pixel_values=pixels, image_grid_thw=thw)
-
-
-def _first(x):
-    """image_size / patch_size are ints, or (height, width) pairs in InternViT."""
-    return x[0] if isinstance(x, (list, tuple)) else x
-
-
-def _grid(v) -> int:
-    """Patches per side of a square ViT input."""
-    return _first(v.image_size) // _first(v.patch_size)
-
-
-def _image(v, *lead):
-    return torch.randn(*lead, v.num_channels, _first(v.image_size), _first(v.image_size))
-
-
-def _vit_tokens(c) -> int:
-    """Features a LLaVA-style model keeps per image: patches (+ CLIP's CLS) (- first if 'default')."""
-    v = c.vision_config
-    return _grid(v) ** 2 + (v.model_type == "clip_vision_model") - (c.vision_feature_select_strategy == "default")
-
-
-def _llava_image(c):
-    return _vit_tokens(c), dict(pixel_values=_image(c.vision_config, 1))
-
-
-def _onevision_image(c):
-    # Two images in one sample: multi-image mode, one tile each, plus one newline token per image.
-    size = torch.tensor([[_first(c.vision_config.image_size)] * 2] * 2)
-    return 2 * (_vit_tokens(c) + 1), dict(pixel_values=_image(c.vision_config, 2, 1), image_sizes=size,
-                                          batch_num_images=torch.tensor([2]))
-
-
-def _internvl_image(c):
-    v = c.vision_config
-    return int(_grid(v) ** 2 * c.downsample_ratio ** 2), dict(pixel_values=_image(v, 1))
-
-
-def _gemma3_image(c):
-    return c.mm_tokens_per_image, dict(pixel_values=_image(c.vision_config, 1))
-
-
-def _mistral3_image(c):
-    v = c.vision_config
-    side = 2 * v.patch_size * c.spatial_merge_size  # 2x2 merged tokens
-    pixels = torch.randn(1, v.num_channels, side, side)
-    return 4, dict(pixel_values=pixels, image_sizes=torch.tensor([[side, side]]))
-
-
-def _idefics3_image(c):
-    v = c.vision_config
-    return _grid(v) ** 2 // c.scale_factor ** 2, dict(pixel_values=_image(v, 1, 1))
-
-
-IMAGE_INPUTS = {
-    **dict.fromkeys(QWEN_VL, _qwen_vl_image), "llava": _llava_image, "llava_onevision": _onevision_image,
-    "internvl": _internvl_image, "gemma3": _gemma3_image, "mistral3": _mistral3_image,
-    "idefics3": _idefics3_image, "smolvlm": _idefics3_image,
-}
-
-
-def _qwen2_audio_input(c):
-    a = c.audio_config
-    frames = 2 * a.max_source_positions  # what the encoder's position table covers
-    tokens = ((frames - 1) // 2 + 1 - 2) // 2 + 1  # a stride-2 convolution, then average pooling by 2
-    return tokens, dict(input_features=torch.randn(1, a.num_mel_bins, frames),
-                        feature_attention_mask=torch.ones(1, frames, dtype=torch.long))
-
-
-AUDIO_INPUTS = {"qwen2_audio": _qwen2_audio_input}
-# Families whose forward wants a 0/1 mask of the image positions, and its argument name.
-TOKEN_TYPE_ARG = {**dict.fromkeys(QWEN_VL, "mm_token_type_ids"), "gemma3": "token_type_ids"}
-
-
-def image_token_id(config) -> int:
-    """The id of the image placeholder token of a VLM config."""
-    for name in ("image_token_id", "image_token_index"):
-        if getattr(config, name, None) is not None:
-            return getattr(config, name)
-    raise ValueError(f"{config.model_type}: config has no image token id")
-
-
-def audio_token_id(config) -> int:
-    """The id of the audio placeholder token of an audio-language config."""
-    for name in ("audio_token_id", "audio_token_index"):
-        if getattr(config, name, None) is not None:
-            return getattr(config, name)
-    raise ValueError(f"{config.model_type}: config has no audio token id")
-
-
-def dummy_inputs(model, image: bool = False, audio: bool = False) -> dict[str, torch.Tensor]:
-    """Keyword arguments for `model(**inputs)`: 8 text ids, plus an image (or an audio clip) and its
-    placeholder tokens if `image` (`audio`).
-
-    Reads only `model.config` (and the model's dtype/device); LLaVA-OneVision gets two images (multi-image mode).
-    """
-    config = model.config
-    vocab = config.get_text_config().vocab_size
-    text = torch.arange(8) + vocab // 2  # ordinary ids, far from the special tokens at either end
-    inputs = {}
-    if image:
-        if config.model_type not in IMAGE_INPUTS:
-            raise ValueError(f"no image inputs for model_type {config.model_type!r}")
-        n, inputs = IMAGE_INPUTS[config.model_type](config)
-        text = torch.cat([text[:4], torch.full((n,), image_token_id(config)), text[4:]])
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        if config.model_type in TOKEN_TYPE_ARG:
-            inputs[TOKEN_TYPE_ARG[config.model_type]] = (text == image_token_id(config)).long()[None]
-    elif audio:
-        if config.model_type not in AUDIO_INPUTS:
-            raise ValueError(f"no audio inputs for model_type {config.model_type!r}")
-        n, inputs = AUDIO_INPUTS[config.model_type](config)
-        text = torch.cat([text[:4], torch.full((n,), audio_token_id(config)), text[4:]])
-        inputs["input_features"] = inputs["input_features"].to(model.dtype)
-    ids = text[None]
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **inputs}
-    return {k: v.to(model.device) for k, v in inputs.items()}

@@ -11,6 +11,8 @@ import torch
 from .checkpoints.checkpoint import load_checkpoint, read_config
 from .checkpoints.sources import damaged_weights, open_weights
 from .errors import OmnimergeError
+from .families.models import model_class
+from .families.probes import probe_inputs
 
 
 @dataclass
@@ -33,17 +35,6 @@ class VerifyResult:
         self.checks.append(Check(name, ok, detail))
 
 
-def _model_class(config: dict):
-    import transformers
-
-    archs = config.get("architectures") or []
-    for name in archs:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    raise OmnimergeError(f"config.json names architectures {archs}, none of which transformers provides here")
-
-
 def _forward(model, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
@@ -52,15 +43,13 @@ def _forward(model, inputs: dict) -> torch.Tensor:
 def verify(out: str | Path, *, image: bool = True, audio: bool = True) -> VerifyResult:
     """Load ``out`` with the class in its config, run text (and image or audio) forward passes, check logits
     are finite, and check that tensors the recipe kept equal the skeleton's bytes."""
-    from .tiny import dummy_inputs
-
     out = Path(out)
     if not out.is_dir():
         raise OmnimergeError(f"{out}: no such folder; give a merged model folder")
     res = VerifyResult(out)
     try:  # a damaged output is a failed check (exit 1), not an input error
         config = read_config(out)
-        cls = _model_class(config)
+        cls = model_class(config)
     except OmnimergeError as e:
         res.add("config", False, str(e))
         return res
@@ -78,11 +67,11 @@ def verify(out: str | Path, *, image: bool = True, audio: bool = True) -> Verify
         return res
     model.eval()
     res.add("load", True, f"{cls.__name__} loaded ({sum(p.numel() for p in model.parameters()):,} parameters)")
-    logits = _forward(model, dummy_inputs(model))
+    logits = _forward(model, probe_inputs(model))
     res.add("text forward", bool(torch.isfinite(logits).all()), f"logits {tuple(logits.shape)} finite")
     if image and "vision_config" in config:
         try:
-            inputs = dummy_inputs(model, image=True)
+            inputs = probe_inputs(model, image=True)
         except (KeyError, NotImplementedError, ValueError) as e:
             res.add("image forward", True, f"skipped: no image inputs known for this family ({e})")
         else:
@@ -90,7 +79,7 @@ def verify(out: str | Path, *, image: bool = True, audio: bool = True) -> Verify
             res.add("image forward", bool(torch.isfinite(logits).all()), f"logits {tuple(logits.shape)} finite")
     if audio and "audio_config" in config:
         try:
-            inputs = dummy_inputs(model, audio=True)
+            inputs = probe_inputs(model, audio=True)
         except ValueError as e:
             res.add("audio forward", True, f"skipped: no audio inputs known for this family ({e})")
         else:

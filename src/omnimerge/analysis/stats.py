@@ -1,13 +1,13 @@
 """Per tensor: task-vector norms, pairwise cosines, sign conflicts and singular spectra.
 
-Streams like a merge: one tensor's inputs in memory at a time, read ahead on a thread.
+Streams like a merge (the same loop, :func:`omnimerge.run.stream.stream`, with a statistics sink):
+one tensor's inputs in memory at a time, read ahead on a thread.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,10 @@ from ..errors import OmnimergeError
 from ..families.align import layer_index
 from ..methods.linalg import spectrum
 from ..methods.ranks import check_rank_rule, choose_rank
-from ..plan import Plan, build_plan
+from ..plan import Action, Job, Plan, build_plan
 from ..recipe import load_recipe
+from ..run.stream import stream
+from .plots import write_plots
 
 TOP_SINGULAR = 64  # singular values kept per task vector in the JSON
 
@@ -50,9 +52,38 @@ def tensor_stats(taus: list[torch.Tensor], *, rank_rule="knee", spectra: bool = 
     return out
 
 
-def _read_taus(plan: Plan, canonical: str) -> list[torch.Tensor]:
-    base = plan.base.read(canonical).float()
-    return [m.read(canonical).float() - base for m in plan.models]
+class StatisticsOutput:
+    """The streaming loop's sink for ``analyze``: each merged tensor's task vectors -> its statistics."""
+
+    def __init__(self, plan: Plan, rank_rule, spectra: bool):
+        self.plan, self.rank_rule, self.spectra = plan, rank_rule, spectra
+        self.tensors: dict[str, Any] = {}
+
+    def steps(self, device: str) -> list[Job]:
+        return [j for j in self.plan.jobs if j.action is Action.MERGE and j.rows is None]
+
+    def read(self, job: Job) -> list[torch.Tensor]:
+        base = self.plan.base.read(job.canonical).float()
+        return [m.read(job.canonical).float() - base for m in self.plan.models]
+
+    def compute(self, job: Job, taus: list[torch.Tensor], device: str) -> dict[str, Any]:
+        stats = tensor_stats(taus, rank_rule=self.rank_rule, spectra=self.spectra)
+        stats.update(component=job.component, layer=layer_index(job.canonical), key=job.out_key,
+                     shape=list(job.shape))
+        return stats
+
+    def write(self, job: Job, stats) -> None:
+        pass
+
+    def record(self, job: Job, stats: dict[str, Any], seconds: float) -> list[Job]:
+        self.tensors[job.canonical] = stats
+        return [job]
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
 
 
 def analyze(recipe, out: str | Path, *, rank_rule="knee", spectra: bool = True, relative_to=None,
@@ -68,20 +99,12 @@ def analyze(recipe, out: str | Path, *, rank_rule="knee", spectra: bool = True, 
     plan = build_plan(recipe, relative_to=relative_to, allow_pickle=allow_pickle)
     if plan.base is None:
         raise OmnimergeError("analyze needs a `base:` in the recipe: task vectors are θ_i − θ_base")
-    jobs = [j for j in plan.jobs if j.action == "merge" and j.rows is None]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tensors: dict[str, Any] = {}
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(_read_taus, plan, jobs[0].canonical) if jobs else None
-        for i, job in enumerate(jobs):
-            taus = pending.result()
-            pending = pool.submit(_read_taus, plan, jobs[i + 1].canonical) if i + 1 < len(jobs) else None
-            stats = tensor_stats(taus, rank_rule=rank_rule, spectra=spectra)
-            stats.update(component=job.component, layer=layer_index(job.canonical), key=job.out_key,
-                         shape=list(job.shape))
-            tensors[job.canonical] = stats
+    sink = StatisticsOutput(plan, rank_rule, spectra)
+    stream(sink)
+    tensors = sink.tensors
     result = {
         "models": [m.name for m in plan.models],
         "base": plan.base.name,
@@ -92,8 +115,6 @@ def analyze(recipe, out: str | Path, *, rank_rule="knee", spectra: bool = True, 
     }
     (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
     if plots:
-        from .plots import write_plots
-
         result["plots"] = [str(p) for p in write_plots(result, out)]
     return result
 

@@ -149,7 +149,7 @@ def load_checkpoint(spec: str, *, name: str | None = None, relative_to: Path | N
             return _checkpoint(name or spec, folder, config, source)
         raise OmnimergeError(f"{path}: give the model folder (with config.json), not a single file")
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        from .lora import check_adapter_chain, load_lora
+        from .peft_reader import check_adapter_chain, load_lora
 
         check_adapter_chain(path, _adapter_chain)
         return load_lora(path, name=name or spec, relative_to=relative_to, allow_pickle=allow_pickle,

@@ -1,11 +1,15 @@
-"""Merging methods: pure functions on aligned tensors, behind a registry."""
+"""Merging methods: pure functions on aligned tensors, behind a registry.
+
+Every module of this package is imported here, so that a module's ``@register`` decorators run:
+adding a method is adding one module (see docs/architecture.md).
+"""
+
+import importlib
+import pkgutil
 
 from .registry import InputFacts, Method, MethodContext, Param, get_method, list_methods, register
-from . import basic  # noqa: F401  (registers average, task_arithmetic, ties, dare_*)
-from . import asdf  # noqa: F401  (registers asdf)
-from . import spectral  # noqa: F401  (registers tsv, iso_c, iso_cts)
-from . import wudi  # noqa: F401  (registers wudi, wudi2, swudi, aswudi)
-from . import mergekit  # noqa: F401  (registers slerp, model_stock, breadcrumbs*, della*)
-from . import data_aware  # noqa: F401  (registers regmean, fisher: they learn from calibration samples)
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["InputFacts", "Method", "MethodContext", "Param", "get_method", "list_methods", "register"]

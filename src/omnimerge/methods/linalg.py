@@ -156,7 +156,7 @@ def top_svd(a: torch.Tensor, k: int, *, generator: torch.Generator | None = None
     """The k leading singular triplets (U (…, m, k), S (…, k), Vh (…, k, n)) of ``a``.
 
     Randomized when 4k <= min(m, n) and not ``exact``: a Gaussian test matrix drawn from
-    ``generator`` (seeded per tensor by the engine, so results are reproducible), ``iters``
+    ``generator`` (seeded per tensor by the run, so results are reproducible), ``iters``
     subspace iterations, then an exact SVD of the small projected matrix. Else a full SVD.
     """
     m, n = a.shape[-2], a.shape[-1]

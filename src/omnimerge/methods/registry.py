@@ -14,19 +14,24 @@ A method function has the signature::
 * Parameters declared ``per_model=True`` arrive as a list with one value per model; the others
   arrive as one scalar.
 * The result is the merged tensor (not a delta) with the same shape as the inputs.
-* ``ctx.generator`` is the only source of randomness allowed (seeded per tensor by the engine);
+* ``ctx.generator`` is the only source of randomness allowed (seeded per tensor by the run);
   ``ctx.info`` is a dict the method may fill with facts for report.json (e.g. the rank it chose).
 * A data-aware method (registered with ``calibration=(kinds...)``) also gets ``ctx.stats``: one mapping
   per model of the statistics its calibration samples gave for this tensor (e.g. ``gram``, the
   Gram matrix of the layer's inputs, or ``fisher``, the diagonal Fisher). A tensor with no statistics
   (an embedding, a norm) gets an empty mapping, and the method says what it does then.
+* A method that needs a quantity over *every* tensor it merges (TIES's ``trim: global``: one
+  magnitude threshold per task vector over the whole model) declares a :class:`Reduction`. The run
+  computes it in streaming passes over the inputs before the merge (``run.stream.prepass``) and
+  hands each tensor's merge the result as ``ctx.reduction``. Called directly on tensors, the method
+  gets ``ctx.reduction = None`` and computes the quantity over the tensor it is given.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Protocol
 
 import torch
 
@@ -43,6 +48,7 @@ class MethodContext:
     generator: torch.Generator
     info: dict[str, Any] = field(default_factory=dict)
     stats: tuple[dict[str, torch.Tensor], ...] | None = None  # per model, for data-aware methods
+    reduction: Any = None  # the method's global reduction over its group of tensors (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,32 @@ class InputFacts:
     default depends on them (``auto`` values, resolved once per merge so every tensor agrees)."""
 
     lora_experts: bool = False  # every model is a LoRA adapter over the base
+
+
+class Accumulator(Protocol):
+    """A reduction in progress: fed every tensor of its group once per pass, until ``done``."""
+
+    done: bool
+
+    def feed(self, base: torch.Tensor, models: list[torch.Tensor], ctx: MethodContext, params: dict) -> None:
+        """One tensor's inputs (as the method gets them), in this pass."""
+
+    def next_pass(self) -> None:
+        """Called after every tensor of the group has been fed in this pass."""
+
+    def result(self) -> Any:
+        """Once ``done``: what each tensor's merge gets as ``ctx.reduction``."""
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A quantity over all the tensors a method merges, computed before the merge.
+
+    ``group(params)``: the key of the group of tensors that share one result (tensors with the same
+    key share it), or None when the tensor needs none; ``start(params)``: a fresh :class:`Accumulator`."""
+
+    group: Callable[[dict[str, Any]], Hashable | None]
+    start: Callable[[dict[str, Any]], Accumulator]
 
 
 @dataclass(frozen=True)
@@ -150,6 +182,7 @@ class Method:
     resolve: Callable[[dict[str, Any], InputFacts], dict[str, Any]] | None = None
     defaults_from: str = ""  # where the defaults come from (the reference code, file and line)
     calibration: tuple[str, ...] = ()  # statistics the method needs from calibration samples (empty: data-free)
+    reduction: Reduction | None = None  # a global pre-pass (see the module doc)
 
     @property
     def needs_calibration(self) -> bool:
@@ -167,7 +200,11 @@ class Method:
         raise OmnimergeError(f"method '{self.name}' has no parameter '{name}' (its parameters: {known})")
 
     def __call__(self, base, models, ctx: MethodContext, **params) -> torch.Tensor:
-        return self.fn(base, models, ctx, **params)
+        """The method on one tensor; parameters not given take their declared defaults."""
+        unknown = set(params) - {p.name for p in self.params}
+        if unknown:
+            raise TypeError(f"method '{self.name}': unexpected parameters: {', '.join(sorted(unknown))}")
+        return self.fn(base, models, ctx, **{p.name: p.default for p in self.params} | params)
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -176,7 +213,7 @@ _REGISTRY: dict[str, Method] = {}
 def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, reference: str, summary: str,
              min_models: int = 1, max_models: int | None = None, models_as_read: bool = False,
              resolve: Callable[[dict[str, Any], InputFacts], dict[str, Any]] | None = None, defaults_from: str = "",
-             calibration: tuple[str, ...] = ()):
+             calibration: tuple[str, ...] = (), reduction: Reduction | None = None):
     """Decorator: register ``fn`` as method ``name`` (taking min_models..max_models models besides the base;
     ``models_as_read``: see the module doc; ``resolve``: see :meth:`Method.resolved`; ``defaults_from``: the
     source of the defaults, shown by ``omnimerge methods``; ``calibration``: the statistics a data-aware method
@@ -188,7 +225,7 @@ def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, ref
         if models_as_read and not needs_base:
             raise ValueError(f"method {name!r}: models_as_read needs a base (models are used as m - base)")
         _REGISTRY[name] = Method(name, fn, tuple(params), needs_base, reference, summary, min_models, max_models,
-                                 models_as_read, resolve, defaults_from, tuple(calibration))
+                                 models_as_read, resolve, defaults_from, tuple(calibration), reduction)
         return fn
 
     return deco

@@ -86,3 +86,75 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     keep = flat > v
     keep[ties[:need]] = True
     return keep.view(values.shape)
+
+
+# --- the k-th largest over many tensors, seen in streaming passes ------------------------------------
+DIGIT_BITS = 16  # bits of the bit pattern resolved per pass: 2 passes for float32, 4 for float64
+_INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+             torch.float64: torch.int64}
+
+
+class StreamedKthLargest:
+    """The exact k-th largest of non-negative floats that arrive in chunks (tensors), over several
+    passes over the same chunks, in memory independent of their number: k = int(``fraction`` · N),
+    N the number of values (counted in the first pass).
+
+    A non-negative float's bit pattern, read as an integer, orders like the float. Each pass
+    histograms the next 16-bit digit of the patterns that share the digits already fixed (65,536
+    counters), and fixes the digit where the k-th largest lies; after ``bits / 16`` passes the whole
+    pattern, so the value itself, is known: exact, with no sampling. ``threshold`` is then that value,
+    or +inf when k = 0 (nothing is kept) and 0 when k = N (everything is)."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+        self.n = 0
+        self.k: int | None = None  # how many of the largest are still above the digits being resolved
+        self.prefix = 0  # the digits fixed so far
+        self.resolved = 0  # how many bits of the pattern they cover
+        self.bits: int | None = None
+        self.hist: torch.Tensor | None = None
+        self.threshold: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.threshold is not None
+
+    def feed(self, values: torch.Tensor) -> None:
+        """One chunk of non-negative values (any shape), in the current pass."""
+        if self.done:
+            return
+        if self.bits is None:
+            self.dtype = values.dtype
+            self.bits = torch.finfo(values.dtype).bits
+        elif values.dtype != self.dtype:
+            raise ValueError(f"every chunk must be {self.dtype}, got {values.dtype}")
+        if self.resolved == 0:
+            self.n += values.numel()
+        patterns = values.reshape(-1).view(_INT_VIEW[values.dtype])
+        shift = self.bits - self.resolved - DIGIT_BITS
+        if self.resolved:
+            patterns = patterns[(patterns >> (shift + DIGIT_BITS)) == self.prefix]
+        digits = ((patterns >> shift) & ((1 << DIGIT_BITS) - 1)).to(torch.int64)
+        counts = torch.bincount(digits.cpu(), minlength=1 << DIGIT_BITS)
+        self.hist = counts if self.hist is None else self.hist.add_(counts)
+
+    def next_pass(self) -> None:
+        """After every chunk was fed in this pass: fix the next digit (or finish)."""
+        if self.done:
+            return
+        if self.k is None:
+            self.k = int(self.fraction * self.n)
+            if self.k <= 0 or self.k >= self.n:
+                self.threshold = math.inf if self.k <= 0 else 0.0
+                return
+        # the digit d with (count above d) < k <= (count above d) + hist[d], from the largest digit down
+        from_top = self.hist.flip(0).cumsum(0)
+        i = int(torch.searchsorted(from_top, torch.tensor(self.k)))
+        digit = (1 << DIGIT_BITS) - 1 - i
+        self.k -= int(from_top[i - 1]) if i > 0 else 0
+        self.prefix = (self.prefix << DIGIT_BITS) | digit
+        self.resolved += DIGIT_BITS
+        self.hist = None
+        if self.resolved == self.bits:
+            pattern = torch.tensor([self.prefix], dtype=torch.int64).to(_INT_VIEW[self.dtype])
+            self.threshold = float(pattern.view(self.dtype)[0])

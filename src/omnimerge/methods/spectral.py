@@ -1,4 +1,4 @@
-"""Spectral merges: TSV, Iso-C and Iso-CTS (DESIGN §5), each with an exact and a fast path.
+"""Spectral merges: TSV, Iso-C and Iso-CTS (docs/methods.md), each with an exact and a fast path.
 
 τ_i = θ_i − θ_base; every result is θ_base + α · merged. Matrices are (m, n) = (out, in); tensors of
 ndim > 2 are batches of matrices over the last two dimensions; tensors of ndim < 2 take the
@@ -33,7 +33,7 @@ path is no closer to the float64 truth than the fast one.
   is W_r times the polar factor of a small matrix;
 * TSV with a small rank (k ≤ r·``RANDOMIZED_FRACTION``) where the task's spectrum (the Gram
   matrix's eigenvalues) shows that it converges (``linalg.randomized_iters``): a seeded randomized
-  SVD (``linalg.top_svd``, the engine's per-tensor generator) instead of the eigenvectors. A fixed
+  SVD (``linalg.top_svd``, the per-tensor generator of the run) instead of the eigenvectors. A fixed
   number of iterations is not enough: on slowly decaying spectra it was 15-86 % off.
 
 **Zero singular values.** Singular vectors of a zero singular value are arbitrary (a full SVD returns
@@ -234,27 +234,6 @@ def _tsv_parts(taus: list[torch.Tensor], rank, fast: bool, generator, rtol: floa
         vh = (vh.double() @ psd_inv_sqrt(gram(vh, side="right", dtype=torch.float64), rtol)).to(vh.dtype)
         bi = None
     return ubar, s, bi, vh, ranks
-
-
-def tsv_factors(taus: list[torch.Tensor], rank=PER_TASK, *, exact: bool = False,
-                generator: torch.Generator | None = None):
-    """TSV's concatenated and orthogonalised factors of one matrix: (Ū, S, V̄ᵀ, ranks), with
-    merged = Ū diag(S) V̄ᵀ; Ū has orthonormal columns and V̄ᵀ orthonormal rows (where K ≤ min(m, n)).
-    The method itself folds the last polar factor into the final product; this helper is for tests
-    and analysis.
-    """
-    rank = _check_tsv_rank(rank)
-    dt = _compute_dtype(taus[0])
-    taus = [t.to(dt) for t in taus]
-    flip = taus[0].shape[-2] > taus[0].shape[-1]
-    if flip:
-        taus = [t.mT for t in taus]
-    ubar, s, bi, vh, ranks = _tsv_parts(taus, rank, _fast(taus[0].shape, exact), generator, zero_rtol(dt))
-    vbar_h = (bi @ vh.double()).to(dt) if bi is not None else vh
-    ubar = ubar.to(dt)
-    if flip:
-        return vbar_h.mT, s, ubar.mT, ranks
-    return ubar, s, vbar_h, ranks
 
 
 def _tsv_matrix(taus, rank, exact: bool, ctx: MethodContext, ranks_out: list) -> torch.Tensor:

@@ -251,7 +251,7 @@ def _zero_tol(lam: torch.Tensor, rows: int, n: int) -> torch.Tensor:
     Not the pseudo-inverse's ε·max(rows, n) (a worst-case bound, and one meant for singular values):
     applied to eigenvalues of a float32 Gram matrix it is 2e-3·λ_max for 1536×8960 and T = 2 and cut
     real directions (σ down to 5 % of σ_max) that a rank rule had kept — aswudi was then 4-6 % off
-    the float64 result; with this cut 1e-5 to 7e-5 (benchmarks/spectral.py's 2B shapes)."""
+    the float64 result; with this cut 1e-5 to 7e-5 (measurements/spectral.py's 2B shapes)."""
     eps = torch.finfo(lam.dtype).eps
     return eps * math.sqrt(max(rows, n)) * lam[..., -1:].clamp_min(0)
 

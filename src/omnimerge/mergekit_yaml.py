@@ -33,15 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .dtypes import DTYPE_NAMES
 from .errors import OmnimergeError
+from .families.align import COMPONENTS
 
-COMPONENTS_ALL_MERGED = {c: "merge" for c in ("language", "embed", "lm_head", "vision", "projector", "audio", "other")}
+COMPONENTS_ALL_MERGED = dict.fromkeys(COMPONENTS, "merge")
 REQUIRED = object()  # a mergekit parameter without a default
 log = logging.getLogger("omnimerge.mergekit")
-
-
-def is_mergekit(data: Any) -> bool:
-    return isinstance(data, dict) and "merge_method" in data
 
 
 # --- values -------------------------------------------------------------------------------------
@@ -93,13 +91,16 @@ class MkMethod:
     params: tuple[MkParam, ...]
     min_non_base: int = 1
     max_non_base: int | None = None
+    fixed: tuple[tuple[str, Any], ...] = ()  # our parameters set to mergekit's behaviour, whatever our default
 
     def param(self, name: str) -> MkParam | None:
         return next((p for p in self.params if p.name == name), None)
 
 
-def _gta(ours: str, normalize: bool, rescale: bool, density: str | None, extra: tuple[MkParam, ...] = ()) -> MkMethod:
-    """mergekit's generalised task arithmetic family; ``density``: how its density reaches us."""
+def _gta(ours: str, normalize: bool, rescale: bool, density: str | None, extra: tuple[MkParam, ...] = (),
+         fixed: tuple[tuple[str, Any], ...] = ()) -> MkMethod:
+    """mergekit's generalised task arithmetic family; ``density``: how its density reaches us; ``fixed``:
+    our parameters that must take mergekit's behaviour."""
     dens = {
         None: MkParam("density", 1.0, None, per_input=True),  # task_arithmetic: no sparsification
         "density": MkParam("density", 1.0, "density", per_input=True),
@@ -113,10 +114,11 @@ def _gta(ours: str, normalize: bool, rescale: bool, density: str | None, extra: 
         MkParam("rescale", rescale, "rescale" if density is not None else None, _rescale),
         MkParam("int8_mask", False, None, _bool),
         *extra,
-    ))
+    ), fixed=fixed)
 
 
 _GAMMA = MkParam("gamma", 0.01, "gamma", per_input=True)
+_PER_TENSOR = (("trim", "per_tensor"),)  # mergekit's magnitude trim keeps each tensor's own top density
 _EPSILON = MkParam("epsilon", 0.15, "epsilon", per_input=True)
 
 # mergekit 0.1.5: mergekit/merge_methods/registry.py and the method modules (defaults as there).
@@ -126,9 +128,9 @@ METHODS: dict[str, MkMethod] = {
     "slerp": MkMethod("slerp", "required", (MkParam("t", REQUIRED, "t"),), 1, 1),
     "model_stock": MkMethod("model_stock", "required", (MkParam("filter_wise", False, "filter_wise", _bool),), 2),
     "task_arithmetic": _gta("task_arithmetic", False, False, None),
-    "ties": _gta("ties", True, False, "density"),
+    "ties": _gta("ties", True, False, "density", fixed=_PER_TENSOR),
     "dare_linear": _gta("dare_linear", False, True, "p"),
-    "dare_ties": _gta("dare_ties", False, True, "p"),
+    "dare_ties": _gta("dare_ties", False, True, "p", fixed=_PER_TENSOR),
     "breadcrumbs": _gta("breadcrumbs", False, False, "density", (_GAMMA,)),
     "breadcrumbs_ties": _gta("breadcrumbs_ties", False, False, "density", (_GAMMA,)),
     "della": _gta("della", True, True, "density", (_EPSILON,)),
@@ -138,7 +140,6 @@ METHODS: dict[str, MkMethod] = {
 _KNOWN_PARAMS = sorted({p.name for m in METHODS.values() for p in m.params})
 _TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
               "tokenizer_source", "tokenizer", "chat_template", "modules")
-_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 # --- filters and gradients ----------------------------------------------------------------------
@@ -392,8 +393,8 @@ def _inputs_from_slices(slices: Any, ctx: _Context) -> tuple[list[_Input], dict,
 # --- the translation ----------------------------------------------------------------------------
 def _dtype(v: Any, where: str) -> str:
     name = v[len("torch."):] if isinstance(v, str) and v.startswith("torch.") else v
-    if name not in _DTYPES:
-        raise OmnimergeError(f"{where}: {v!r} is not a dtype omnimerge writes; use one of {', '.join(_DTYPES)}")
+    if name not in DTYPE_NAMES:
+        raise OmnimergeError(f"{where}: {v!r} is not a dtype omnimerge writes; use one of {', '.join(DTYPE_NAMES)}")
     return name
 
 
@@ -480,7 +481,7 @@ def _translate(data: dict, source: str) -> dict:
                                          f"(its parameters: {', '.join(p.name for p in mk.params)})")
                 notes.append(f"{scope}.{k}: mergekit's `{name}` has no parameter '{k}'; ignored (mergekit ignores "
                              "it too)")
-    ours_params: dict[str, Any] = {}
+    ours_params: dict[str, Any] = dict(mk.fixed)
     for p in mk.params:
         if p.ours is None:
             continue

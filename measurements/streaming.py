@@ -7,8 +7,8 @@ in a child process of its own:
 * ``floor`` — read every input tensor the merge reads, once, into memory (plain positioned reads),
   and write an output of the same size with ``safetensors.torch.save_file`` (+ fsync, as omnimerge
   does). Its time is read + write; both are shown apart.
-* ``omnimerge <method>`` — ``omnimerge merge`` (the CLI) with task_arithmetic, ties (density 0.5)
-  and dare_ties (p 0.5), with omnimerge's default components: the language backbone merged; the
+* ``omnimerge <method>`` — ``omnimerge merge`` (the CLI) with task_arithmetic, ties (density 0.5,
+  ``trim: per_tensor`` as mergekit) and dare_ties (p 0.5), with omnimerge's default components: the language backbone merged; the
   embedding, vision tower and projector the base's.
 * with mergekit (``--mergekit PATH`` to ``mergekit-yaml``, or one on PATH): the *text-only* merge,
   which mergekit can do — mergekit 0.1.5 with transformers 5 fails on a Qwen2-VL config, since its
@@ -22,9 +22,9 @@ Wall time and peak RSS (``ru_maxrss`` of the child, from ``wait4``) are printed 
 then the medians over ``--repeats`` and the ratios omnimerge/floor and omnimerge/mergekit, with the
 load average (the ratios are taken within one run, so that a busy machine slows all alike).
 
-    python benchmarks/streaming.py --small                        # smoke run: ~1.4 GB of inputs
-    python benchmarks/streaming.py --mergekit mk/bin/mergekit-yaml --repeats 3 --keep
-    python benchmarks/streaming.py --cold ...                     # drop the page cache before each run (root)
+    python measurements/streaming.py --small                        # smoke run: ~1.4 GB of inputs
+    python measurements/streaming.py --mergekit mk/bin/mergekit-yaml --repeats 3 --keep
+    python measurements/streaming.py --cold ...                     # drop the page cache before each run (root)
 
 The default size is a Qwen2-VL-2B-shaped base + 3 experts (4.4 GB each, 17.7 GB in all; the
 checkpoints are written to ``--workdir`` and deleted at the end unless ``--keep``).
@@ -198,9 +198,10 @@ def generate(root: Path, shape_name: str, experts: int, seed: int = 0) -> None:
 # ---------------------------------------------------------------------------------------- recipes
 METHOD_PARAMS = {  # the same merge in both tools' terms
     "task_arithmetic": ({"lambda": 1.0}, {"weight": 1.0}, {}),
-    "ties": ({"lambda": 1.0}, {"weight": 1.0, "density": 0.5}, {"normalize": True}),
+    # mergekit trims each tensor on its own: omnimerge's trim: per_tensor (its default, global, adds a pre-pass)
+    "ties": ({"lambda": 1.0, "trim": "per_tensor"}, {"weight": 1.0, "density": 0.5}, {"normalize": True}),
     # mergekit's dare_ties density is the keep rate: density 0.5 = omnimerge's drop rate p 0.5
-    "dare_ties": ({"lambda": 1.0, "p": 0.5}, {"weight": 1.0}, {"normalize": True}),
+    "dare_ties": ({"lambda": 1.0, "p": 0.5, "trim": "per_tensor"}, {"weight": 1.0}, {"normalize": True}),
 }
 MERGEKIT_DENSITY = {"ties": 0.5, "dare_ties": 0.5}
 

@@ -20,8 +20,8 @@ On a machine shared with other processes, run it with OMP_WAIT_POLICY=PASSIVE: w
 (spinning) policy, LAPACK's eigh and SVD, made of many short parallel regions, slowed down 10-15x
 under a load of 8 on 2 cores (eigh 2048²: 33.8 s against 2.3 s wall), and their CPU seconds 10x.
 
-    python benchmarks/spectral.py                       # 2B shapes exact+fast, 7B shapes fast, T = 2 and 5
-    python benchmarks/spectral.py --sizes 7b --exact-sizes 7b --tasks 2   # the 7B exact path (hours)
+    python measurements/spectral.py                       # 2B shapes exact+fast, 7B shapes fast, T = 2 and 5
+    python measurements/spectral.py --sizes 7b --exact-sizes 7b --tasks 2   # the 7B exact path (hours)
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ memory* (``model.language_model.layers.0.self_attn.q_proj`` for Qwen2-VL, whose 
 
 The scale is s = lora_alpha / r, per module through ``rank_pattern`` / ``alpha_pattern``. This
 writer gives every module alpha = its own rank, so s = 1 exactly and B A is the update itself.
-``checkpoints/lora.py`` reads such folders back (the same names, the same scale).
+``checkpoints/peft_reader.py`` reads such folders back (the same names, the same scale).
 """
 
 from __future__ import annotations

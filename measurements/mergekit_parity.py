@@ -3,7 +3,7 @@
 Needs a separate venv with mergekit 0.1.5 (it pins its own torch), e.g.::
 
     python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit==0.1.5
-    python benchmarks/mergekit_parity.py --mergekit-venv /tmp/mkvenv
+    python measurements/mergekit_parity.py --mergekit-venv /tmp/mkvenv
 
 Tiny Qwen2 text models are built offline (a base and three experts perturbed in every tensor); each
 configuration is merged by mergekit (one subprocess for all, ``HF_HUB_OFFLINE=1``) and by omnimerge, both in

@@ -15,21 +15,12 @@ import sys
 from pathlib import Path
 
 from .errors import OmnimergeError
+from .families.table import MODEL_TYPES
 
 __all__ = ["LMMS_MODELS", "PAPER_TASKS", "lmms_model_type", "lmms_eval_command", "run_lmms_eval"]
 
-# config.json model_type -> lmms-eval's model name (lmms-eval 0.7.3's registry)
-LMMS_MODELS = {
-    "qwen2_vl": "qwen2_vl",
-    "qwen2_5_vl": "qwen2_5_vl",
-    "qwen3_vl": "qwen3_vl",
-    "qwen3_vl_moe": "qwen3_vl",
-    "llava": "llava_hf",
-    "llava_onevision": "llava_hf",
-    "internvl": "internvl_hf",
-    "gemma3": "gemma3",
-    "mistral3": "mistral3_vl",
-}
+# config.json model_type -> lmms-eval's model name (lmms-eval 0.7.3's registry), from the family table
+LMMS_MODELS = {t.name: t.lmms_eval for t in MODEL_TYPES.values() if t.lmms_eval}
 
 # The paper's five capabilities as lmms-eval tasks (``--tasks paper``).
 PAPER_TASKS = {

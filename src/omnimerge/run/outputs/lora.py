@@ -1,6 +1,6 @@
 """A merge, or any fine-tune, written as a PEFT LoRA adapter over its base.
 
-``merge --as-lora RULE`` and ``extract MODEL --base BASE`` both run :func:`write_lora` on a plan:
+``merge --as-lora RULE`` and ``extract MODEL --base BASE`` both write a plan through :class:`LoraOutput`:
 tensor by tensor, Δ = result − base (in the compute dtype, before any cast), and
 
 * the weight of a Linear or Embedding layer → LoRA factors of rank k, k chosen by the rank rule
@@ -19,16 +19,13 @@ tensor by tensor, Δ = result − base (in the compute dtype, before any cast), 
 
 Module names are those of the base model as transformers builds it (on the meta device: no memory,
 no weights), matched to the checkpoint's tensors through the family table's canonical keys — the
-same mapping that reads LoRA adapters back (``checkpoints/lora.py``).
+same mapping that reads LoRA adapters back (``checkpoints/peft_reader.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import math
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,16 +33,21 @@ from typing import Any
 import torch
 import yaml
 
-from . import __version__
-from .checkpoints.adapter import AdapterWriter
-from .checkpoints.card import adapter_card
-from .checkpoints.checkpoint import Checkpoint
-from .checkpoints.output import OutputFolder, write_json
-from .errors import OmnimergeError
-from .families.align import COMPONENTS, canonical_keys
-from .methods.linalg import GRAM_MIN, truncate
-from .methods.ranks import RankRule, check_rank_rule, choose_rank, needs_spectrum
-from .plan import DTYPES, Plan, build_plan, tensor_seed
+from ...checkpoints.card import adapter_card, hub_id
+from ...checkpoints.checkpoint import Checkpoint
+from ...checkpoints.output import write_json
+from ...checkpoints.peft_writer import AdapterWriter
+from ...errors import OmnimergeError
+from ...families.align import canonical_keys
+from ...families.models import model_class
+from ...methods import get_method
+from ...methods.linalg import GRAM_MIN, truncate
+from ...methods.ranks import RankRule, check_rank_rule, choose_rank, needs_spectrum
+from ...plan import DTYPES, Action, Job, Plan, tensor_seed
+from ...version import __version__
+from ..compute import compute, read_inputs
+from ..stream import MergeResult
+from .checkpoint import component_policies, resolved_recipe
 
 
 # --- the rank rule --------------------------------------------------------------------------------
@@ -112,11 +114,9 @@ class Slot:
 
 def model_slots(base: Checkpoint) -> tuple[dict[str, Slot], list[str]]:
     """{canonical key: Slot} for the base's architecture, and the names of all its modules."""
-    import transformers
+    import transformers  # (a few seconds: only for a LoRA output)
 
-    from .verify import _model_class
-
-    cls = _model_class(base.config)
+    cls = model_class(base.config)
     try:
         config = transformers.AutoConfig.from_pretrained(base.path)
         with torch.device("meta"):
@@ -168,114 +168,114 @@ def check_lora_plan(plan: Plan) -> Checkpoint:
     return base
 
 
-# --- the run --------------------------------------------------------------------------------------
-def _read(plan: Plan, job):
-    """The job's inputs and the base's tensor, or None when the job copies the base's own tensor."""
-    from .engine import _read_inputs
-
-    if job.action == "copy" and job.source is plan.base:
-        return None
-    inputs = _read_inputs(plan, job)
-    base = inputs[0] if job.action == "merge" else plan.base.read(job.canonical)
-    return inputs, base.to(plan.compute_dtype, copy=True)
-
-
+# --- the output -----------------------------------------------------------------------------------
 def _norm2(t: torch.Tensor) -> float:
     return float(t.double().pow(2).sum())
 
 
-def write_lora(plan: Plan, out: str | Path | None, rank, *, force: bool = False, dry_run: bool = False,
-               device: str = "cpu", progress: bool | None = None, extracted: dict | None = None):
-    """Write ``plan``'s result as a LoRA adapter over ``plan.base`` into ``out`` (atomically).
+class LoraOutput:
+    """The sink that writes ``plan``'s result as a LoRA adapter over ``plan.base``.
 
-    ``extracted`` ({"model": ..., "base": ...}) marks an ``extract`` run for the card and report.
-    """
-    from .engine import MergeResult, _Progress, _progress_enabled, _release_freed_tensors_to_the_os, compute
+    ``extracted`` ({"model": ..., "base": ...}) marks an ``extract`` run for the card and report."""
 
-    rule = parse_rank(rank)
-    base = check_lora_plan(plan)
-    slots, modules = model_slots(base)
-    if plan.skeleton is not base and not extracted:
-        plan.notes.append(f"the adapter applies to the base '{base.name}'; the skeleton '{plan.skeleton.name}' "
-                          "gives its tensors' values but not its config, tokenizer or processor files")
-    protect = [m.path for m in plan.inputs()] + [plan.skeleton.path]
-    if dry_run:
-        if out is not None:
-            OutputFolder(out, force, protect=protect)
-        return MergeResult(None, plan, 0.0, None)
-    if out is None:
-        raise OmnimergeError("no output folder given")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OmnimergeError("--device cuda: no CUDA device is available to torch here; use --device cpu")
-    _release_freed_tensors_to_the_os()
-    t0 = time.perf_counter()
-    folder = OutputFolder(out, force, protect=protect)
-    factor_dtype = DTYPES[plan.recipe.out_dtype] if plan.recipe.out_dtype else torch.float32
-    compute_dtype = plan.compute_dtype
-    head_job = any(j.canonical == "lm_head.weight" for j in plan.jobs)
-    report: dict[str, Any] = {}
-    totals = {"delta": 0.0, "residual": 0.0, "lost": 0.0}
-    lost: list[str] = []
-    bar = _Progress(_progress_enabled(progress), len(plan.jobs), plan.out_bytes)
-    with folder as tmp, ThreadPoolExecutor(1, "omnimerge-read") as reader:
-        writer = AdapterWriter(tmp, factor_dtype)
-        try:
-            jobs = plan.jobs
-            pending = reader.submit(_read, plan, jobs[0]) if jobs else None
-            for i, job in enumerate(jobs):
-                start = time.perf_counter()
-                got = pending.result()
-                pending = reader.submit(_read, plan, jobs[i + 1]) if i + 1 < len(jobs) else None
-                entry: dict[str, Any] = {"canonical": job.canonical, "component": job.component,
-                                         "shape": list(job.shape)}
-                if got is None:
-                    entry["as"] = "unchanged"
-                else:
-                    inputs, base_t = got
-                    result, _ = compute(plan, dataclasses.replace(job, out_dtype=compute_dtype), inputs, device)
-                    del inputs
-                    delta = result.to(device) - base_t.to(device)
-                    del base_t
-                    if not bool(delta.any()):
-                        entry["as"] = "unchanged"
-                    else:
-                        entry.update(_store(writer, job, result, delta, slots.get(job.canonical), rule,
-                                            tensor_seed(plan.recipe.seed, job.canonical), base, slots, head_job))
-                        d2 = _norm2(delta)
-                        totals["delta"] += d2
-                        totals["residual"] += entry.get("residual", 0.0) ** 2
-                        if entry["as"] == "lost":
-                            totals["lost"] += d2
-                            lost.append(job.out_key)
-                    del result, delta
-                entry["seconds"] = round(time.perf_counter() - start, 6)
-                report[job.out_key] = entry
-                bar.advance(job.nbytes)
-            _complete(writer, plan, base, slots)
-            config = writer.close(base_model=_base_spec(plan), modules=modules)
-            summary = _summary(config, writer, totals, lost, rule)
-            if lost:
-                plan.notes.append(
-                    f"the adapter cannot carry {len(lost)} changed tensor(s) ({summary['lost_fraction']:.2%} of the "
-                    f"delta's norm), e.g. {lost[0]}: they are left out (see report.json)")
-            head = slots.get("lm_head.weight")
-            if base.tied_lm_head and not head_job and head is not None and head.module in writer.ranks:
-                plan.notes.append("the base ties lm_head to the input embedding: the adapter updates both with the "
-                                  "same factors (PEFT's merge_and_unload would add the update twice to the tied matrix)")
-            _side_files(plan, tmp, rule, summary, report, time.perf_counter() - t0, extracted)
-            folder.commit()
-        except OSError as e:
-            writer.abort()
-            if e.errno == errno.ENOSPC:
-                raise OmnimergeError(f"disk full while writing {folder.out}; nothing was left behind. Free space "
-                                     "and run again") from None
-            raise OmnimergeError(f"cannot write {folder.out}: {e}; nothing was left behind") from None
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            bar.close()
-    return MergeResult(folder.out, plan, time.perf_counter() - t0, report, adapter=summary)
+    def __init__(self, plan: Plan, rank, *, extracted: dict | None = None):
+        self.plan, self.rule, self.extracted = plan, parse_rank(rank), extracted
+        self.base = check_lora_plan(plan)
+        self.slots, self.modules = model_slots(self.base)
+        if plan.skeleton is not self.base and not extracted:
+            plan.notes.append(f"the adapter applies to the base '{self.base.name}'; the skeleton "
+                              f"'{plan.skeleton.name}' gives its tensors' values but not its config, tokenizer or "
+                              "processor files")
+        self.protect = plan.input_folders()
+        self.total_bytes = plan.out_bytes
+        self.space_bytes = None  # an adapter's size is known only once its ranks are
+        self.total_tensors = len(plan.jobs)
+        self.reductions: dict[str, Any] = {}
+        self.report: dict[str, Any] = {}
+        self.totals = {"delta": 0.0, "residual": 0.0, "lost": 0.0}
+        self.lost: list[str] = []
+        self.head_job = any(j.canonical == "lm_head.weight" for j in plan.jobs)
+        self.writer: AdapterWriter | None = None
+        self.summary: dict[str, Any] | None = None
+
+    # --- the folder
+    def work(self) -> list[tuple[Plan, Job]]:
+        return [(self.plan, j) for j in self.plan.jobs]
+
+    def open(self, tmp: Path) -> None:
+        factor_dtype = DTYPES[self.plan.recipe.out_dtype] if self.plan.recipe.out_dtype else torch.float32
+        self.writer = AdapterWriter(tmp, factor_dtype)
+
+    def finish(self, tmp: Path, seconds: float) -> None:
+        plan, base, writer = self.plan, self.base, self.writer
+        _complete(writer, plan, base, self.slots)
+        config = writer.close(base_model=_base_spec(plan), modules=self.modules)
+        summary = self.summary = _summary(config, writer, self.totals, self.lost, self.rule)
+        if self.lost:
+            plan.notes.append(
+                f"the adapter cannot carry {len(self.lost)} changed tensor(s) ({summary['lost_fraction']:.2%} of "
+                f"the delta's norm), e.g. {self.lost[0]}: they are left out (see report.json)")
+        head = self.slots.get("lm_head.weight")
+        if base.tied_lm_head and not self.head_job and head is not None and head.module in writer.ranks:
+            plan.notes.append("the base ties lm_head to the input embedding: the adapter updates both with the "
+                              "same factors (PEFT's merge_and_unload would add the update twice to the tied matrix)")
+        _side_files(plan, tmp, self.rule, summary, self.report, seconds, self.extracted)
+
+    def result(self, out: Path, seconds: float) -> MergeResult:
+        return MergeResult(out, self.plan, seconds, self.report, adapter=self.summary)
+
+    # --- the loop
+    def steps(self, device: str) -> list[Job]:
+        return self.plan.jobs
+
+    def read(self, job: Job):
+        """The job's inputs and the base's tensor, or None when the job copies the base's own tensor."""
+        plan = self.plan
+        if job.action is Action.COPY and job.source is plan.base:
+            return None
+        inputs = read_inputs(plan, job)
+        base = inputs[0] if job.action is Action.MERGE else plan.base.read(job.canonical)
+        return inputs, base.to(plan.compute_dtype, copy=True)
+
+    def compute(self, job: Job, got, device: str) -> dict[str, Any]:
+        """The job's report entry; its factors (or whole tensor) are added to the adapter here (in memory:
+        the adapter is written when it closes)."""
+        entry: dict[str, Any] = {"canonical": job.canonical, "component": job.component, "shape": list(job.shape)}
+        if got is None:
+            return entry | {"as": "unchanged"}
+        inputs, base_t = got
+        plan = self.plan
+        result, _ = compute(plan, dataclasses.replace(job, out_dtype=plan.compute_dtype), inputs, device,
+                            self.reductions.get(job.canonical))
+        del inputs
+        delta = result.to(device) - base_t.to(device)
+        del base_t
+        if not bool(delta.any()):
+            return entry | {"as": "unchanged"}
+        entry.update(_store(self.writer, job, result, delta, self.slots.get(job.canonical), self.rule,
+                            tensor_seed(plan.recipe.seed, job.canonical), self.base, self.slots, self.head_job))
+        d2 = _norm2(delta)
+        self.totals["delta"] += d2
+        self.totals["residual"] += entry.get("residual", 0.0) ** 2
+        if entry["as"] == "lost":
+            self.totals["lost"] += d2
+            self.lost.append(job.out_key)
+        return entry
+
+    def write(self, job: Job, entry) -> None:
+        pass
+
+    def record(self, job: Job, entry: dict[str, Any], seconds: float) -> list[Job]:
+        entry["seconds"] = round(seconds, 6)
+        self.report[job.out_key] = entry
+        return [job]
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
 
 
 def _store(writer: AdapterWriter, job, result, delta, slot: Slot | None, rule, seed: int, base: Checkpoint,
@@ -326,8 +326,6 @@ def _complete(writer: AdapterWriter, plan: Plan, base: Checkpoint, slots: dict[s
 
 def _base_spec(plan: Plan) -> str:
     """base_model_name_or_path: the hub id the recipe named, else the base's folder."""
-    from .checkpoints.card import hub_id
-
     return hub_id(plan.recipe.base, plan.base.path) or str(plan.base.path)
 
 
@@ -358,10 +356,7 @@ def _summary(config: dict, writer: AdapterWriter, totals: dict, lost: list[str],
 
 def _side_files(plan: Plan, tmp: Path, rule, summary: dict, report: dict, seconds: float,
                 extracted: dict | None) -> None:
-    from .engine import _policy_text, resolved_recipe
-    from .methods import get_method
-
-    components = {c: _policy_text(plan.recipe.policy(c)) for c in sorted({j.component for j in plan.jobs})}
+    components = component_policies(plan)
     paths = {spec: ck.path for spec, ck in plan.refs.items()}
     if extracted:
         card = adapter_card(base=plan.recipe.base, rank=str(rule), summary=summary, paths=paths,
@@ -389,24 +384,8 @@ def _side_files(plan: Plan, tmp: Path, rule, summary: dict, report: dict, second
     })
 
 
-# --- extract --------------------------------------------------------------------------------------
-def extract(model: str | Path, base: str | Path, out: str | Path | None = None, *, rank=16, force: bool = False,
-            dry_run: bool = False, device: str = "cpu", allow_pickle: bool = False, progress: bool | None = None,
-            out_dtype: str | None = None, push_to_hub: str | None = None, private: bool = False):
-    """Write MODEL − BASE (any fine-tune of BASE, or a LoRA adapter over it) as a LoRA adapter on BASE.
-
-    ``rank`` is a rank rule (see :func:`parse_rank`); ``out_dtype`` the factors' dtype (default float32).
-    """
-    from .checkpoints.checkpoint import load_checkpoint
-    from .hub import check_repo_id, push_folder
-
-    rule = parse_rank(rank)
-    if out_dtype is not None and out_dtype not in DTYPES:
-        raise OmnimergeError(f"out_dtype {out_dtype!r}: use one of {', '.join(DTYPES)}")
-    if push_to_hub:
-        check_repo_id(push_to_hub)
-    m = load_checkpoint(str(model), allow_pickle=allow_pickle)
-    b = load_checkpoint(str(base), allow_pickle=allow_pickle)
+def check_extract_pair(m: Checkpoint, b: Checkpoint) -> list[str]:
+    """``extract``'s checks that MODEL is a fine-tune of BASE; returns MODEL's tensors that BASE lacks."""
     if m.family.name != b.family.name:
         raise OmnimergeError(f"extract: MODEL {m.path} is a {m.family.name} model, BASE {b.path} a {b.family.name} "
                              "one; an adapter applies to a model of its own architecture")
@@ -419,17 +398,4 @@ def extract(model: str | Path, base: str | Path, out: str | Path | None = None, 
                 f"extract: {m.describe(canon)} is {tuple(m.info(canon)[1])}, {b.describe(canon)} is "
                 f"{tuple(b.info(canon)[1])}; an adapter cannot change a tensor's shape (a resized vocabulary?)"
             )
-    extra = sorted(set(m.canon_to_raw) - set(b.canon_to_raw))
-    recipe = {"method": "task_arithmetic", "base": str(base), "skeleton": str(base),
-              "models": [{"path": str(model)}], "components": {c: {"take": str(model)} for c in COMPONENTS}}
-    if out_dtype:
-        recipe["out_dtype"] = out_dtype
-    plan = build_plan(recipe, allow_pickle=allow_pickle)
-    if extra:
-        plan.notes.append(f"MODEL has {len(extra)} tensor(s) that BASE lacks (e.g. {m.raw_key(extra[0])}); an "
-                          "adapter over BASE cannot carry them")
-    result = write_lora(plan, out, rule, force=force, dry_run=dry_run, device=device, progress=progress,
-                        extracted={"model": str(model), "base": str(base)})
-    if push_to_hub and result.out is not None:
-        result.url = push_folder(result.out, push_to_hub, private=private)
-    return result
+    return sorted(set(m.canon_to_raw) - set(b.canon_to_raw))

@@ -1,1 +1,0 @@
-"""Executors other than the local one: where a plan's output shards are computed and written."""

@@ -1,0 +1,364 @@
+"""Generalised task arithmetic: sparsification × consensus × scale, as mergekit composes its methods.
+
+Every method here is one row of :data:`VARIANTS`: each task vector τ_i = θ_i − θ_base is sparsified
+(``magnitude``: TIES's trim to the top ``density`` by magnitude; ``random``: DARE's Bernoulli drop;
+``random+magnitude``: both, DARE first; ``outliers``: Breadcrumbs; ``magprune``: DELLA), the
+sparsified τ̂_i are combined (``sign``: TIES's sign election and disjoint mean; ``sum``: the
+weighted sum), optionally normalised by the weights, scaled by λ and added to the base. Adding a
+variant is adding a row; its parameters are declared once, with their defaults, in its row.
+
+τ_i are consumed one at a time where the combination allows it (``sum``), and overwritten in place
+where they are this module's own copies (no scratch tensors). Randomness comes from ``ctx.generator``
+only, drawn in model order.
+
+TIES's magnitude trim has a scope (``trim``): ``global`` (the default) keeps, of each task vector,
+the entries whose magnitude reaches the k-th largest over *every* tensor the method merges,
+k = int(density · N) — the TIES paper and its InternVL reference code (MLLMerging,
+InternVL/internvl_chat/model_merging.py, ``ties_merging``, which flattens all merged parameters
+into one vector and takes one ``kthvalue``); ``per_tensor`` keeps exactly int(density · n) entries of
+each tensor (MLLMerging's Qwen2-VL code, LLaMA-Factory/baseline_merging.py, and mergekit). The
+global threshold is computed exactly before the merge, in streaming passes over the inputs (see
+:data:`TRIM_REDUCTION`); a method called directly on tensors takes the threshold over the tensor
+it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from ..errors import OmnimergeError
+from .combine import (LAMBDA, WEIGHT, WEIGHT_NONNEG, l1_rescale, linear_combine, normalize_param, per_model,
+                      scale_and_add, take_lambda)
+from .registry import MethodContext, Param, Reduction, register
+from .selection import StreamedKthLargest, kth_largest, top_k_mask
+
+TIES_REF = "TIES-Merging: Resolving Interference When Merging Models (Yadav et al., 2023), arXiv:2306.01708"
+DARE_REF = (
+    "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch "
+    "(Yu et al., 2024), arXiv:2311.03099; default p = 0.2 from MLLMerging (WalkerWorldPeace/MLLMerging, "
+    "LLaMA-Factory/baseline_merging.py, DEFAULT_HPARAMS: dare_weight_mask_rate=0.2)"
+)
+BC_REF = "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, 2023), " \
+         "arXiv:2312.06795"
+DELLA_REF = "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling (Deep et al., " \
+            "2024), arXiv:2406.11617"
+TIES_TRIM_REF = ("; trim: global as the paper and MLLMerging's InternVL code (InternVL/internvl_chat/"
+                 "model_merging.py, ties_merging)")
+
+
+# ------------------------------------------------------------------------------------- parameters
+def _density(default: float, help: str) -> Param:
+    return Param("density", float, default, help, minimum=0.0, maximum=1.0, exclusive_minimum=True, per_model=True)
+
+
+DENSITY = _density(0.2, "fraction of each task vector's entries kept, by magnitude")
+TRIM = Param("trim", str, "global", "scope of the magnitude trim: global (one threshold per task vector over every "
+             "tensor the method merges, the TIES paper) or per_tensor (each tensor keeps its own top density)",
+             choices=("global", "per_tensor"))
+P = Param("p", float, 0.2, "DARE drop rate (0.2: MLLMerging's DEFAULT_HPARAMS)", minimum=0.0, maximum=1.0,
+          exclusive_maximum=True, per_model=True)
+_RESCALE_HELP = ("how kept entries are rescaled: inverse (÷ keep probability, the paper), l1 (match the task "
+                 "vector's L1 norm, mergekit's `rescale: true`), none")
+DARE_RESCALE = Param("rescale", str, "inverse", _RESCALE_HELP, choices=("inverse", "l1", "none"))
+TIES_RESCALE = Param("rescale", str, "none", "after trimming, match each task vector's L1 norm (l1, mergekit's "
+                     "`rescale: true`) or not (none)", choices=("none", "l1"))
+GAMMA = Param("gamma", float, 0.01, "fraction of each task vector's largest-magnitude entries dropped (outliers)",
+              minimum=0.0, maximum=1.0, exclusive_maximum=True, per_model=True)
+BC_DENSITY = _density(0.9, "fraction of each task vector's entries kept (below the dropped outliers)")
+BC_RESCALE = Param("rescale", str, "none", "after masking, match each task vector's L1 norm (l1) or not (none)",
+                   choices=("none", "l1"))
+DELLA_DENSITY = _density(0.5, "mean keep probability of each task vector's entries")
+EPSILON = Param("epsilon", float, 0.15, "half-width of the keep probabilities: density − ε for the smallest "
+                "magnitude of a row up to density + ε for the largest", minimum=0.0, maximum=0.5,
+                exclusive_maximum=True, per_model=True)
+DELLA_RESCALE = Param("rescale", str, "l1", "how kept entries are rescaled: l1 (match the task vector's L1 norm, "
+                      "mergekit), inverse (÷ each entry's keep probability, the paper), none",
+                      choices=("l1", "inverse", "none"))
+WEIGHT_TA = replace(WEIGHT, help="weight of each model's task vector")
+
+
+# ---------------------------------------------------------------------------------- sparsification
+def trim_per_tensor(delta: torch.Tensor, density: float, inplace: bool = False) -> torch.Tensor:
+    """Keep exactly k = int(density · numel) entries of largest magnitude, found by selection, not
+    sorting (see selection.top_k_mask; ties at the k-th magnitude: the lowest flat indices are kept).
+    ``inplace`` zeroes the others in ``delta`` itself."""
+    n = delta.numel()
+    k = int(density * n)
+    if k >= n:
+        return delta
+    keep = top_k_mask(delta.abs(), k)
+    # (a product, 3x faster than torch.where; dropped entries may be -0.0)
+    return delta.mul_(keep) if inplace else delta * keep
+
+
+def magnitude_threshold(delta: torch.Tensor, density: float) -> float:
+    """The global trim's threshold over ``delta`` alone: its k-th largest magnitude, k = int(density · n)
+    (+inf when k = 0: nothing kept; 0 when k = n: everything kept)."""
+    n = delta.numel()
+    k = int(density * n)
+    if k <= 0:
+        return float("inf")
+    if k >= n:
+        return 0.0
+    return float(kth_largest(delta.abs(), k))
+
+
+def trim_at(delta: torch.Tensor, threshold: float, inplace: bool = False) -> torch.Tensor:
+    """Keep the entries of magnitude ≥ ``threshold`` (every entry tied at it is kept)."""
+    if threshold <= 0:
+        return delta
+    keep = delta.abs() >= threshold
+    return delta.mul_(keep) if inplace else delta * keep
+
+
+def dare(d: torch.Tensor, p: float, generator: torch.Generator, rescale: str = "inverse") -> torch.Tensor:
+    """Drop each entry of τ with probability p and rescale the rest (÷ (1 − p), to τ's L1 norm, or not).
+    ``d`` is overwritten (except with ``l1``, which needs the original): pass a fresh task vector."""
+    keep = torch.rand(d.shape, generator=generator, device=generator.device) >= p
+    if rescale == "l1":
+        kept = d * keep.to(d.device)  # (3x faster than torch.where; dropped entries may be -0.0)
+    else:
+        kept = d.mul_(keep.to(d.device))
+    del keep
+    if rescale == "inverse":
+        kept.div_(1.0 - p)
+    elif rescale == "l1":
+        kept = l1_rescale(kept, d)
+    return kept
+
+
+def outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs mask: of n entries, drop the ⌊γn⌋ largest by magnitude and keep the next ⌊density·n⌋; when
+    the two together exceed n the outlier cut shrinks first (mergekit's rule). density ≥ 1 keeps everything."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep_n, top = int(density * n), int(gamma * n)
+    start = max(0, n - keep_n - top)
+    order = torch.argsort(delta.abs().reshape(-1), stable=True)  # ascending
+    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    keep[order[start:start + keep_n]] = True
+    return torch.where(keep.view(delta.shape), delta, 0)
+
+
+def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """MagPrune's keep probabilities: within each row (the last dimension; a 1-D tensor is one row) the entries
+    ranked by magnitude get density − ε (smallest) rising linearly to density + ε (largest)."""
+    rows = delta.reshape(-1, delta.shape[-1]) if delta.ndim >= 2 else delta.reshape(1, -1)
+    n = rows.shape[-1]
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=-1, stable=True), dim=-1).to(rows.dtype)
+    frac = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
+    return ((density - epsilon) + 2 * epsilon * frac).reshape(delta.shape)
+
+
+def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: str, ctx: MethodContext,
+             model: int) -> torch.Tensor:
+    if density >= 1:
+        return delta
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise OmnimergeError(
+            f"{ctx.key}: della: density ± epsilon must lie inside (0, 1) (model {model}: density {density}, "
+            f"epsilon {epsilon}); lower epsilon or move density away from 0 and 1"
+        )
+    probs = della_keep_probabilities(delta, density, epsilon)
+    keep = torch.rand(delta.shape, generator=ctx.generator, device=ctx.generator.device).to(delta.device) < probs
+    kept = torch.where(keep, delta, 0)
+    if rescale == "inverse":
+        return kept / probs
+    if rescale == "l1":
+        return l1_rescale(kept, delta)
+    return kept
+
+
+def _magnitude(d: torch.Tensor, i: int, prm: dict, ctx: MethodContext) -> torch.Tensor:
+    """TIES's trim of τ_i (its scope per ``trim``; ``rescale: l1`` keeps τ_i's L1 norm)."""
+    density = prm["density"][i]
+    if prm.get("trim", "per_tensor") == "global":
+        t = ctx.reduction[i] if ctx.reduction is not None else magnitude_threshold(d, density)
+        return l1_rescale(trim_at(d, t), d) if prm["rescale"] == "l1" else trim_at(d, t, inplace=True)
+    return l1_rescale(trim_per_tensor(d, density), d) if prm["rescale"] == "l1" else \
+        trim_per_tensor(d, density, inplace=True)
+
+
+def _random(d: torch.Tensor, i: int, prm: dict, ctx: MethodContext) -> torch.Tensor:
+    return dare(d, prm["p"][i], ctx.generator, prm["rescale"])
+
+
+def _random_magnitude(d: torch.Tensor, i: int, prm: dict, ctx: MethodContext) -> torch.Tensor:
+    """DARE, then TIES's trim of what it kept (the trim never rescales: ``rescale`` is DARE's)."""
+    return _magnitude(_random(d, i, prm, ctx), i, {**prm, "rescale": "none"}, ctx)
+
+
+def _outliers(d: torch.Tensor, i: int, prm: dict, ctx: MethodContext) -> torch.Tensor:
+    out = outliers(d, prm["density"][i], prm["gamma"][i])
+    return l1_rescale(out, d) if prm["rescale"] == "l1" and prm["density"][i] < 1 else out
+
+
+def _magprune(d: torch.Tensor, i: int, prm: dict, ctx: MethodContext) -> torch.Tensor:
+    return magprune(d, prm["density"][i], prm["epsilon"][i], prm["rescale"], ctx, i)
+
+
+SPARSIFIERS: dict[str, Callable[[torch.Tensor, int, dict, MethodContext], torch.Tensor]] = {
+    "magnitude": _magnitude, "random": _random, "random+magnitude": _random_magnitude,
+    "outliers": _outliers, "magprune": _magprune,
+}
+
+
+# ------------------------------------------------------------------------------------------ consensus
+def sign_consensus(deltas: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
+    """Sign election on Σ w_i τ_i, then the weighted mean (``normalize``) or the weighted sum of the
+    agreeing non-zero entries. The deltas are overwritten (no scratch tensors): pass fresh task vectors."""
+    elected = linear_combine(deltas, weights, False).sign_().to(torch.int8)  # -1, 0, 1 in a quarter of the memory
+    num = torch.zeros_like(deltas[0])
+    den = torch.zeros_like(deltas[0]) if normalize else None
+    for d, w in zip(deltas, weights):
+        # d·s is |d| where d agrees with the elected sign s (≠ 0) and ≤ 0 elsewhere: clamped at 0 and
+        # multiplied by s again it is d where d agrees, else ±0 — exact, as s is -1, 0 or 1
+        d.mul_(elected).clamp_min_(0)
+        if den is not None:
+            den.add_(d > 0, alpha=w)
+        num.add_(d.mul_(elected), alpha=w)  # num starts at +0.0: adding a -0.0 leaves +0.0
+    if den is None:
+        return num
+    # where no model agrees, num is 0 (and den 0): divide by 1 there
+    return num.div_(den.masked_fill_(den == 0, 1))
+
+
+# ------------------------------------------------------------------------------------------- variants
+@dataclass(frozen=True)
+class Variant:
+    """One method of the family: how each τ_i is sparsified, how they are combined, its parameters."""
+
+    sparsify: str | None  # a key of SPARSIFIERS, or None
+    consensus: bool  # TIES's sign election and disjoint mean (else the weighted sum)
+    params: tuple[Param, ...]
+    reference: str
+    summary: str
+
+
+def _normalize(default: bool, consensus: bool) -> Param:
+    return normalize_param(default, "the weighted disjoint mean (false: the weighted sum of the agreeing entries)"
+                           if consensus else "divide the weighted sum of the sparsified τ_i by Σ w_i")
+
+
+VARIANTS: dict[str, Variant] = {
+    "ties": Variant("magnitude", True, (DENSITY, WEIGHT_NONNEG, LAMBDA, _normalize(True, True), TIES_RESCALE, TRIM),
+                    TIES_REF + TIES_TRIM_REF,
+                    "Trim each task vector to its top-density entries (one magnitude threshold per task vector "
+                    "over the whole model by default), elect signs, take the disjoint mean."),
+    "dare_linear": Variant("random", False, (P, WEIGHT, LAMBDA, _normalize(False, False), DARE_RESCALE), DARE_REF,
+                           "Randomly drop a fraction p of each task vector, rescale by 1/(1−p), then task "
+                           "arithmetic."),
+    "dare_ties": Variant("random+magnitude", True,
+                         (P, replace(DENSITY, default=1.0), WEIGHT_NONNEG, LAMBDA, _normalize(True, True),
+                          DARE_RESCALE, TRIM),
+                         DARE_REF + "; " + TIES_REF,
+                         "DARE drop-and-rescale of each task vector, then TIES sign election and disjoint mean."),
+    "breadcrumbs": Variant("outliers", False, (BC_DENSITY, GAMMA, WEIGHT_TA, LAMBDA, _normalize(False, False),
+                                               BC_RESCALE), BC_REF,
+                           "Drop each task vector's largest-magnitude outliers (gamma) and keep the next density "
+                           "by magnitude, then task arithmetic."),
+    "breadcrumbs_ties": Variant("outliers", True, (BC_DENSITY, GAMMA, WEIGHT_TA, LAMBDA, _normalize(False, True),
+                                                   BC_RESCALE),
+                                BC_REF + "; TIES-Merging (Yadav et al., 2023), arXiv:2306.01708",
+                                "The breadcrumbs mask, then TIES sign election over the weighted task vectors."),
+    "della": Variant("magprune", True, (DELLA_DENSITY, EPSILON, WEIGHT_TA, LAMBDA, _normalize(True, True),
+                                        DELLA_RESCALE), DELLA_REF,
+                     "MagPrune: drop task-vector entries at random with keep probabilities rising with magnitude "
+                     "rank, rescale, then TIES sign election and the disjoint mean."),
+    "della_linear": Variant("magprune", False, (DELLA_DENSITY, EPSILON, WEIGHT_TA, LAMBDA, _normalize(False, False),
+                                                DELLA_RESCALE), DELLA_REF,
+                            "MagPrune drop-and-rescale of each task vector, then task arithmetic."),
+}
+
+
+def _per_model_params(variant: Variant, models: list, ctx: MethodContext, params: dict) -> dict:
+    return {p.name: per_model(params[p.name], len(models), p.name, ctx) if p.per_model else params[p.name]
+            for p in variant.params if p.name not in ("weight", "lambda")}
+
+
+def _sparsified(base, models, ctx: MethodContext, variant: Variant, prm: dict) -> Iterator[torch.Tensor]:
+    """τ̂_i, one at a time (each τ_i = m − base a fresh tensor, freed once sparsified)."""
+    fn = SPARSIFIERS[variant.sparsify] if variant.sparsify else None
+    for i, m in enumerate(models):
+        d = m - base
+        yield fn(d, i, prm, ctx) if fn else d
+
+
+def general_task_arithmetic(base, models, ctx: MethodContext, variant: Variant, **params) -> torch.Tensor:
+    """θ_base + λ · combine(w_i, sparsify(τ_i)), as ``variant`` says."""
+    lam = take_lambda(params)
+    w = per_model(params.pop("weight"), len(models), "weight", ctx)
+    prm = _per_model_params(variant, models, ctx, params)
+    taus: Iterable[torch.Tensor] = _sparsified(base, models, ctx, variant, prm)
+    if variant.consensus:
+        merged = sign_consensus(list(taus), w, params["normalize"])
+    else:
+        merged = linear_combine(taus, w, params["normalize"])
+    return scale_and_add(merged, lam, base)
+
+
+# --------------------------------------------------------------------------- the global trim's pre-pass
+def _trim_group(params: dict) -> tuple | None:
+    """Tensors that share the global trim's thresholds: those with the same densities."""
+    if params.get("trim") != "global":
+        return None
+    dens = params["density"] if isinstance(params["density"], list) else [params["density"]]
+    return None if all(d >= 1 for d in dens) else tuple(dens)
+
+
+@dataclass
+class _TrimThresholds:
+    """Per task vector, the exact k-th largest magnitude over every tensor of the group."""
+
+    variant: Variant
+    densities: tuple[float, ...]
+
+    def __post_init__(self):
+        self.select = [StreamedKthLargest(d) for d in self.densities]
+
+    @property
+    def done(self) -> bool:
+        return all(s.done for s in self.select)
+
+    def feed(self, base, models, ctx: MethodContext, params: dict) -> None:
+        prm = _per_model_params(self.variant, models, ctx, dict(params))
+        prm["trim"] = "per_tensor"  # what precedes the trim: DARE's drop (the magnitude step is skipped below)
+        random = self.variant.sparsify == "random+magnitude"
+        for i, m in enumerate(models):
+            d = m - base
+            if random:
+                d = _random(d, i, prm, ctx)
+            self.select[i].feed(d.abs_())
+
+    def next_pass(self) -> None:
+        for s in self.select:
+            s.next_pass()
+
+    def result(self) -> list[float]:
+        return [s.threshold for s in self.select]
+
+
+def _trim_reduction(variant: Variant) -> Reduction:
+    return Reduction(group=_trim_group, start=lambda params: _TrimThresholds(variant, _trim_group(params)))
+
+
+# ------------------------------------------------------------------------------------------ registry
+def _register(name: str, variant: Variant) -> None:
+    def fn(base, models, ctx, **params):
+        return general_task_arithmetic(base, models, ctx, variant, **params)
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = variant.summary
+    has_trim = any(p.name == "trim" for p in variant.params)
+    register(name, params=variant.params, needs_base=True, reference=variant.reference, summary=variant.summary,
+             models_as_read=variant.sparsify in ("magnitude", "random", "random+magnitude"),
+             reduction=_trim_reduction(variant) if has_trim else None)(fn)
+
+
+for _name, _variant in VARIANTS.items():
+    _register(_name, _variant)
