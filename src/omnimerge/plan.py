@@ -22,6 +22,7 @@ from .dtypes import DTYPE_NAMES
 from .errors import OmnimergeError
 from .families.align import COMPONENTS, component_of
 from .methods import InputFacts, Method, get_method
+from .calibration.data import load_samples
 from .recipe import CalibrationOptions, ComponentMethod, ModelEntry, ParamValue, Recipe, Take, parse_recipe, pick
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -279,8 +280,6 @@ def _check_calibration(recipe: Recipe, methods: dict[str, Method], rel: Path | N
     needing = sorted({m.name for m in methods.values() if m.needs_calibration})
     if not needing:
         return None
-    from .calibration import load_samples
-
     settings = recipe.calibration or CalibrationOptions()
     files = []
     for i, e in enumerate(recipe.models):
