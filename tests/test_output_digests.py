@@ -14,6 +14,18 @@ from digest_cases import CARD_CHANGED, CASES, DATA, RECIPE_FILES, build_inputs, 
 WANT = json.loads(DATA.read_text())
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The digests were taken with torch's 2 threads (this project's machines): the SVDs of the LoRA paths
+    round differently with another thread count, so pin it, whatever an earlier test left."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("digests")

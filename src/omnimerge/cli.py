@@ -273,14 +273,18 @@ def bench(
     from .bench.runner import bench as run
 
     overrides = {k: _bench_value(v) for k, v in _key_values(set_, "--set", "test_items=1000").items()}
-    if threads:
-        import torch
+    import torch
 
+    before = torch.get_num_threads()
+    if threads:
         torch.set_num_threads(threads)
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    result, files = run(output, quick=quick, preset=preset, overrides=overrides, cache_dir=cache_dir, methods=chosen,
-                        settings=tuple(s.strip() for s in settings.split(",") if s.strip()), sweep=sweep,
-                        keep_merged=keep_merged, force=force, progress_stream=sys.stderr)
+    try:
+        result, files = run(output, quick=quick, preset=preset, overrides=overrides, cache_dir=cache_dir,
+                            methods=chosen, settings=tuple(s.strip() for s in settings.split(",") if s.strip()),
+                            sweep=sweep, keep_merged=keep_merged, force=force, progress_stream=sys.stderr)
+    finally:  # called in-process (tests, notebooks): leave torch as it was
+        torch.set_num_threads(before)
     out.print((output / "report.md").read_text(), highlight=False, markup=False, soft_wrap=True)
     out.print(f"wrote {', '.join(p.name for p in files)} to {output} ({result.timings['total_s']:.0f} s)")
 
