@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from omnimerge.errors import OmnimergeError
-from omnimerge.methods import MethodContext
-from omnimerge.methods.data_aware import fisher, regmean, regmean_solve, regmean_solve_rows, regularized_gram
+from omnimerge.methods import MethodContext, get_method
+from omnimerge.methods.data_aware import regmean_solve, regmean_solve_rows, regularized_gram
+
+regmean = get_method("regmean")  # called through the registry: parameters not given take their defaults
+fisher = get_method("fisher")
 
 F64 = torch.float64
 

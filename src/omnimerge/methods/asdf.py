@@ -59,7 +59,7 @@ def _keeps_expert(base: torch.Tensor, models: list[torch.Tensor], key: str) -> s
     summary="VLM onto text LLM: T + rank-k(knee) SVD truncation of V − T; embed, lm_head, 1-D and "
     "mismatched tensors are taken from V.",
 )
-def asdf(base, models, ctx, rank="knee", weight=1.0, exact=False):
+def asdf(base, models, ctx, rank, weight, exact):
     n = len(models)
     if n == 0:
         raise OmnimergeError(f"{ctx.key}: asdf: no models to merge")

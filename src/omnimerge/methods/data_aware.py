@@ -123,7 +123,7 @@ def regmean_solve_rows(weights: list[torch.Tensor], inputs: list[torch.Tensor], 
     summary="Per linear layer W = (Σ W_i G̃_i)(Σ G̃_i)⁻¹, G_i the Gram of the layer's inputs on model i's "
             "samples (off-diagonals × alpha); other tensors: the mean.",
 )
-def regmean(base, models, ctx, alpha=0.9):
+def regmean(base, models, ctx, alpha):
     stats = _stats(ctx, len(models), "regmean")
     have = [("gram" in s) or ("inputs" in s) for s in stats]
     if models[0].ndim != 2 or not any(have):
@@ -161,7 +161,7 @@ def regmean(base, models, ctx, alpha=0.9):
     needs_base=False, reference=_FISHER_REF, defaults_from=_FISHER_DEFAULTS, calibration=("fisher",),
     summary="Element-wise Σ c_i F_i θ_i / Σ c_i F_i with F_i each model's diagonal Fisher on its own samples.",
 )
-def fisher(base, models, ctx, weight=1.0, normalize=True, epsilon=1e-6):
+def fisher(base, models, ctx, weight, normalize, epsilon):
     stats = _stats(ctx, len(models), "fisher")
     weights = weight if isinstance(weight, list) else [weight] * len(models)
     if not all("fisher" in s for s in stats):
@@ -202,7 +202,7 @@ def fisher(base, models, ctx, weight=1.0, normalize=True, epsilon=1e-6):
     summary="θ_base + Σ_i λ_i τ_i with layer-wise λ learned to minimise the merged model's prediction entropy "
             "on every model's unlabeled samples.",
 )
-def adamerging(base, models, ctx, granularity="layer", init=0.3, lr=1e-3, steps=1000):
+def adamerging(base, models, ctx, granularity, init, lr, steps):
     stats = _stats(ctx, len(models), "adamerging")
     if all("coefficient" in s for s in stats):
         coeffs = [float(s["coefficient"]) for s in stats]

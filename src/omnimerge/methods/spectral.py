@@ -256,7 +256,7 @@ def _tsv_matrix(taus, rank, exact: bool, ctx: MethodContext, ranks_out: list) ->
     summary="Task Singular Vectors: per-task top-k SVD components, concatenated and decorrelated by polar "
             "factors (TSV-Merge).",
 )
-def tsv(base, models, ctx, rank=PER_TASK, alpha=1.0, fallback="mean", exact=False):
+def tsv(base, models, ctx, rank, alpha, fallback, exact):
     """TSV-Merge. ``rank`` defaults to ``per_task``: k = ⌊min(m, n)/T⌋ for each of the T tasks, the
     paper's choice, so that the T blocks fill the r = min(m, n) dimensions (at least 1 when r < T).
     That needs T, which a rank rule does not know, hence a named value rather than a rule; any rank
@@ -293,7 +293,7 @@ def _iso_c_matrix(taus, exact: bool) -> torch.Tensor:
     summary="Iso-C: the polar factor of Σ τ_i with every singular value set to their mean (an isotropic "
             "spectrum).",
 )
-def iso_c(base, models, ctx, alpha=1.0, fallback="mean", exact=False):
+def iso_c(base, models, ctx, alpha, fallback, exact):
     """Iso-C: Σ τ_i = U S Vᵀ, merged = mean(S) · U Vᵀ; the mean runs over all min(m, n) values."""
     out = _merge(base, models, ctx, alpha, fallback, lambda taus, j: _iso_c_matrix(taus, exact))
     if base.ndim >= 2:
@@ -418,7 +418,7 @@ def _iso_cts_matrix(taus, common_fraction: float, exact: bool, splits: list) -> 
     "iso_cts", params=(_COMMON_FRACTION, _ALPHA, _FALLBACK, _EXACT), needs_base=True, reference=_ISO_REF,
     summary="Iso-CTS: Iso-C on a common subspace of Σ τ_i plus each task's own leading directions outside it.",
 )
-def iso_cts(base, models, ctx, common_fraction=0.8, alpha=1.0, fallback="mean", exact=False):
+def iso_cts(base, models, ctx, common_fraction, alpha, fallback, exact):
     """Iso-CTS. ``ctx.info``: ``common_rank`` k_c and ``task_rank`` (r − k_c)/T (per matrix if they differ)."""
     splits: list = []
     out = _merge(base, models, ctx, alpha, fallback,

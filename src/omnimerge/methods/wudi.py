@@ -615,7 +615,7 @@ def _exact_loss(x: torch.Tensor, F: torch.Tensor, A: torch.Tensor) -> float:
     needs_base=True, reference=_WUDI_REF,
     summary="Minimise Σ_i ‖(τ_m − τ_i) τ_iᵀ‖²/‖τ_i‖² per matrix: Adam from Σ τ_i, lr 1e-5, 300 steps.",
 )
-def wudi(base, models, ctx, alpha=1.0, solver="iterative", steps=300, lr=1e-5, trace=False, fallback="mean"):
+def wudi(base, models, ctx, alpha, solver, steps, lr, trace, fallback):
     taus = _prepare(base, models, ctx, "wudi")
     reason = _fallback_reason(base, ctx)
     if reason:
@@ -674,8 +674,7 @@ def _keep_all(desc: torch.Tensor, rows: int, n: int) -> torch.Tensor:
     needs_base=True, reference=_OPT_REF, resolve=resolve_wudi2, defaults_from=_WUDI2_DEFAULTS,
     summary="WUDI v2 (OptMerge): WUDI's objective on rank-k targets and projectors P_i = S_k V_kᵀ.",
 )
-def wudi2(base, models, ctx, alpha="auto", variant="auto", rank="1/T", solver="auto", steps=300, lr="auto",
-          momentum=0.9, trace=False, fallback="mean"):
+def wudi2(base, models, ctx, alpha, variant, rank, solver, steps, lr, momentum, trace, fallback):
     # called without a plan (no facts about the inputs): auto means the full-fine-tune choices
     resolved = resolve_wudi2({"alpha": alpha, "variant": variant}, InputFacts())
     alpha, variant = resolved["alpha"], resolved["variant"]
@@ -763,8 +762,7 @@ def wudi2(base, models, ctx, alpha="auto", variant="auto", rank="1/T", solver="a
     summary="WUDI's gradient flow in closed form: τ = θ0 − θ0 Q f Qᵀ + D Q (f/λ) Qᵀ, "
             "f = (1 − e^(−λt))·top-⌈ρn⌉ mask.",
 )
-def swudi(base, models, ctx, alpha=0.3, t=300.0, rho=0.85, init="sum", filter=True, solver="fast",
-          fallback="mean"):
+def swudi(base, models, ctx, alpha, t, rho, init, filter, solver, fallback):
     taus = _prepare(base, models, ctx, "swudi")
     reason = _fallback_reason(base, ctx)
     if reason:
@@ -800,7 +798,7 @@ def swudi(base, models, ctx, alpha=0.3, t=300.0, rho=0.85, init="sum", filter=Tr
     summary="swudi without the filter, K chosen per tensor by a rank rule on C's spectrum "
             "(the minimiser on the top-K eigenspace).",
 )
-def aswudi(base, models, ctx, alpha=0.3, rank="participation_sqrt", init="sum", solver="fast", fallback="mean"):
+def aswudi(base, models, ctx, alpha, rank, init, solver, fallback):
     taus = _prepare(base, models, ctx, "aswudi")
     reason = _fallback_reason(base, ctx)
     if reason:
