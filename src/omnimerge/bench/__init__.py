@@ -1,4 +1,4 @@
-"""The offline miniature of the MLLM-merging benchmark (``omnimerge bench``, DESIGN.md §6).
+"""The offline miniature of the MLLM-merging benchmark (``omnimerge bench``; docs/bench.md).
 
 :mod:`omnimerge.bench.tasks` generates the task data: five vision tasks (VQA, geometry, chart,
 OCR, grounding), a text-only arithmetic task for backbone merging, and generic captions for

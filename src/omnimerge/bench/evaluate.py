@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from . import tasks as T
-from .model import IM_END, BenchProcessor, format_prompt, load_model, load_processor
+from .model import BenchProcessor, format_prompt, load_model, load_processor
 
 __all__ = ["evaluate", "evaluate_tasks", "predict", "greedy_decode", "max_answer_tokens"]
 

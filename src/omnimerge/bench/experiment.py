@@ -16,8 +16,7 @@ and ``root/<cfg.cache_key()>/<name>`` links to it, so that a change to an expert
 the experts only. A folder that holds a finished model (its ``bench.json``) is reused. Test-set scores
 are cached in each model's folder too (``scores/``).
 
-Run it alone with ``python -m omnimerge.bench.experiment ROOT [--quick]`` to print the accuracy
-matrix and the task-vector statistics.
+``omnimerge bench`` is its command line (the zoo alone: ``build_zoo`` and ``accuracy_matrix`` from Python).
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-
-import torch
 
 from . import tasks as T
 from .config import BenchConfig
@@ -218,33 +215,3 @@ def accuracy_matrix(folders: dict[str, Path], cfg: BenchConfig, *, split: str = 
     sets = sets if sets is not None else test_sets(cfg, split)
     scores = score_models(folders, cfg, sets=sets, tasks=tasks, processor=processor)
     return {name: {t: sum(s) / len(s) for t, s in row.items()} for name, row in scores.items()}
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    from .regime import task_vector_stats
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = BenchConfig.quick() if args.quick else BenchConfig.full()
-    zoo = build_zoo(cfg, args.root)
-    names = zoo_names(cfg)
-    matrix = accuracy_matrix({n: zoo / n for n in names}, cfg)
-    width = max(len(n) for n in names)
-    print(" " * width + "  " + " ".join(f"{t[:9]:>9}" for t in T.TASKS))
-    for name in names:
-        print(f"{name:<{width}}  " + " ".join(f"{matrix[name][t]:9.3f}" if t in matrix[name] else " " * 9
-                                               for t in T.TASKS))
-    for setting in SETTINGS:
-        stats = task_vector_stats(zoo / SETTING_BASE[setting], {t: zoo / f"{setting}_{t}" for t in EXPERT_TASKS})
-        print(setting, {k: round(v, 5) for k, v in stats.items() if isinstance(v, float)})
-
-
-if __name__ == "__main__":
-    main()

@@ -43,7 +43,7 @@ from .config import BenchConfig
 from .experiment import (
     EXPERT_TASKS, SETTING_BASE, SETTING_MULTITASK, SETTINGS, model_keys, score_models, test_sets, zoo_plan,
 )
-from .progress import NOMINAL, Progress, Stage, format_duration
+from .progress import Progress, Stage, format_duration
 
 __all__ = ["SETTINGS", "BenchResult", "bench", "capability_recipe", "backbone_recipes", "default_cache_dir",
            "sweep_grid", "run_bench", "merge_code_digest"]

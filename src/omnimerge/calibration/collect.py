@@ -258,13 +258,13 @@ def collect_grams(model, batches: Sequence[dict], *, memory_budget: int = 2 << 3
         acc = {sites[i][0]: _Inputs(keep_rows=tokens < widths[i]) for i in chunk}
         mask: list[torch.Tensor] = []
 
-        def hook_for(key):
+        def hook_for(inputs: _Inputs, mask: list[torch.Tensor]):
             def hook(_module, args):
                 x = args[0]
-                acc[key].add(x[mask[0]] if x.dim() == 3 else x.reshape(-1, x.shape[-1]))
+                inputs.add(x[mask[0]] if x.dim() == 3 else x.reshape(-1, x.shape[-1]))
             return hook
 
-        handles = [linears[k].register_forward_pre_hook(hook_for(k)) for k in acc]
+        handles = [linears[k].register_forward_pre_hook(hook_for(a, mask)) for k, a in acc.items()]
         try:
             with torch.no_grad():
                 for batch in batches:

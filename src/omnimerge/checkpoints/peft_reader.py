@@ -7,8 +7,6 @@ import math
 import re
 from pathlib import Path
 
-import torch
-
 from ..errors import OmnimergeError
 from ..families.align import canonical_keys
 from .sources import TensorSource, confined_file, confined_files
