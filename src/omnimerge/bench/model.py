@@ -1,6 +1,6 @@
 """The benchmark's models: a tiny Qwen2-VL, its tokenizer and processor, and how they are saved.
 
-Everything is built locally, from code, deterministically (DESIGN.md §6):
+Everything is built locally, from code, deterministically (docs/bench.md):
 
 - :class:`~omnimerge.bench.config.BenchConfig` (re-exported here) holds every size and training
   setting of the benchmark and names trained models in a cache.

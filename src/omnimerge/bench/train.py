@@ -4,7 +4,7 @@
   on a list of :class:`~omnimerge.bench.tasks.Item`; with ``lora=True`` it wraps the model in a PEFT
   LoRA on the language backbone's q/k/v/o/gate/up/down projections and returns the PEFT model.
 - What is trained (``trainable``): ``"all"`` (used for the base's pretraining) or ``"language"`` (the
-  decoder layers and final norm: the ``language`` component of DESIGN.md §2). Experts, the multi-task
+  decoder layers and final norm: the ``language`` component, docs/recipes.md). Experts, the multi-task
   model and the text LLM train ``"language"``, so that everything else (embeddings, lm_head, vision
   tower, merger) is the base's in every model and a merge of the language backbone is the whole story.
 - Deterministic: the same model, items, config and seed give bit-identical weights on the same machine
@@ -30,7 +30,7 @@ import torch
 
 from . import tasks as T
 from .data import (
-    DESCRIBE, base_items, dense_caption, describe_items, expert_items, instruct_items, multitask_items, text_items,
+    base_items, dense_caption, describe_items, expert_items, instruct_items, multitask_items, text_items,
 )
 from .model import (
     IM_END, BenchConfig, BenchProcessor, build_processor, format_prompt, load_model, load_processor,
