@@ -315,8 +315,11 @@ def collect_fisher(model, batches: Sequence[dict], *, seed: int = 0, memory_budg
                     model.zero_grad(set_to_none=True)
                     logp.gather(-1, y).sum().backward()
                     for k in part:
-                        if params[k].grad is not None:
-                            sums[k] += params[k].grad.detach().float().cpu() ** 2
+                        grad = params[k].grad
+                        if grad is not None:
+                            grad = grad.detach().to("cpu", torch.float32)
+                            sums[k].addcmul_(grad, grad)  # += grad², without a squared copy
+                    model.zero_grad(set_to_none=True)
                     count += 1
                 done += 1
                 if progress:
