@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import OmnimergeError
 from .collect import StatisticsCache, collect, load_model, load_renderer, render_batches, statistics_key
 from .data import CalibrationSettings, load_samples
 
@@ -166,6 +167,9 @@ def attach_statistics(plan, *, device: str = "cpu", cache_dir: str | Path | None
     opts = plan.recipe.calibration
     settings = CalibrationSettings(**opts.model_dump()) if opts is not None else CalibrationSettings()
     cache = StatisticsCache(cache_dir or default_stats_dir())
+    if "coefficient" in kinds and len(kinds) > 1:
+        raise OmnimergeError("adamerging learns its coefficients through the whole merged model; it cannot share a "
+                             "recipe with another data-aware method (merge in two steps)")
     if "coefficient" in kinds:  # learned jointly through the merged model, not one model at a time
         files = _coefficient_files(plan, [j for j in jobs if "coefficient" in j.method.calibration], settings,
                                    cache, device, log)
