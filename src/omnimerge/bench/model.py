@@ -40,6 +40,7 @@ __all__ = [
     "BENCH_VERSION", "BenchConfig", "SPECIAL_TOKENS", "IMAGE_PLACEHOLDER", "PAD", "IM_START", "IM_END",
     "build_tokenizer", "build_processor", "build_base_model", "make_vlm_config", "BenchProcessor",
     "load_processor", "save_checkpoint", "save_adapter", "load_model", "format_prompt", "is_adapter_folder",
+    "quiet_transformers",
 ]
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -352,18 +353,23 @@ def generation_config():
 # --------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_transformers(errors_only: bool = False):
     """No transformers progress bars ("Loading weights", "Writing model shards") inside, nor peft's
-    deprecation warning about transformers."""
+    deprecation warning about transformers; ``errors_only``: transformers logs errors only, too (the
+    bench's folders name PaddleOCRVLProcessor — Qwen2-VL's logic without torchvision, see the module
+    doc — and transformers 5 warns about that class's registration whenever AutoProcessor loads one)."""
     from transformers.utils import logging as hf_logging
 
-    was = hf_logging.is_progress_bar_enabled()
+    was, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    if errors_only:
+        hf_logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():   # peft 0.21 asks transformers 5 a deprecated question; not ours
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was:
             hf_logging.enable_progress_bar()
 
@@ -378,7 +384,7 @@ def save_checkpoint(model, folder, processor: BenchProcessor, *, extra: dict | N
         import copy
         model = copy.deepcopy(model).merge_and_unload()
     model.generation_config = generation_config()
-    with _quiet():
+    with quiet_transformers():
         model.save_pretrained(folder)
     if getattr(model.config, "model_type", None) != "qwen2_vl":
         processor = processor.text_only()   # a text LLM's folder: tokenizer only
@@ -420,11 +426,11 @@ def load_model(folder, *, merge_adapter: bool = True):
 
         base_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
         base = load_model(base_path)
-        with _quiet():
+        with quiet_transformers():
             model = PeftModel.from_pretrained(base, folder)
         return (model.merge_and_unload() if merge_adapter else model).eval()
     config = AutoConfig.from_pretrained(folder)
     cls = Qwen2VLForConditionalGeneration if config.model_type == "qwen2_vl" else AutoModelForCausalLM
-    with _quiet():
+    with quiet_transformers():
         model = cls.from_pretrained(folder, dtype=torch.float32)
     return model.eval()

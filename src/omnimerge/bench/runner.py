@@ -26,14 +26,12 @@ reason instead of a row of numbers; nothing is silently dropped.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import itertools
 import json
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +41,7 @@ from .config import BenchConfig
 from .experiment import (
     EXPERT_TASKS, SETTING_BASE, SETTING_MULTITASK, SETTINGS, model_keys, score_models, test_sets, zoo_plan,
 )
+from .model import quiet_transformers
 from .progress import Progress, Stage, format_duration
 
 __all__ = ["SETTINGS", "BenchResult", "bench", "capability_recipe", "backbone_recipes", "default_cache_dir",
@@ -358,7 +357,7 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                 return hit
             folder = work / f"{kind}_{setting}_{method}"
             try:
-                with _no_hf_progress_bars():     # e.g. the calibration stage loading each expert
+                with quiet_transformers(errors_only=True):     # e.g. the calibration stage loading each expert
                     res = merge(recipe, folder, force=True, progress=False)
             except OmnimergeError as e:
                 entry = {"skipped": str(e).splitlines()[0]}
@@ -422,27 +421,6 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                       "total_s": round(time.perf_counter() - t_start, 1)}
     summarize(result)
     return result
-
-
-@contextlib.contextmanager
-def _no_hf_progress_bars():
-    """No transformers progress bars or warnings from inside a merge (its calibration stage loads
-    every expert)."""
-    from transformers.utils import logging as hf_logging
-
-    was, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    # the bench's folders name PaddleOCRVLProcessor (Qwen2-VL's logic without torchvision, see
-    # .model); transformers 5 warns about that class's own registration when AutoProcessor loads it
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():   # peft 0.21 asks transformers 5 a deprecated question; not ours
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def _needs_calibration(method: str) -> bool:
