@@ -183,10 +183,11 @@ def test_fisher_is_the_mean_squared_gradient_of_sampled_predictions(vlm, calib):
 def test_stage_caches_and_keys_on_what_matters(vlm, calib, tmp_path):
     cache = StatisticsCache(tmp_path / "stats")
     logs = []
-    path = model_statistics(vlm, calib, ["gram", "fisher"], settings=CalibrationSettings(samples=3), cache=cache,
+    three = load_samples(calib, limit=3)
+    path = model_statistics(vlm, three, ["gram", "fisher"], settings=CalibrationSettings(samples=3), cache=cache,
                             log=logs.append)
     mtime = path.stat().st_mtime_ns
-    again_path = model_statistics(vlm, calib, ["gram", "fisher"], settings=CalibrationSettings(samples=3),
+    again_path = model_statistics(vlm, three, ["gram", "fisher"], settings=CalibrationSettings(samples=3),
                                   cache=cache, log=logs.append)
     assert again_path == path and path.stat().st_mtime_ns == mtime
     assert "reused" in logs[-1] and "reused" not in logs[0]
@@ -233,7 +234,7 @@ def test_stats_source_reads_one_key_at_a_time_with_aliases(vlm, calib, tmp_path)
     from omnimerge.calibration import StatsSource
 
     cache = StatisticsCache(tmp_path)
-    folder = model_statistics(vlm, calib, ["gram"], cache=cache, memory_budget=64 << 10)
+    folder = model_statistics(vlm, load_samples(calib), ["gram"], cache=cache, memory_budget=64 << 10)
     assert len(list(folder.glob("part-*.safetensors"))) > 1
     source = StatsSource.open([folder, folder])
     q = source.for_key("language.layers.1.self_attn.q_proj.weight")
@@ -329,7 +330,7 @@ def test_data_aware_method_without_calibration_is_refused_before_anything_runs(v
     for img in calib.parent.glob("*.png"):
         (tmp_path / img.name).write_bytes(img.read_bytes())
     res = omnimerge.merge(tmp_path / "r.yaml", dry_run=True)
-    assert res.plan.calibration == [tmp_path / calib.name] * 2
+    assert [[s.source for s in samples] for samples in res.plan.calibration] == [[tmp_path / calib.name] * 5] * 2
 
 
 # ------------------------------------------------------------------------------------- adamerging

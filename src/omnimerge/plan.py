@@ -22,7 +22,7 @@ from .dtypes import DTYPE_NAMES
 from .errors import OmnimergeError
 from .families.align import COMPONENTS, component_of
 from .methods import InputFacts, Method, get_method
-from .calibration.data import load_samples
+from .calibration.data import Sample, load_samples
 from .recipe import CalibrationOptions, ComponentMethod, ModelEntry, ParamValue, Recipe, Take, parse_recipe, pick
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -74,7 +74,7 @@ class Plan:
     notes: list[str]
     compute_dtype: torch.dtype
     refs: dict[str, Checkpoint] = field(default_factory=dict)  # every spec in the recipe -> its checkpoint
-    calibration: list[Path] | None = None  # per model, when a method learns from calibration samples
+    calibration: list[list[Sample]] | None = None  # per model, its validated samples, when a method learns from them
 
     @property
     def needs_statistics(self) -> bool:
@@ -275,13 +275,13 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
 
 
 def _check_calibration(recipe: Recipe, methods: dict[str, Method], rel: Path | None,
-                       skeleton: Checkpoint) -> list[Path] | None:
-    """Every model's calibration file, validated, when a method learns from samples (None otherwise)."""
+                       skeleton: Checkpoint) -> list[list[Sample]] | None:
+    """Every model's calibration samples, validated, when a method learns from them (None otherwise)."""
     needing = sorted({m.name for m in methods.values() if m.needs_calibration})
     if not needing:
         return None
     settings = recipe.calibration or CalibrationOptions()
-    files = []
+    samples = []
     for i, e in enumerate(recipe.models):
         if not e.calibration:
             raise OmnimergeError(
@@ -291,9 +291,8 @@ def _check_calibration(recipe: Recipe, methods: dict[str, Method], rel: Path | N
         path = Path(e.calibration)
         if not path.is_absolute() and rel is not None:
             path = rel / path
-        load_samples(path, limit=settings.samples, images=skeleton.family.kind == "vlm")
-        files.append(path)
-    return files
+        samples.append(load_samples(path, limit=settings.samples, images=skeleton.family.kind == "vlm"))
+    return samples
 
 
 def _require(m: Checkpoint, canon: str, shape, raw: str, comp: str, skeleton: Checkpoint,

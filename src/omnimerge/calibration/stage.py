@@ -19,7 +19,7 @@ import torch
 
 from ..errors import OmnimergeError
 from .collect import StatisticsCache, collect, load_model, load_renderer, render_batches, statistics_key
-from .data import CalibrationSettings, load_samples
+from .data import CalibrationSettings, Sample
 
 
 def default_stats_dir() -> Path:
@@ -44,22 +44,25 @@ def _bar(description: str, total: int, enabled: bool) -> Iterator[Callable[[int]
         yield lambda done: bar.update(task, completed=done)
 
 
-def model_statistics(model_folder: str | Path, calibration: str | Path, kinds: Sequence[str], *,
+def takes_images(folder: str | Path) -> bool:
+    """Whether the model (or processor) in ``folder`` has a vision tower, by its config."""
+    import transformers
+
+    return getattr(transformers.AutoConfig.from_pretrained(folder), "vision_config", None) is not None
+
+
+def model_statistics(model_folder: str | Path, samples: Sequence[Sample], kinds: Sequence[str], *,
                      renderer_folder: str | Path | None = None, settings: CalibrationSettings | None = None,
                      cache: StatisticsCache, device: str = "cpu", seed: int = 0, lora_base: str | Path | None = None,
                      memory_budget: int = 2 << 30, log: Callable[[str], None] | None = None) -> Path:
     """The folder holding the statistics of ``kinds`` for the model in ``model_folder`` (a LoRA adapter runs
-    merged into ``lora_base``) on the first ``settings.samples`` lines of ``calibration``, rendered with the
+    merged into ``lora_base``) on ``samples`` (:func:`.data.load_samples`), rendered with the
     processor/tokenizer of ``renderer_folder`` (default: the model's own folder; a merge passes its
     skeleton). Reused from ``cache`` when the same model, samples, settings and seed were seen before; the
     model is loaded only when they were not, and freed after. ``memory_budget``: bytes of accumulators per
     pass over the samples (more passes when the statistics are larger)."""
-    import transformers
-
     settings = settings or CalibrationSettings()
     renderer_folder = Path(renderer_folder or model_folder)
-    vision = getattr(transformers.AutoConfig.from_pretrained(renderer_folder), "vision_config", None) is not None
-    samples = load_samples(calibration, limit=settings.samples, images=vision)
     extra = [renderer_folder] + ([lora_base] if lora_base is not None else [])
     key = statistics_key(model_folder, samples, settings, kinds, seed, extra_folders=extra)
     path = cache.path(key)
@@ -67,7 +70,7 @@ def model_statistics(model_folder: str | Path, calibration: str | Path, kinds: S
         if log:
             log(f"{model_folder}: statistics reused from {path}")
         return path
-    batches = render_batches(load_renderer(renderer_folder, vision=vision), samples, settings)
+    batches = render_batches(load_renderer(renderer_folder, vision=takes_images(renderer_folder)), samples, settings)
     if log:
         log(f"{model_folder}: {len(samples)} samples, {sum(int(b['attention_mask'].sum()) for b in batches)} tokens, "
             f"collecting {', '.join(kinds)}")
@@ -171,20 +174,14 @@ def attach_statistics(plan, *, device: str = "cpu", cache_dir: str | Path | None
         raise OmnimergeError("adamerging learns its coefficients through the whole merged model; it cannot share a "
                              "recipe with another data-aware method (merge in two steps)")
     if "coefficient" in kinds:  # learned jointly through the merged model, not one model at a time
-        files = _coefficient_files(plan, [j for j in jobs if "coefficient" in j.method.calibration], settings,
-                                   cache, device, log)
-        source = StatsSource.open(files)
-        for j in jobs:
-            j.stats = source
-        return source
-    files = []
-    for model, calibration in zip(plan.models, plan.calibration):
-        lora = model.lora
-        files.append(model_statistics(lora["adapter"] if lora else model.path, calibration, kinds,
-                                      renderer_folder=plan.skeleton.path, settings=settings, cache=cache,
-                                      device=device, seed=plan.recipe.seed,
-                                      lora_base=lora["base"] if lora else None, log=log))
-    source = StatsSource.open(files, [j.canonical for j in jobs])
+        source = StatsSource.open(_coefficient_files(plan, jobs, settings, cache, device, log))
+    else:
+        files = [model_statistics(model.lora["adapter"] if model.lora else model.path, samples, kinds,
+                                  renderer_folder=plan.skeleton.path, settings=settings, cache=cache, device=device,
+                                  seed=plan.recipe.seed, lora_base=model.lora["base"] if model.lora else None,
+                                  log=log)
+                 for model, samples in zip(plan.models, plan.calibration)]
+        source = StatsSource.open(files, [j.canonical for j in jobs])
     for j in jobs:
         j.stats = source
     return source
@@ -197,13 +194,10 @@ def _coefficient_files(plan, jobs, settings: CalibrationSettings, cache: Statist
     import hashlib
     import json
 
-    import transformers
-
     from .adamerging import learn_coefficients
 
     params = {k: jobs[0].params[k] for k in ("granularity", "init", "lr", "steps")}
-    vision = getattr(transformers.AutoConfig.from_pretrained(plan.skeleton.path), "vision_config", None) is not None
-    samples = [load_samples(c, limit=settings.samples, images=vision) for c in plan.calibration]
+    samples = plan.calibration
     parts = [statistics_key(m.lora["adapter"] if m.lora else m.path, s, settings, ["coefficient"], plan.recipe.seed,
                             extra_folders=[plan.base.path, plan.skeleton.path])
              for m, s in zip(plan.models, samples)]
@@ -215,7 +209,7 @@ def _coefficient_files(plan, jobs, settings: CalibrationSettings, cache: Statist
         if log:
             log(f"adamerging: coefficients reused from {paths[0].parent}")
         return paths
-    renderer = load_renderer(plan.skeleton.path, vision=vision)
+    renderer = load_renderer(plan.skeleton.path, vision=takes_images(plan.skeleton.path))
     batches = [render_batches(renderer, s, settings) for s in samples]
     model = load_model(plan.base.path, device)
     task_vectors = []
