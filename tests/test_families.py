@@ -248,3 +248,17 @@ def test_generic_fallback_merges_end_to_end(zoo, tmp_path):
             assert torch.equal(t, m[key]), key
     assert n_lang == 25
     assert json.loads((out / "config.json").read_text())["model_type"] == "mystery"
+
+
+def test_model_class_takes_only_model_classes():
+    """config.json's architectures name a transformers model class; any other attribute (a function, a
+    config class, a module) is passed over, and nothing left is a clear error."""
+    import transformers
+
+    from omnimerge.errors import OmnimergeError
+    from omnimerge.families.models import model_class
+
+    assert model_class({"architectures": ["Qwen2Config", "Qwen2ForCausalLM"]}) is transformers.Qwen2ForCausalLM
+    for archs in (["pipeline"], ["Qwen2Config"], ["logging"], [3], "Qwen2ForCausalLM", None):
+        with pytest.raises(OmnimergeError, match="architectures"):
+            model_class({"architectures": archs})

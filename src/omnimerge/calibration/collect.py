@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints.checkpoint import read_config
 from ..errors import OmnimergeError
+from ..families.models import model_class
 from .data import CalibrationSettings, Sample
 
 KINDS = ("gram", "fisher")
@@ -108,8 +110,6 @@ def load_model(folder: str | Path, device: str = "cpu", *, lora_base: str | Path
     """The model in ``folder`` (a checkpoint, or a PEFT LoRA adapter merged into its base: ``lora_base``, else
     the adapter config's base_model_name_or_path), in float32, in eval mode, with the class its config.json
     names."""
-    import transformers
-
     folder = Path(folder)
     adapter = folder / "adapter_config.json"
     source = folder
@@ -119,17 +119,7 @@ def load_model(folder: str | Path, device: str = "cpu", *, lora_base: str | Path
             raise OmnimergeError(f"{adapter}: base_model_name_or_path {base!r} is not a local model folder; the "
                                  "statistics stage runs the adapter merged into its base")
         source = Path(base)
-    config = transformers.AutoConfig.from_pretrained(source)
-    cls = None
-    for name in getattr(config, "architectures", None) or []:
-        candidate = getattr(transformers, str(name), None)
-        if isinstance(candidate, type) and issubclass(candidate, transformers.PreTrainedModel):
-            cls = candidate
-            break
-    if cls is None:
-        raise OmnimergeError(f"{source}/config.json names no model class this transformers provides "
-                             f"({getattr(config, 'architectures', None)}); the statistics stage must run the model")
-    model = cls.from_pretrained(source, dtype=torch.float32)
+    model = model_class(read_config(source)).from_pretrained(source, dtype=torch.float32)
     if adapter.is_file():
         import peft
 
