@@ -26,21 +26,21 @@ import torch
 
 from ..checkpoints.checkpoint import read_config
 from ..errors import OmnimergeError
+from ..families.align import canonical_keys
 from ..families.models import model_class
+from ..families.table import Family
 from .data import CalibrationSettings, Sample
 
 KINDS = ("gram", "fisher")
 STATS_VERSION = 1
-_DECODER_RULES = (("layers.", "language.layers."), ("norm.", "language.norm."),
-                  ("final_layernorm.", "language.norm."), ("embed_tokens.", "embed."))
+# Names relative to the language decoder module: the family table's decoder rules with an empty prefix.
+_DECODER = Family("decoder-relative", (), "text", ("",), lm_head=())
 
 
 def canonical_name(decoder_name: str) -> str | None:
     """The canonical key of a parameter named relative to the language decoder (None: not a merged role)."""
-    for raw, canon in _DECODER_RULES:
-        if decoder_name.startswith(raw):
-            return canon + decoder_name[len(raw):]
-    return None
+    canon = canonical_keys([decoder_name], _DECODER)[decoder_name]
+    return None if canon.startswith("other.") or canon.startswith("language.rotary_emb.") else canon
 
 
 # ------------------------------------------------------------------------------------------ inputs
