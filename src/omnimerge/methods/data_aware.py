@@ -30,21 +30,21 @@ _REGMEAN_REF = (
 )
 _FISHER_REF = "Merging Models with Fisher-Weighted Averaging (Matena & Raffel, NeurIPS 2022), arXiv:2111.09832"
 _REGMEAN_DEFAULTS = (
-    "alpha 0.9 (off-diagonal scale); FusionBench runs 0.95 on CLIP and 0.6 on GPT-2 "
-    "(tanganke/fusion_bench config/method/regmean/clip_regmean.yaml:6, gpt2_regmean.yaml:4); "
+    "alpha 0.9 (off-diagonal scale; no reference file runs 0.9: FusionBench runs 0.95 on CLIP and 0.6 on GPT-2 "
+    "(tanganke/fusion_bench config/method/regmean/clip_regmean.yaml:11, gpt2_regmean.yaml:10)); "
     "tensors without input statistics take the models' mean, as FusionBench does "
-    "(fusion_bench/method/regmean/regmean.py:117-119)"
+    "(fusion_bench/method/regmean/regmean.py:116-118)"
 )
 _ADAMERGING_REF = (
     "AdaMerging: Adaptive Model Merging for Multi-Task Learning (Yang et al., ICLR 2024), arXiv:2310.02575"
 )
 _ADAMERGING_DEFAULTS = (
     "granularity layer, init 0.3, Adam lr 1e-3, 1000 steps: FusionBench's layer-wise AdaMerging "
-    "(tanganke/fusion_bench config/method/adamerging/clip.yaml:3-6, :14)"
+    "(tanganke/fusion_bench config/method/adamerging/clip.yaml:7-9, :19)"
 )
 _FISHER_DEFAULTS = (
     "normalize true, epsilon 1e-6: FusionBench's fisher_merging "
-    "(tanganke/fusion_bench config/method/fisher_merging/fisher_merging.yaml:3-4)"
+    "(tanganke/fusion_bench config/method/fisher_merging/fisher_merging.yaml:5, :7)"
 )
 
 
