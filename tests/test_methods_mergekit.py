@@ -6,16 +6,20 @@ mergekit's own output: tests/test_mergekit.py::test_parity_with_mergekit, with a
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 import omnimerge
 from omnimerge.errors import OmnimergeError
+from omnimerge.mergekit_yaml import from_mergekit
 from omnimerge.methods import MethodContext, get_method
 from omnimerge.methods.selective import fusion_threshold, order_statistic
+from omnimerge.recipe import parse_recipe
 from omnimerge.verify import verify
 
 KEY = "language.layers.0.mlp.up_proj.weight"
@@ -330,6 +334,63 @@ def test_ramplus_tl_a_model_that_changes_nothing_is_not_nan():
     base = torch.zeros(3)
     out = run("ramplus_tl", base, [T(1.0, 0, 0), torch.zeros(3)], epsilon=0.0)
     torch.testing.assert_close(out, T(1.0, 0, 0))
+
+
+# --------------------------------------------------------------------------- from mergekit's YAML
+
+
+def mk(text):
+    return from_mergekit(yaml.safe_load(text), "recipe")
+
+
+@pytest.mark.parametrize("method,params", [
+    ("nuslerp", {"flatten": True, "row_wise": False}),
+    ("multislerp", {"normalize": True, "eps": 1e-8}),
+    ("sce", {"select_topk": 1.0}),
+    ("ram", {"epsilon": 1e-5}),
+    ("ramplus_tl", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
+])
+def test_mergekit_defaults_are_written_out(method, params):
+    r = mk(f"merge_method: {method}\nbase_model: b\nmodels:\n - {{model: b}}\n"
+           " - {model: x, parameters: {weight: 1}}\n - {model: y, parameters: {weight: 2}}")
+    assert r["method"] == method and r["parameters"] == params and r["base"] == "b"
+    names = [m["path"] for m in r["models"]]
+    assert names == ["x", "y"]  # the base is the base, not a model
+    parse_recipe(r)
+
+
+def test_nuslerp_and_multislerp_take_a_base_only_when_given():
+    r = mk("merge_method: nuslerp\nmodels:\n - {model: x, parameters: {weight: 0.3}}\n"
+           " - {model: y, parameters: {weight: 0.7}}\nparameters: {nuslerp_flatten: false, nuslerp_row_wise: true}")
+    assert "base" not in r and r["skeleton"] == "x"
+    assert r["models"] == [{"path": "x", "weight": 0.3}, {"path": "y", "weight": 0.7}]
+    assert r["parameters"] == {"flatten": False, "row_wise": True}
+    r = mk("merge_method: multislerp\nbase_model: b\nmodels:\n - {model: x, parameters: {weight: 1}}\n"
+           "parameters: {normalize_weights: false, eps: 1e-6}")
+    assert r["base"] == "b" and r["models"] == [{"path": "x", "weight": 1.0}]
+    assert r["parameters"] == {"normalize": False, "eps": 1e-6}
+    with pytest.raises(OmnimergeError, match=r"needs `weight` for every model"):
+        mk("merge_method: multislerp\nmodels: [{model: x}, {model: y}]")
+
+
+def test_karcher_counts_the_base_as_a_point_and_ignores_weights(caplog):
+    with caplog.at_level(logging.WARNING, logger="omnimerge.mergekit"):
+        r = mk("merge_method: karcher\nbase_model: b\nmodels:\n - {model: x, parameters: {weight: 3}}\n"
+               " - {model: y}\nparameters: {max_iter: 20}")
+    assert "base" not in r and r["skeleton"] == "b"
+    assert r["models"] == [{"path": "x"}, {"path": "y"}, {"path": "b"}]  # mergekit adds the base as an input
+    assert r["parameters"] == {"max_iter": 20, "tol": 1e-5}
+    assert "mergekit's `karcher` has no parameter 'weight'; ignored" in caplog.text
+    parse_recipe(r)
+
+
+def test_single_model_methods_and_required_t():
+    r = mk("merge_method: nearswap\nbase_model: b\nmodels: [{model: b}, {model: x}]\nparameters: {t: 0.001}")
+    assert r["method"] == "nearswap" and r["parameters"] == {"t": 0.001} and r["models"] == [{"path": "x"}]
+    r = mk("merge_method: arcee_fusion\nbase_model: b\nmodels: [{model: x}]")
+    assert r["parameters"] == {} and r["base"] == "b"
+    with pytest.raises(OmnimergeError, match=r"exactly 1 model\(s\) besides base_model, got 2"):
+        mk("merge_method: arcee_fusion\nbase_model: b\nmodels: [{model: x}, {model: y}]")
 
 
 # ------------------------------------------------------------------------- end to end, per family
