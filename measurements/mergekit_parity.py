@@ -109,6 +109,10 @@ parameters:
         "sce": ("exact", f"merge_method: sce\n{head}" + _models(base, ex, [None] * 3)),
         "sce select_topk=0.4": ("exact", f"merge_method: sce\n{head}parameters: {{select_topk: 0.4}}\n"
                                 + _models(base, ex, [None] * 3)),
+        "sce select_topk=0.4 (sparse experts)": ("exact", f"merge_method: sce\n{head}parameters: {{select_topk: 0.4}}\n"
+                                                 + _models(base, sparse, [None] * 3)),
+        "multislerp (base, sparse experts)": ("exact", f"merge_method: multislerp\n{head}" + _models(
+            base, sparse, ["{weight: 0.2}", "{weight: 0.3}", "{weight: 0.5}"])),
         "ram (sparse experts)": ("exact", f"merge_method: ram\n{head}" + _models(base, sparse, [None] * 3)),
         "ramplus_tl (sparse experts)": ("exact", f"merge_method: ramplus_tl\n{head}parameters: {{r: 0.5, alpha: 0.4}}\n"
                                         + _models(base, sparse, [None] * 3)),
