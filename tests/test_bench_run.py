@@ -91,6 +91,17 @@ def test_micro_bench_reports_every_method_in_both_settings(micro_run):
             for task in EXPERT_TASKS:
                 path = root / "cache" / res["cache_key"] / "calibration" / f"n{n}" / task / "samples.jsonl"
                 assert len(path.read_text().splitlines()) == n
+    # the zoo is scored on expert_test_items; the merges, and the zoo rows beside them, on the first test_items
+    cfg = BenchConfig.micro()
+    assert cfg.expert_test_items > cfg.test_items
+    for name, row in res["zoo"].items():
+        for t, acc in row.items():
+            bits = scores[f"zoo/{name}"][t]
+            assert len(bits) == cfg.expert_test_items
+            assert acc == pytest.approx(bits[:cfg.test_items].count("1") / cfg.test_items)
+    for s in SETTINGS:
+        for t, m in res["experts"][s]["margins"].items():
+            assert m["expert"] == pytest.approx(scores[f"zoo/{s}_{t}"][t].count("1") / cfg.expert_test_items, abs=1e-4)
     md = (report / "report.md").read_text()
     assert "samples per expert" in md and f"| {aware[0]} | {sizes[0]} |" in md
     for method in methods:

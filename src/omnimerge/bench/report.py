@@ -250,8 +250,10 @@ def markdown(result: dict[str, Any]) -> str:
         title = TITLES.get(setting, setting)
         parts += [f"## Capability merging: {title}", ""]
         if result.get("experts", {}).get(setting):
-            parts += ["Each expert on its own task against the base and the best other expert (margin: "
-                      "expert − best rival, paired bootstrap interval):", "", _experts_markdown(result, setting), ""]
+            n_zoo = max(cfg.get("expert_test_items") or 0, cfg["test_items"])
+            parts += [f"Each expert on its own task against the base and the best other expert, on {n_zoo} test "
+                      "items per task (margin: expert − best rival, paired bootstrap interval):", "",
+                      _experts_markdown(result, setting), ""]
         parts += [_capability_markdown(result, setting), ""]
         if any(m["kind"] == "calibration" and m["setting"] == setting for m in result["merges"]):
             parts += ["Data-aware methods by the number of unlabeled calibration samples per expert (defaults; "

@@ -250,7 +250,7 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
     keys = model_keys(cfg, plan)
     zoo = cache_dir / cfg.cache_key()
     cached_models = {m.name for m in plan if (cache_dir / "models" / f"{m.name}-{keys[m.name]}" / "bench.json").is_file()}
-    test_cache = f"test-n{cfg.test_items}-seed{cfg.data_seed}"
+    test_cache = f"test-n{cfg.zoo_test_items}-seed{cfg.data_seed}"
     n_tasks = {m.name: (1 if m.name == "text_llm" else len(T.TASKS)) for m in plan}
     scored = {m.name for m in plan if m.name in cached_models and
               (cache_dir / "models" / f"{m.name}-{keys[m.name]}" / "scores" / f"{test_cache}.json").is_file()}
@@ -265,7 +265,7 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
             train_stage[m.name] = len(stages)
             stages.append(Stage(f"train {m.name}", {kind_of[m.stage]: m.steps}, unit="steps", total=m.steps))
     to_score = [m.name for m in plan if m.name not in scored]
-    eval_items = sum(n_tasks[n] * cfg.test_items for n in to_score)
+    eval_items = sum(n_tasks[n] * cfg.zoo_test_items for n in to_score)
     eval_stage = len(stages)
     stages.append(Stage("evaluate the zoo", {"eval": eval_items}, unit="items", total=eval_items))
     method_stage: dict[tuple[str, str], int] = {}
@@ -334,11 +334,12 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
         # 2. the zoo's scores and task vectors
         t = time.perf_counter()
         processor = build_processor(cfg)
-        tests = test_sets(cfg, "test")
+        zoo_tests = test_sets(cfg, "test", cfg.zoo_test_items)
+        tests = {task: items[:cfg.test_items] for task, items in zoo_tests.items()}    # the merges' test items
         progress.begin(eval_stage)
         if to_score:
-            say(f"evaluate {len(to_score)} zoo models on {cfg.test_items} test items per task")
-        zoo_scores = score_models({m.name: zoo / m.name for m in plan}, cfg, sets=tests, processor=processor,
+            say(f"evaluate {len(to_score)} zoo models on {cfg.zoo_test_items} test items per task")
+        zoo_scores = score_models({m.name: zoo / m.name for m in plan}, cfg, sets=zoo_tests, processor=processor,
                                   cache_name=test_cache, on_task=lambda _n, _t, k: progress.advance(k))
         progress.end()
         regime = {}
@@ -350,7 +351,8 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
         t_eval_zoo = time.perf_counter() - t
 
         result = BenchResult(config=cfg.to_dict(), cache_key=cfg.cache_key(),
-                             zoo={n: {t: sum(s) / len(s) for t, s in row.items()} for n, row in zoo_scores.items()},
+                             zoo={n: {t: sum(s[:cfg.test_items]) / len(s[:cfg.test_items]) for t, s in row.items()}
+                                  for n, row in zoo_scores.items()},
                              regime=regime, settings=settings,
                              training={m.name: _training_info(zoo / m.name) for m in plan})
         result.item_scores = {f"zoo/{n}": _bits(row) for n, row in zoo_scores.items()}
