@@ -136,6 +136,27 @@ def test_cached_rerun_trains_nothing_reproduces_and_tunes_on_validation(micro_ru
     assert avg["tuned"]["note"] == "no scale or density to tune"
 
 
+def test_settings_in_parallel_give_the_serial_figures(micro_run, tmp_path, capsys):
+    """--jobs 2 trains and merges each setting in its own process (from an empty cache) and reports what
+    the serial run reports."""
+    root, first = micro_run
+    methods = "task_arithmetic,regmean"
+    rc = main(["bench", "--preset", "micro", "--no-sweep", "--jobs", "2", "-o", str(tmp_path / "report"),
+               "--cache-dir", str(tmp_path / "cache"), "--methods", methods, "--threads", "1"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "worker processes" in err and "assembling the report" in err
+    for s in SETTINGS:
+        assert (tmp_path / "report" / "workers" / f"{s}.log").stat().st_size > 0
+    second = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert second["zoo"] == first["zoo"]
+    key = lambda m: (m["kind"], m["setting"], m["method"], m.get("samples"))        # noqa: E731
+    before = {key(m): m.get("accuracy") for m in first["merges"]}
+    assert {m["method"] for m in second["merges"] if m["kind"] == "capability"} == set(methods.split(","))
+    for m in second["merges"]:
+        assert m.get("accuracy") == before[key(m)], key(m)
+
+
 def test_bench_refuses_a_foreign_folder(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("keep me")
     rc = main(["bench", "--quick", "-o", str(tmp_path), "--cache-dir", str(tmp_path / "c")])

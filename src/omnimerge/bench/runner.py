@@ -459,6 +459,23 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
     return result
 
 
+def prepare_shared(cfg: BenchConfig, cache_dir: Path, methods: list[str] | None, *,
+                   log: Callable[[str], None] | None = None) -> None:
+    """What both settings use, made once before they run side by side: the pretrained base and the text
+    LLM (trained or taken from the cache), their test scores, and every calibration sample file."""
+    from ..methods import list_methods
+    from .experiment import build_zoo
+
+    zoo = build_zoo(cfg, cache_dir, settings=(), text_llm=True, log=(lambda m: log(f"train {m}")) if log else None)
+    sets = test_sets(cfg, "test", cfg.zoo_test_items)
+    score_models({name: zoo / name for name in ("base", "text_llm")}, cfg, sets=sets,
+                 cache_name=f"test-n{cfg.zoo_test_items}-seed{cfg.data_seed}")
+    names = methods if methods is not None else [m.name for m in list_methods()]
+    if any(_needs_calibration(m) for m in names):
+        for n in (cfg.calibration_items, *cfg.calibration_sizes):
+            calibration_files(zoo, cfg, n)
+
+
 def _needs_calibration(method: str) -> bool:
     from ..methods import get_method
 
@@ -521,13 +538,15 @@ def bench(out, *, quick: bool = False, preset: str | None = None, config: BenchC
           overrides: dict | None = None, cache_dir=None, methods: list[str] | None = None,
           settings: tuple[str, ...] = SETTINGS, sweep: bool | None = None, keep_merged: bool = False,
           force: bool = False, log: Callable[[str], None] | None = print,
-          progress_stream=None) -> tuple[BenchResult, list[Path]]:
+          progress_stream=None, jobs: int | None = None) -> tuple[BenchResult, list[Path]]:
     """Run the benchmark and write its report into ``out``; returns the result and the files written.
 
     ``config`` (default: the ``preset``, "full", "quick" (= ``quick=True``) or "micro") with
     ``overrides`` (field -> value) sizes the models, training and evaluation. ``sweep`` (the
     validation sweep) defaults to on for the full preset and off for the smaller ones. ``out`` may be a
     previous bench report (its files are replaced); any other non-empty folder needs ``force``.
+    ``jobs`` (default: 2 for the full preset on a machine with two cores or more, else 1) runs the
+    settings in that many worker processes (:mod:`.parallel`); the report is the same.
     """
     from ..errors import OmnimergeError
     from .report import write_report
@@ -553,7 +572,31 @@ def bench(out, *, quick: bool = False, preset: str | None = None, config: BenchC
         import sys
 
         progress_stream = sys.stderr
-    result = run_bench(cfg, out, cache_dir=cache_dir or default_cache_dir(), methods=methods, settings=settings,
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    label = preset + (" preset with --set overrides" if overrides else " preset")
+    if jobs is None:
+        import os
+
+        jobs = 2 if preset == "full" and (os.cpu_count() or 1) >= 2 else 1
+    if jobs < 1:
+        raise OmnimergeError(f"--jobs must be at least 1, got {jobs}")
+    wanted = tuple(s for s in SETTINGS if s in settings)
+    if jobs > 1 and len(wanted) > 1:
+        import torch
+
+        from .parallel import run_settings_in_parallel
+
+        def say(message: str) -> None:      # where the serial run's progress goes
+            if log is not None:
+                print(message, file=progress_stream, flush=True)
+
+        say(f"omnimerge bench ({label}): the settings {', '.join(wanted)} run in {min(jobs, len(wanted))} worker "
+            f"processes (logs in {out / 'workers'}), then one pass assembles the report from the cache.")
+        run_settings_in_parallel(
+            cfg, out, cache_dir=cache_dir, methods=methods, settings=wanted, sweep=sweep, jobs=jobs,
+            threads=torch.get_num_threads(), say=say, preset=label,
+            prepare=lambda: prepare_shared(cfg, cache_dir, methods, log=say))
+    result = run_bench(cfg, out, cache_dir=cache_dir, methods=methods, settings=settings,
                        sweep=sweep, keep_merged=keep_merged, log=log, progress_stream=progress_stream,
-                       preset=preset + (" preset with --set overrides" if overrides else " preset"))
+                       preset=label)
     return result, write_report(result.to_json(), out)
