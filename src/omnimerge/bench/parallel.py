@@ -16,7 +16,6 @@ The figures are the serial run's: the same cached models, the same per-item scor
 from __future__ import annotations
 
 import multiprocessing
-import sys
 import time
 from pathlib import Path
 from typing import Callable
