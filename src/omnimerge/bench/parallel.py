@@ -7,7 +7,8 @@
 2. one worker process per setting runs :func:`~omnimerge.bench.runner.run_bench` for that setting
    alone (its zoo, scores, merges and sweep; backbone merging goes with the full setting), filling
    the same caches a serial run fills, each with ``threads // jobs`` torch threads; its log goes to
-   ``OUT/workers/<setting>.log``, and this process shows each worker's latest line;
+   ``OUT/workers/<setting>.log``, and this process shows each worker's latest line (every 10 s on a
+   terminal, every minute in a log);
 3. the serial :func:`run_bench` then finds everything cached and writes the one report.
 
 The figures are the serial run's: the same cached models, the same per-item scores, the same merges.

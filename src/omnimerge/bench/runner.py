@@ -595,6 +595,7 @@ def bench(out, *, quick: bool = False, preset: str | None = None, config: BenchC
         run_settings_in_parallel(
             cfg, out, cache_dir=cache_dir, methods=methods, settings=wanted, sweep=sweep, jobs=jobs,
             threads=torch.get_num_threads(), say=say, preset=label,
+            interval=10.0 if getattr(progress_stream, "isatty", lambda: False)() else 60.0,
             prepare=lambda: prepare_shared(cfg, cache_dir, methods, log=say))
     result = run_bench(cfg, out, cache_dir=cache_dir, methods=methods, settings=settings,
                        sweep=sweep, keep_merged=keep_merged, log=log, progress_stream=progress_stream,
