@@ -276,3 +276,18 @@ def test_progress_reports_stage_elapsed_and_time_left():
     out = stream.getvalue()
     assert "[stage 1/2 train base 0/100 steps]" in out and out.endswith("hello\n")
     assert format_duration(75) == "1 min 15 s" and format_duration(3725) == "1 h 02 min"
+
+
+def test_calibration_size_reaches_the_recipe_and_the_merge_cache(tmp_path):
+    """A data-aware merge at N samples asks the recipe for N (the recipe's own default is 32), and the
+    merge cache keys each recipe whole, so two sizes never share a cached result."""
+    from omnimerge.bench.runner import MergeCache, calibration_paths, capability_recipe
+
+    recipes = {n: capability_recipe(tmp_path, "full", "regmean", {}, 0, calibration_paths(tmp_path, n), samples=n)
+               for n in (8, 64)}
+    assert {n: r["calibration"] for n, r in recipes.items()} == {8: {"samples": 8}, 64: {"samples": 64}}
+    assert all(m["calibration"].endswith(f"n{n}/{m['name']}/samples.jsonl") for n, r in recipes.items() for m in r["models"])
+    cache = MergeCache(tmp_path / "merges")
+    cache.put("calibration_n8", "full", "regmean", "test", recipes[8], {"bits": {"vqa": "1"}})
+    assert cache.get("calibration_n8", "full", "regmean", "test", recipes[8]) == {"bits": {"vqa": "1"}}
+    assert cache.get("calibration_n8", "full", "regmean", "test", recipes[64]) is None

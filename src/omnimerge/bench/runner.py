@@ -80,6 +80,11 @@ class BenchResult:
                 "item_scores": self.item_scores}
 
 
+def calibration_paths(zoo: Path, n: int) -> dict[str, Path]:
+    """Where :func:`calibration_files` keeps ``n`` samples of each expert's task."""
+    return {task: zoo / "calibration" / f"n{n}" / task / "samples.jsonl" for task in EXPERT_TASKS}
+
+
 def calibration_files(zoo: Path, cfg: BenchConfig, n: int | None = None) -> dict[str, Path]:
     """Unlabeled samples of each expert's task for the data-aware methods (``regmean``, ``fisher``,
     ...): the first ``n`` (default ``cfg.calibration_items``) validation questions and images, written
@@ -87,9 +92,8 @@ def calibration_files(zoo: Path, cfg: BenchConfig, n: int | None = None) -> dict
     stays unseen."""
     n = cfg.calibration_items if n is None else n
     out = {}
-    for task in EXPERT_TASKS:
-        folder = zoo / "calibration" / f"n{n}" / task
-        path = folder / "samples.jsonl"
+    for task, path in calibration_paths(zoo, n).items():
+        folder = path.parent
         if not path.is_file():
             (folder / "images").mkdir(parents=True, exist_ok=True)
             lines = []
@@ -107,15 +111,18 @@ def calibration_files(zoo: Path, cfg: BenchConfig, n: int | None = None) -> dict
 
 
 def capability_recipe(zoo: Path, setting: str, method: str, parameters: dict | None = None,
-                      seed: int = 0, calibration: dict[str, Path] | None = None) -> dict:
+                      seed: int = 0, calibration: dict[str, Path] | None = None, samples: int | None = None) -> dict:
     """The recipe that merges the five experts of ``setting`` into the setting's base with ``method``;
-    with ``calibration`` (task -> samples file) each expert gets its task's samples."""
+    with ``calibration`` (task -> samples file) each expert gets its task's samples, ``samples`` of them."""
     base = str(zoo / SETTING_BASE[setting])
     models = [{"path": str(zoo / f"{setting}_{task}"), "name": task} for task in EXPERT_TASKS]
+    recipe = {"method": method, "base": base, "skeleton": base, "models": models,
+              "parameters": dict(parameters or {}), "seed": seed}
     if calibration:
-        models = [{**m, "calibration": str(calibration[m["name"]])} for m in models]
-    return {"method": method, "base": base, "skeleton": base, "models": models,
-            "parameters": dict(parameters or {}), "seed": seed}
+        recipe["models"] = [{**m, "calibration": str(calibration[m["name"]])} for m in models]
+        if samples is not None:
+            recipe["calibration"] = {"samples": samples}
+    return recipe
 
 
 def backbone_recipes(zoo: Path, seed: int = 0) -> dict[str, dict]:
@@ -189,7 +196,8 @@ def merge_code_digest() -> str:
 
 
 class MergeCache:
-    """Scores of merged recipes, one JSON file per (setting, method) under ``folder``."""
+    """Scores of merged recipes, one JSON file per (kind, setting, method) under ``folder``, each entry
+    keyed by the split and a digest of the whole recipe (parameters, models, calibration, seed)."""
 
     def __init__(self, folder: Path):
         self.folder = folder / merge_code_digest()
@@ -197,16 +205,21 @@ class MergeCache:
     def _file(self, kind: str, setting: str, method: str) -> Path:
         return self.folder / f"{kind}_{setting}_{method}.json"
 
-    def get(self, kind, setting, method, split, params) -> dict | None:
+    @staticmethod
+    def _key(split: str, recipe: dict) -> str:
+        blob = json.dumps(recipe, sort_keys=True, default=str)
+        return f"{split}|{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+    def get(self, kind, setting, method, split, recipe: dict) -> dict | None:
         f = self._file(kind, setting, method)
         data = json.loads(f.read_text()) if f.is_file() else {}
-        return data.get(f"{split}|{json.dumps(params, sort_keys=True)}")
+        return data.get(self._key(split, recipe))
 
-    def put(self, kind, setting, method, split, params, entry: dict) -> None:
+    def put(self, kind, setting, method, split, recipe: dict, entry: dict) -> None:
         f = self._file(kind, setting, method)
         f.parent.mkdir(parents=True, exist_ok=True)
         data = json.loads(f.read_text()) if f.is_file() else {}
-        data[f"{split}|{json.dumps(params, sort_keys=True)}"] = entry
+        data[self._key(split, recipe)] = entry
         f.write_text(json.dumps(data, sort_keys=True) + "\n")
 
 
@@ -255,6 +268,17 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
     scored = {m.name for m in plan if m.name in cached_models and
               (cache_dir / "models" / f"{m.name}-{keys[m.name]}" / "scores" / f"{test_cache}.json").is_file()}
     merge_cache = MergeCache(zoo / "merges")
+    data_aware = [m for m in methods if _needs_calibration(m)]
+
+    def recipe_for(setting: str, method: str, params: dict, samples: int | None = None) -> dict:
+        """The recipe of one merge of the run: a data-aware method gets ``samples`` (default
+        ``cfg.calibration_items``) unlabeled samples per expert."""
+        if method not in data_aware:
+            return capability_recipe(zoo, setting, method, params, cfg.seed)
+        n = cfg.calibration_items if samples is None else samples
+        return capability_recipe(zoo, setting, method, merge_parameters(cfg, method, params), cfg.seed,
+                                 calibration=calibration_paths(zoo, n), samples=n)
+
     grids = {m: (sweep_grid(m) if sweep else [{}]) for m in methods}
     kind_of = {"base": "train_all", "instruct": "train_all", "full": "train_language", "multitask": "train_language",
                "lora": "train_lora", "multitask_lora": "train_lora", "text_llm": "train_text"}
@@ -273,8 +297,8 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
     for setting in settings:
         for method in methods:
             todo_val = [p for p in grids[method]
-                        if p and merge_cache.get("capability", setting, method, "validation", merge_parameters(cfg, method, p)) is None]
-            todo_test = 0 if merge_cache.get("capability", setting, method, "test", merge_parameters(cfg, method, {})) else 1
+                        if p and merge_cache.get("capability", setting, method, "validation", recipe_for(setting, method, p)) is None]
+            todo_test = 0 if merge_cache.get("capability", setting, method, "test", recipe_for(setting, method, {})) else 1
             n_points += len([p for p in grids[method] if p])
             n_cached_points += len([p for p in grids[method] if p]) - len(todo_val)
             work = {"merge": len(todo_val) + todo_test * 2,
@@ -287,7 +311,7 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
     for setting in settings:
         for method in (m for m in methods if _needs_calibration(m)):
             for n in cfg.calibration_sizes:
-                todo = 0 if merge_cache.get(f"calibration_n{n}", setting, method, "test", merge_parameters(cfg, method, {})) else 1
+                todo = 0 if merge_cache.get(f"calibration_n{n}", setting, method, "test", recipe_for(setting, method, {}, n)) else 1
                 calibration_stage[(setting, method, n)] = len(stages)
                 work = {"merge": todo, "eval": todo * len(EXPERT_TASKS) * cfg.test_items}
                 stages.append(Stage(f"{setting} {method} n={n}", work, unit="items", total=work["eval"]))
@@ -357,23 +381,17 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                              training={m.name: _training_info(zoo / m.name) for m in plan})
         result.item_scores = {f"zoo/{n}": _bits(row) for n, row in zoo_scores.items()}
         vals = test_sets(cfg, "validation") if sweep else None
-        data_aware = [m for m in methods if _needs_calibration(m)]
-
-        def recipe_for(setting: str, method: str, params: dict, samples: int | None = None) -> dict:
-            if method not in data_aware:
-                return capability_recipe(zoo, setting, method, params, cfg.seed)
-            return capability_recipe(zoo, setting, method, merge_parameters(cfg, method, params), cfg.seed,
-                                     calibration=calibration_files(zoo, cfg, samples))
 
         work = out / "merged"
         work.mkdir(parents=True, exist_ok=True)
 
         def merged_scores(kind: str, setting: str, method: str, recipe: dict, split: str, tasks) -> dict:
             """{"bits": task -> "0101", "merge_s": s} or {"skipped": reason}; cached."""
-            params = recipe.get("parameters", {})
-            hit = merge_cache.get(kind, setting, method, split, params)
+            hit = merge_cache.get(kind, setting, method, split, recipe)
             if hit is not None:
                 return hit
+            if "calibration" in recipe:          # the samples' files, written on first use
+                calibration_files(zoo, cfg, recipe["calibration"]["samples"])
             folder = work / f"{kind}_{setting}_{method}"
             try:
                 with quiet_transformers(errors_only=True):     # e.g. the calibration stage loading each expert
@@ -387,7 +405,7 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                 entry = {"bits": _bits(scores), "merge_s": round(res.seconds, 3)}
                 if not keep_merged:
                     shutil.rmtree(folder, ignore_errors=True)
-            merge_cache.put(kind, setting, method, split, params, entry)
+            merge_cache.put(kind, setting, method, split, recipe, entry)
             return entry
 
         # 3. capability merging
