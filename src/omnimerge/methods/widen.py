@@ -35,7 +35,7 @@ _REF = ("Extend Model Merging from Fine-Tuned to Pre-Trained Large Language Mode
         "(Yu et al., 2024), arXiv:2408.03092; code: yule-BUAA/MergeLLM")
 _DEFAULTS = ("yule-BUAA/MergeLLM @9178ef9: merge_llms.py lines 84-85 (--above_average_value_ratio 1.0, "
              "--score_calibration_value 1.0, also the README's runs); model_merging_methods/merging_methods.py "
-             "lines 369-607 (widen_merging)")
+             "lines 369-609 (widen_merging)")
 
 ABOVE = Param("above_average", float, 1.0, "t: a significance above t × the model's mean significance gets the "
               "calibration score instead of its softmax share", minimum=0.0)
