@@ -307,3 +307,28 @@ def test_lora_lego_full_fine_tune_route_cuts_each_task_vector():
     out = run("lora_lego", base, [base + tau], unit_rank=2)
     u, s, vh = torch.linalg.svd(tau)
     torch.testing.assert_close(out, base + (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("r", [5, 40])
+def test_lora_lego_units_of_a_large_lora_come_from_a_sketch_and_match_the_svd(r):
+    delta = lora(300, 260, r, seed=70)
+    from omnimerge.methods.lora_lego import low_rank_svd
+
+    found = low_rank_svd(delta, torch.Generator().manual_seed(0))
+    assert found is not None and found[1].shape == (r,)
+    u, s, vh = torch.linalg.svd(delta)
+    torch.testing.assert_close(found[1], s[:r])
+    us = units(delta, "auto", torch.Generator().manual_seed(0))
+    a = vh[:r] * s[:r, None].sqrt()
+    sign = torch.sign(a[torch.arange(r), a.abs().argmax(dim=1)])[:, None]
+    want = torch.cat([a * sign, (u[:, :r] * s[:r].sqrt()).T * sign], dim=1)
+    torch.testing.assert_close(us, want, rtol=1e-8, atol=1e-10)
+
+
+def test_lora_lego_units_of_a_full_rank_update_fall_back_to_the_spectrum():
+    from omnimerge.methods.lora_lego import low_rank_svd
+
+    delta = randn(300, 260, seed=71)
+    assert low_rank_svd(delta, torch.Generator().manual_seed(0)) is None
+    assert units(delta, "auto").shape == (260, 560)
+    assert units(delta, 7).shape == (7, 560)

@@ -47,6 +47,8 @@ from .ranks import RULE_DOC, check_rank_rule, choose_rank
 from .registry import InputFacts, MethodContext, Param, register
 
 NUMERICAL_RTOL = 1e-5  # unit_rank auto: singular values above this fraction of σ_1 are units
+SKETCH = 32  # unit_rank auto: first sketch width of the low-rank finder (doubled while the rank fills it)
+SKETCH_MARGIN = 8  # the sketch must exceed the rank it finds by this many columns
 
 _REF = ("Merging LoRAs like Playing LEGO: Pushing the Modularity of LoRA to Extremes Through Rank-Wise "
         "Clustering (Zhao et al., ICLR 2025), arXiv:2409.16167")
@@ -92,17 +94,40 @@ def resolve_lora_lego(params: dict, facts: InputFacts) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- the units
+def low_rank_svd(delta: torch.Tensor, generator: torch.Generator | None = None):
+    """(U, S, Vh) of ``delta`` restricted to its singular values above NUMERICAL_RTOL·σ_1, found from a random
+    sketch when its rank is low (a LoRA's update: exact, as the sketch then spans its whole column space,
+    which the residual check confirms), or None when the sketch shows no low rank (up to min(m, n)/4)."""
+    m, n = delta.shape
+    q = SKETCH
+    while 4 * q <= min(m, n):
+        omega = torch.randn(n, q, generator=generator, dtype=delta.dtype,
+                            device=generator.device if generator is not None else "cpu").to(delta.device)
+        basis, _ = torch.linalg.qr(delta @ omega)
+        small = basis.T @ delta
+        ub, s, vh = torch.linalg.svd(small, full_matrices=False)
+        k = int((s > NUMERICAL_RTOL * s[0]).sum()) if float(s[0]) > 0 else 0
+        if k <= q - SKETCH_MARGIN and float((delta - basis @ small).norm()) <= NUMERICAL_RTOL * float(s[0]):
+            return basis @ ub[:, :k], s[:k], vh[:k]
+        q *= 2
+    return None
+
+
 def units(delta: torch.Tensor, unit_rank, generator: torch.Generator | None = None) -> torch.Tensor:
     """The rank-one units of one matrix update (m × n), as rows [a_j; b_j] of length n + m: B A = Σ_j b_j a_jᵀ."""
     m, n = delta.shape
-    s = spectrum(delta)
-    if float(s[0]) <= 0:
+    if float(delta.abs().max()) == 0:
         return delta.new_zeros((0, n + m))
-    if unit_rank == "auto":
-        r = int((s > NUMERICAL_RTOL * s[0]).sum())
+    found = low_rank_svd(delta, generator) if unit_rank == "auto" else None
+    if found is not None:
+        u, sv, vh = found
     else:
-        r = choose_rank(unit_rank, delta.shape, s)
-    u, sv, vh = leading_svd(delta, r, generator=generator)
+        s = spectrum(delta)
+        if unit_rank == "auto":
+            r = int((s > NUMERICAL_RTOL * s[0]).sum())
+        else:
+            r = choose_rank(unit_rank, delta.shape, s)
+        u, sv, vh = leading_svd(delta, r, generator=generator)
     keep = sv > 0
     root = sv[keep].sqrt()
     a = vh[keep] * root[:, None]

@@ -52,11 +52,11 @@ def _kth_smallest_rows(x: torch.Tensor, index: int) -> torch.Tensor:
     return x.kthvalue(index + 1, dim=1, keepdim=True).values
 
 
-def _minmax_rows(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """(x − lo)/(hi − lo) per row; 0 on a row with hi = lo."""
+def _minmax_rows_(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(x − lo)/(hi − lo) per row, in ``x``'s memory; 0 on a row with hi = lo."""
     span = hi - lo
     flat = span == 0
-    return (x - lo) / torch.where(flat, torch.ones_like(span), span) * (~flat)
+    return x.sub_(lo).div_(span.masked_fill_(flat, 1.0)).mul_(~flat)
 
 
 def clip_magnitudes(taus: torch.Tensor, clip: float) -> torch.Tensor:
@@ -67,21 +67,22 @@ def clip_magnitudes(taus: torch.Tensor, clip: float) -> torch.Tensor:
         return mags
     lo = _kth_smallest_rows(mags, int(d * clip))
     hi = _kth_smallest_rows(mags, int(d * (1 - clip) - 1))
-    return torch.minimum(torch.maximum(mags, lo), hi)
+    return mags.clamp_(min=lo, max=hi)
 
 
 def balancing_scores(taus: torch.Tensor, density: float, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(τ̂, β): the clipped task vectors and their balanced, dropped and normalised scores, both (N, d)."""
+    """(τ̂, β): the clipped task vectors and their balanced, dropped and normalised scores, both (N, d).
+    ``taus`` is overwritten (it becomes τ̂): pass a stack of your own."""
     n, d = taus.shape
     mags = clip_magnitudes(taus, clip)
-    clipped = torch.sign(taus) * mags
-    norm = _minmax_rows(mags, mags.min(dim=1, keepdim=True).values, mags.max(dim=1, keepdim=True).values)
-    intra = torch.exp(n * (norm.square() - 1.0))  # exp(N·norm²) up to a per-row factor (see the module doc)
-    inter = torch.tanh(taus * taus.sum(dim=0, keepdim=True))
-    scores = intra * inter
+    scores = _minmax_rows_(mags.clone(), mags.min(dim=1, keepdim=True).values, mags.max(dim=1, keepdim=True).values)
+    scores.square_().sub_(1.0).mul_(n).exp_()  # intra: exp(N·norm²) up to a per-row factor (see the module doc)
+    scores.mul_(torch.tanh(taus * taus.sum(dim=0, keepdim=True)))  # × inter
+    clipped = taus.sign_().mul_(mags)
+    del mags
     floor = _kth_smallest_rows(scores, int(d * (1 - density)))
     top = scores.max(dim=1, keepdim=True).values
-    return clipped, _minmax_rows(torch.maximum(scores, floor), floor, top)
+    return clipped, _minmax_rows_(scores.clamp_(min=floor), floor, top)
 
 
 @register(
@@ -101,6 +102,7 @@ def pcb(base, models, ctx, density, clip, weight, **kw):
         return base.clone()
     clipped, scores = balancing_scores(taus, density, clip)
     weights = torch.tensor(w, dtype=taus.dtype, device=taus.device)[:, None]
-    merged = (clipped * weights * scores).sum(dim=0) / scores.sum(dim=0).clamp_min(1e-12)
     ctx.info["kept"] = round(float((scores > 0).float().mean()), 6)
+    total = scores.sum(dim=0).clamp_min_(1e-12)
+    merged = clipped.mul_(weights).mul_(scores).sum(dim=0).div_(total)
     return base + lam * merged.reshape(base.shape)
