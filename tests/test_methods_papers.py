@@ -10,6 +10,7 @@ import torch
 from omnimerge.errors import OmnimergeError
 from omnimerge.methods import InputFacts, MethodContext, get_method
 from omnimerge.methods.localize_stitch import REDUCTION
+from omnimerge.methods.pcb import REDUCTION as PCB_REDUCTION, StreamedOrderStatistic
 from omnimerge.methods.lora_lego import resolve_lora_lego, units
 
 KEY = "language.layers.0.mlp.up_proj.weight"
@@ -54,6 +55,48 @@ def test_pcb_is_the_authors_pcb_merge(n, ratio, clip):
     out = run("pcb", base, [base + t for t in taus], density=ratio, clip=clip)
     want = base + 1.2 * pcb_reference(torch.stack([t.reshape(-1) for t in taus]), ratio, clip).reshape(20, 30)
     torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-12)
+
+
+def test_pcb_global_scope_spans_every_tensor():
+    """Two tensors merged with the pre-pass's bounds equal the authors' PCB_merge on their concatenation."""
+    b1, b2 = randn(8, 6, seed=30).float(), randn(40, seed=31).float()
+    t1 = [randn(8, 6, seed=300 + i).float() * (1 + i) for i in range(3)]
+    t2 = [randn(40, seed=310 + i).float() * 0.3 for i in range(3)]
+    params = {"density": 0.2, "clip": 0.05, "scope": "global", "weight": 1.0, "lambda": 1.2}
+    acc = PCB_REDUCTION.start(params)
+    passes = 0
+    while not acc.done:
+        for b, ts in ((b1, t1), (b2, t2)):
+            acc.feed(b, [b + t for t in ts], ctx(), params)
+        acc.next_pass()
+        passes += 1
+    assert passes == 4  # float32: two 16-bit digits for the clip bounds, two for the floor
+    method = get_method("pcb")
+    c1, c2 = ctx(), ctx()
+    c1.reduction = c2.reduction = acc.result()
+    o1 = method(b1, [b1 + t for t in t1], c1, **params)
+    o2 = method(b2, [b2 + t for t in t2], c2, **params)
+    whole = torch.stack([torch.cat([x.reshape(-1), y]) for x, y in zip(t1, t2)]).double()
+    want = torch.cat([b1.reshape(-1), b2]).double() + 1.2 * pcb_reference(whole, 0.2, 0.05)
+    torch.testing.assert_close(torch.cat([o1.reshape(-1), o2]).double(), want, rtol=1e-5, atol=1e-6)
+    # per tensor differs: each tensor keeps its own top 20 %
+    per = method(b1, [b1 + t for t in t1], ctx(), **{**params, "scope": "per_tensor"})
+    assert not torch.allclose(per, o1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_streamed_order_statistic_is_exact_for_signed_values(dtype):
+    chunks = [torch.randn(300, generator=torch.Generator().manual_seed(i)).to(dtype) * 10 ** (i - 2)
+              for i in range(4)]
+    chunks.append(torch.tensor([0.0, -0.0, 0.0], dtype=dtype))
+    values = torch.cat(chunks).double().sort().values
+    for pos in (0, 1, 17, 600, 601, 1202):
+        sel = StreamedOrderStatistic(lambda n, p=pos: p)
+        while not sel.done:
+            for c in chunks:
+                sel.feed(c)
+            sel.next_pass()
+        assert sel.value == float(values[pos]), pos
 
 
 def test_pcb_keeps_the_stated_fraction_of_each_task_vector():

@@ -15,6 +15,7 @@ from omnimerge.verify import verify
 from layouts import DECODER  # the tests' own reading of raw keys (not omnimerge's table)
 from test_lora import make_adapter
 from test_lora_out import PREFIX, load, logits
+from test_methods_papers import pcb_reference
 
 
 def weights(folder):
@@ -35,6 +36,7 @@ def direct(method: str, base, models, reduction=None, **params):
 
 
 @pytest.mark.parametrize("method,params", [("pcb", {}), ("pcb", {"density": 0.5, "lambda": 1.0}),
+                                           ("pcb", {"scope": "per_tensor"}),
                                            ("widen", {}), ("localize_stitch", {}),
                                            ("localize_stitch", {"scope": "per_tensor", "density": 0.2})])
 def test_capability_merge_is_the_definition_and_runs(zoo, tmp_path, method, params):
@@ -55,8 +57,17 @@ def test_capability_merge_is_the_definition_and_runs(zoo, tmp_path, method, para
             mags = torch.cat([(e[k].float() - b[k].float()).abs().reshape(-1) for k in lang])
             k = int(0.05 * mags.numel())
             thresholds.append(float(mags.kthvalue(mags.numel() - k + 1).values))
+    whole = None
+    if method == "pcb" and params.get("scope", "global") == "global":
+        # the authors' PCB_merge on the whole merged model flattened into one row per task vector
+        taus = torch.stack([torch.cat([(e[k].double() - b[k].double()).reshape(-1) for k in lang]) for e in es])
+        flat = pcb_reference(taus, params.get("density", 0.1), 1e-4) * params.get("lambda", 1.2)
+        whole = dict(zip(lang, flat.split([b[k].numel() for k in lang])))
     for key, t in got.items():
-        if key in lang:
+        if key in lang and whole is not None:
+            want = (b[key].double() + whole[key].reshape(t.shape)).to(t.dtype)
+            torch.testing.assert_close(t, want, rtol=1e-5, atol=1e-5)
+        elif key in lang:
             want = direct(method, b[key], [e[key] for e in es], thresholds, **params).to(t.dtype)
             torch.testing.assert_close(t, want, rtol=1e-6, atol=1e-6)
         else:
