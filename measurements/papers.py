@@ -4,8 +4,9 @@ lora_lego) on the language-layer shapes of Qwen2-VL-2B and -7B.
 Each expert's task vector is a rank-``--rank`` product (a LoRA-like update) plus ``--noise`` times a dense
 random matrix (its share of the Frobenius norm), on a random base of scale 0.02; ``lora_lego`` gets the
 low-rank part alone (its experts are LoRAs). The methods are called directly on float32 tensors, as the
-run calls them, one matrix at a time; ``localize_stitch`` on its own (its global threshold is a pre-pass of
-two streaming reads, as TIES's). Peak memory is the process's VmHWM above the inputs, reset before each
+run calls them, one matrix at a time, with their statistics taken over that matrix (the global scopes of
+``pcb`` and ``localize_stitch`` add a pre-pass of four and two streaming reads of the inputs, as TIES's global
+trim does, and then the same per-matrix work). Peak memory is the process's VmHWM above the inputs, reset before each
 call::
 
     python measurements/papers.py                        # 2B and 7B shapes, 3 experts
