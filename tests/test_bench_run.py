@@ -71,7 +71,28 @@ def test_micro_bench_reports_every_method_in_both_settings(micro_run):
         assert [e["method"] for e in res["ranking"][s]] == [
             m["method"] for m in sorted((m for m in rows if m["setting"] == s and "skipped" not in m),
                                         key=lambda m: (-m["average"], m["method"]))]
+    # the data-aware methods again at the other calibration sizes, with the same figures
+    aware = sorted(m.name for m in list_methods() if m.needs_calibration)
+    assert aware
+    sizes = BenchConfig.micro().calibration_sizes
+    extra = [m for m in res["merges"] if m["kind"] == "calibration"]
+    assert sorted((m["setting"], m["method"], m["samples"]) for m in extra) == sorted(
+        (s, m, n) for s in SETTINGS for m in aware for n in sizes)
+    for m in extra:
+        if "skipped" in m:
+            continue
+        bits = scores[f"calibration/{m['setting']}/{m['method']}/n{m['samples']}"]
+        assert all(m["accuracy"][t] == pytest.approx(bits[t].count("1") / len(bits[t])) for t in EXPERT_TASKS)
+        assert m["average"] == pytest.approx(sum(m["accuracy"].values()) / len(EXPERT_TASKS), abs=1e-4)
+        assert "gain_recovered" in m and "average" in m["ci95"]
+    n_main = BenchConfig.micro().calibration_items
+    for s in SETTINGS:      # each calibration set holds that many validation questions of its task
+        for n in (n_main, *sizes):
+            for task in EXPERT_TASKS:
+                path = root / "cache" / res["cache_key"] / "calibration" / f"n{n}" / task / "samples.jsonl"
+                assert len(path.read_text().splitlines()) == n
     md = (report / "report.md").read_text()
+    assert "samples per expert" in md and f"| {aware[0]} | {sizes[0]} |" in md
     for method in methods:
         assert f"| {method} |" in md
     assert "skipped: method: 'slerp'" in md

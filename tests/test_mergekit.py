@@ -520,7 +520,11 @@ parameters: {{lambda: 2.0, weight: 1.0}}
 
 
 @pytest.mark.parametrize("text,words", [
-    ("merge_method: nuslerp\nmodels: [{model: a}]", ["merge_method 'nuslerp' is not supported", "slerp"]),
+    ("merge_method: frobnicate\nmodels: [{model: a}]", ["merge_method 'frobnicate' is not supported", "nuslerp"]),
+    ("merge_method: nuslerp\nmodels: [{model: a, parameters: {weight: 1}}]", ["exactly 2 model(s)", "got 1"]),
+    ("merge_method: nearswap\nbase_model: a\nmodels: [{model: b}]", ["parameters.t", "needs it"]),
+    ("merge_method: arcee_fusion\nmodels: [{model: b}]", ["`arcee_fusion` needs `base_model:`"]),
+    ("merge_method: karcher\nmodels: [{model: b}]\nparameters: {max_iter: 2.5}", ["expected an integer"]),
     ("merge_method: linear\nmodels: [{model: a}]\nbogus: 1", ["unknown field(s) bogus"]),
     ("merge_method: linear\nmodels: [{model: a}]\nskeleton: a", ["omnimerge's own fields cannot be mixed"]),
     ("merge_method: linear\nmodules: {text: {}}", ["`modules` is not supported"]),

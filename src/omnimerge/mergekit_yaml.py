@@ -6,7 +6,8 @@ fields of an omnimerge Recipe so that the merge computes what mergekit 0.1.5 com
 * method names map one to one (``linear`` is our ``average``); mergekit's defaults, which differ from ours
   (``density: 1``, ``normalize``/``rescale`` per method), are written out explicitly;
 * ``base_model`` is removed from the models of the methods that need a base (mergekit skips its task vector
-  and its parameters) and added to the models of ``linear`` when it is not listed (mergekit adds it);
+  and its parameters) and of those that take one if given (``nuslerp``, ``multislerp``), and added to the
+  models of ``linear`` and ``karcher`` when it is not listed (mergekit adds it: for them it is one more input);
 * DARE's ``density`` (a keep probability) becomes our drop rate ``p = 1 − density``; ``rescale: true`` is our
   ``rescale: l1`` (match the task vector's L1 norm), ``false`` is ``none``;
 * parameter values keep mergekit's precedence (model > slice > global > mergekit's default); filters
@@ -62,6 +63,13 @@ def _keep(v: Any, where: str) -> Any:
     return _num(v, where)
 
 
+def _int(v: Any, where: str) -> int:
+    n = _num(v, where)
+    if n != int(n):
+        raise OmnimergeError(f"{where}: expected an integer, got {v!r}")
+    return int(n)
+
+
 def _density_to_p(v: Any, where: str) -> float:
     d = _num(v, where)
     if not 0 < d <= 1:
@@ -87,7 +95,7 @@ class MkParam:
 @dataclass(frozen=True)
 class MkMethod:
     ours: str
-    base: str  # "required" or "ignored"
+    base: str  # "required", "optional" (the base when given, else none) or "ignored" (an ordinary input)
     params: tuple[MkParam, ...]
     min_non_base: int = 1
     max_non_base: int | None = None
@@ -135,6 +143,26 @@ METHODS: dict[str, MkMethod] = {
     "breadcrumbs_ties": _gta("breadcrumbs_ties", False, False, "density", (_GAMMA,)),
     "della": _gta("della", True, True, "density", (_EPSILON,)),
     "della_linear": _gta("della_linear", False, True, "density", (_EPSILON,)),
+    # mergekit 0.1.5's methods outside generalised task arithmetic (defaults: each method's module, see
+    # omnimerge's methods/spherical.py and methods/selective.py for file and line)
+    "nuslerp": MkMethod("nuslerp", "optional", (
+        MkParam("weight", REQUIRED, "weight", per_input=True),
+        MkParam("nuslerp_flatten", True, "flatten", _bool),
+        MkParam("nuslerp_row_wise", False, "row_wise", _bool),
+    ), 2, 2),
+    "multislerp": MkMethod("multislerp", "optional", (
+        MkParam("weight", REQUIRED, "weight", per_input=True),
+        MkParam("normalize_weights", True, "normalize", _bool),
+        MkParam("eps", 1e-8, "eps"),
+    )),
+    "karcher": MkMethod("karcher", "ignored", (MkParam("max_iter", 10, "max_iter", _int), MkParam("tol", 1e-5, "tol"))),
+    "arcee_fusion": MkMethod("arcee_fusion", "required", (), 1, 1),
+    "nearswap": MkMethod("nearswap", "required", (MkParam("t", REQUIRED, "t"),), 1, 1),
+    "sce": MkMethod("sce", "required", (MkParam("select_topk", 1.0, "select_topk"),
+                                        MkParam("int8_mask", False, None, _bool))),
+    "ram": MkMethod("ram", "required", (MkParam("epsilon", 1e-5, "epsilon"),)),
+    "ramplus_tl": MkMethod("ramplus_tl", "required", (MkParam("r", 0.1, "r"), MkParam("alpha", 0.2, "alpha"),
+                                                      MkParam("epsilon", 1e-5, "epsilon"))),
 }
 # Parameters of some supported mergekit method: a method that does not know one ignores it (as mergekit does).
 _KNOWN_PARAMS = sorted({p.name for m in METHODS.values() for p in m.params})
@@ -454,7 +482,8 @@ def _translate(data: dict, source: str) -> dict:
         raise OmnimergeError(f"models: {', '.join(dup)} listed more than once (mergekit refuses this too)")
     if base_ref is not None and base_ref not in refs:
         inputs.append(_Input(base_ref, {}, "base_model"))  # mergekit adds the base to the inputs
-    if mk.base == "required":
+    with_base = mk.base == "required" or (mk.base == "optional" and base_ref is not None)
+    if with_base:
         if base_ref is None:
             raise OmnimergeError(f"mergekit's `{name}` needs `base_model:`")
         non_base = [i for i in inputs if i.ref != base_ref]
@@ -522,7 +551,7 @@ def _translate(data: dict, source: str) -> dict:
     # the rest
     recipe: dict[str, Any] = {"method": mk.ours, "models": models_out, "parameters": ours_params,
                               "components": dict(COMPONENTS_ALL_MERGED)}
-    if mk.base == "required":
+    if with_base:
         recipe["base"] = base_ref
     first = inputs[0].ref
     # the output's architecture: the base, else the first model (for `model+adapter`, the model)

@@ -80,22 +80,20 @@ class BenchResult:
                 "item_scores": self.item_scores}
 
 
-CALIBRATION_SAMPLES = 32
-
-
-def calibration_files(zoo: Path, cfg: BenchConfig) -> dict[str, Path]:
+def calibration_files(zoo: Path, cfg: BenchConfig, n: int | None = None) -> dict[str, Path]:
     """Unlabeled samples of each expert's task for the data-aware methods (``regmean``, ``fisher``,
-    ...): the first :data:`CALIBRATION_SAMPLES` validation questions and images, written once under
-    ``zoo/calibration/<task>/samples.jsonl``. Validation, never test: the test split stays unseen."""
+    ...): the first ``n`` (default ``cfg.calibration_items``) validation questions and images, written
+    once under ``zoo/calibration/n<n>/<task>/samples.jsonl``. Validation, never test: the test split
+    stays unseen."""
+    n = cfg.calibration_items if n is None else n
     out = {}
     for task in EXPERT_TASKS:
-        folder = zoo / "calibration" / task
+        folder = zoo / "calibration" / f"n{n}" / task
         path = folder / "samples.jsonl"
         if not path.is_file():
             (folder / "images").mkdir(parents=True, exist_ok=True)
             lines = []
-            for i, item in enumerate(T.generate(task, "validation", CALIBRATION_SAMPLES, seed=cfg.data_seed,
-                                                image_size=cfg.image_size)):
+            for i, item in enumerate(T.generate(task, "validation", n, seed=cfg.data_seed, image_size=cfg.image_size)):
                 sample = {"text": item.question}
                 if item.image is not None:
                     item.image.save(folder / "images" / f"{i:04d}.png")
@@ -137,6 +135,14 @@ def method_defaults(method: str) -> dict[str, Any]:
     from ..methods import get_method
 
     return {p.name: p.default for p in get_method(method).params}
+
+
+def merge_parameters(cfg: BenchConfig, method: str, params: dict) -> dict:
+    """The parameters a recipe gets: ``params``, plus ``steps: cfg.data_aware_steps`` for a data-aware
+    method that optimises (the smoke presets' cap; 0 keeps the method's own default)."""
+    if cfg.data_aware_steps and _needs_calibration(method) and "steps" in method_defaults(method):
+        return {"steps": cfg.data_aware_steps, **params}
+    return dict(params)
 
 
 def sweep_grid(method: str) -> list[dict[str, Any]]:
@@ -266,8 +272,9 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
     n_points = n_cached_points = 0
     for setting in settings:
         for method in methods:
-            todo_val = [p for p in grids[method] if p and merge_cache.get("capability", setting, method, "validation", p) is None]
-            todo_test = 0 if merge_cache.get("capability", setting, method, "test", {}) else 1
+            todo_val = [p for p in grids[method]
+                        if p and merge_cache.get("capability", setting, method, "validation", merge_parameters(cfg, method, p)) is None]
+            todo_test = 0 if merge_cache.get("capability", setting, method, "test", merge_parameters(cfg, method, {})) else 1
             n_points += len([p for p in grids[method] if p])
             n_cached_points += len([p for p in grids[method] if p]) - len(todo_val)
             work = {"merge": len(todo_val) + todo_test * 2,
@@ -276,6 +283,14 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
             method_stage[(setting, method)] = len(stages)
             stages.append(Stage(f"{setting} {method}", work, unit="items",
                                 total=work["eval"]))
+    calibration_stage: dict[tuple[str, str, int], int] = {}
+    for setting in settings:
+        for method in (m for m in methods if _needs_calibration(m)):
+            for n in cfg.calibration_sizes:
+                todo = 0 if merge_cache.get(f"calibration_n{n}", setting, method, "test", merge_parameters(cfg, method, {})) else 1
+                calibration_stage[(setting, method, n)] = len(stages)
+                work = {"merge": todo, "eval": todo * len(EXPERT_TASKS) * cfg.test_items}
+                stages.append(Stage(f"{setting} {method} n={n}", work, unit="items", total=work["eval"]))
     backbone_stage = len(stages)
     stages.append(Stage("backbone merging", {"merge": 2, "eval": 2 * len(T.TASKS) * cfg.test_items}, unit="items",
                         total=2 * len(T.TASKS) * cfg.test_items))
@@ -340,11 +355,13 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                              training={m.name: _training_info(zoo / m.name) for m in plan})
         result.item_scores = {f"zoo/{n}": _bits(row) for n, row in zoo_scores.items()}
         vals = test_sets(cfg, "validation") if sweep else None
-        calib = calibration_files(zoo, cfg) if any(_needs_calibration(m) for m in methods) else {}
+        data_aware = [m for m in methods if _needs_calibration(m)]
 
-        def recipe_for(setting: str, method: str, params: dict) -> dict:
-            return capability_recipe(zoo, setting, method, params, cfg.seed,
-                                     calibration=calib if _needs_calibration(method) else None)
+        def recipe_for(setting: str, method: str, params: dict, samples: int | None = None) -> dict:
+            if method not in data_aware:
+                return capability_recipe(zoo, setting, method, params, cfg.seed)
+            return capability_recipe(zoo, setting, method, merge_parameters(cfg, method, params), cfg.seed,
+                                     calibration=calibration_files(zoo, cfg, samples))
 
         work = out / "merged"
         work.mkdir(parents=True, exist_ok=True)
@@ -376,7 +393,8 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
         for setting in settings:
             for method in methods:
                 progress.begin(method_stage[(setting, method)])
-                row: dict[str, Any] = {"kind": "capability", "setting": setting, "method": method, "parameters": {}}
+                row: dict[str, Any] = {"kind": "capability", "setting": setting, "method": method,
+                                       "parameters": merge_parameters(cfg, method, {})}
                 entry = merged_scores("capability", setting, method, recipe_for(setting, method, {}), "test",
                                       EXPERT_TASKS)
                 if "skipped" in entry:
@@ -396,6 +414,22 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                     + (f"  tuned {tuned['parameters']} avg {_mean(tuned['accuracy'].values()):.3f}"
                        if tuned.get("parameters") else "")
                     + f"  ({row['merge_s']:.1f} s merge)")
+        # 3b. data-aware methods with other calibration sizes (their defaults only)
+        for setting in settings:
+            for method in data_aware:
+                for n in cfg.calibration_sizes:
+                    progress.begin(calibration_stage[(setting, method, n)])
+                    kind = f"calibration_n{n}"
+                    row = {"kind": "calibration", "setting": setting, "method": method, "samples": n, "parameters": {}}
+                    entry = merged_scores(kind, setting, method, recipe_for(setting, method, {}, n), "test", EXPERT_TASKS)
+                    if "skipped" in entry:
+                        row["skipped"] = entry["skipped"]
+                    else:
+                        row.update(accuracy=_acc(entry["bits"]), merge_s=entry["merge_s"])
+                        result.item_scores[f"calibration/{setting}/{method}/n{n}"] = entry["bits"]
+                        say(f"calibration {setting:<4} {method:<16} n={n:<3} avg {_mean(row['accuracy'].values()):.3f}")
+                    result.merges.append(row)
+                    progress.end()
         t_capability = time.perf_counter() - t
 
         # 4. backbone merging

@@ -59,7 +59,7 @@ def _ci(pair) -> list[float]:
 
 def summarize(result, n_resamples: int = 1000, seed: int = 0) -> None:
     """Fill in ``result``'s derived figures (in place): ``zoo_ci95``, ``experts``, ``ranking`` and, on
-    every capability row (and its ``tuned`` part), ``average``, ``normalized``, ``gain_recovered``,
+    every capability row (and its ``tuned`` part) and every calibration-size row, ``average``, ``normalized``, ``gain_recovered``,
     ``gain_kept`` and ``ci95``; backbone rows get ``vision_average``, ``text`` and ``ci95``."""
     boot = Bootstrap(n_resamples, seed)
     scores = {name: {t: _bits_to_list(b) for t, b in row.items()} for name, row in result.item_scores.items()}
@@ -124,6 +124,9 @@ def summarize(result, n_resamples: int = 1000, seed: int = 0) -> None:
             if "accuracy" in tuned:
                 tuned.update(figures(tuned["accuracy"], key + "/tuned"))
             ranked.append((row["average"], row["method"], boot.average(scores[key], EXPERT_TASKS)))
+        for row in result.merges:
+            if row["kind"] == "calibration" and row["setting"] == setting and "accuracy" in row:
+                row.update(figures(row["accuracy"], f"calibration/{setting}/{row['method']}/n{row['samples']}"))
         ranked.sort(key=lambda r: (-r[0], r[1]))
         order = []
         for i, (avg, method, samples) in enumerate(ranked):
