@@ -82,8 +82,9 @@ def main():
                     seconds = time.perf_counter() - t0
                     peak = (rss("VmHWM") - before) / 2**20
                     assert torch.isfinite(out).all()
-                    print(f"{size:>4} {tasks:>2} {method:<16} {f'{shape[0]}x{shape[1]}':>12} {seconds:8.2f} {peak:9.0f} "
-                          f"{ctx.info}", flush=True)
+                    dims = f"{shape[0]}x{shape[1]}"
+                    print(f"{size:>4} {tasks:>2} {method:<16} {dims:>12} {seconds:8.2f} {peak:9.0f} {ctx.info}",
+                          flush=True)
                     del base, models, out
 
 

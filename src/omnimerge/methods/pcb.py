@@ -2,8 +2,8 @@
 
 τ_i = θ_i − θ_base, each flattened to a row of d entries; N models. For each model i:
 
-1. **clip**: a_i = |τ_i| clamped to [its ⌊d·c⌋-th, its ⌊d(1 − c) − 1⌋-th smallest value] (0-based, c = ``clip``);
-   τ̂_i = sign(τ_i) · a_i;
+1. **clip**: a_i = |τ_i| clamped to [its ⌊d·c⌋-th, its ⌊d(1 − c) − 1⌋-th smallest value] (0-based,
+   c = ``clip``); τ̂_i = sign(τ_i) · a_i;
 2. **intra-balancing**: β_intra,i = exp(N · norm(a_i)²), norm = min-max over the row;
 3. **inter-balancing**: β_inter,i = tanh(τ_i ⊙ Σ_j τ_j);
 4. **drop**: β_i = β_intra,i ⊙ β_inter,i, clamped from below at its ⌊d(1 − ρ)⌋-th smallest value
@@ -43,7 +43,8 @@ from .registry import MethodContext, Param, Reduction, register
 _REF = ("Parameter Competition Balancing for Model Merging (Du et al., NeurIPS 2024), arXiv:2410.02396; "
         "code: duguodong7/pcb-merging")
 _DEFAULTS = ("duguodong7/pcb-merging @5897888, pcb-merging.py: PCB_merge(..., pcb_ratio=0.1) (line 31), clamp "
-             "min_ratio=max_ratio=0.0001 (line 34), lams = [1.2]*n (line 52); one flattened row per task (scope global), lines 31-44")
+             "min_ratio=max_ratio=0.0001 (line 34), lams = [1.2]*n (line 52); one flattened row per task "
+             "(scope global), lines 31-44")
 
 DENSITY = Param("density", float, 0.1, "ρ: fraction of each task vector's entries kept, by balanced score "
                 "(the reference's pcb_ratio)", minimum=0.0, maximum=1.0, exclusive_minimum=True)
@@ -92,13 +93,12 @@ def balancing_scores(taus: torch.Tensor, density: float, clip: float, bounds=Non
     ``bounds``: per model (lo, hi, floor, top) taken over every tensor of the merge (``scope: global``: the clip
     bounds, the drop's floor and the largest score); None takes them over ``taus``. ``taus`` is overwritten
     (it becomes τ̂): pass a stack of your own."""
+    mags = taus.abs()
     if bounds is None:
         i_lo, i_hi, i_floor = _positions(taus.shape[1], density, clip)
-        mags = taus.abs()
         lo, hi = _kth_smallest_rows(mags, i_lo), _kth_smallest_rows(mags, i_hi)
     else:
         lo, hi = _column([b[0] for b in bounds], taus), _column([b[1] for b in bounds], taus)
-        mags = taus.abs()
     mags.clamp_(min=lo, max=hi)
     scores = raw_scores(taus, mags, lo, hi)
     clipped = taus.sign_().mul_(mags)
