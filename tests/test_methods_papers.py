@@ -57,6 +57,14 @@ def test_pcb_is_the_authors_pcb_merge(n, ratio, clip):
     torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-12)
 
 
+def test_pcb_on_a_tensor_large_enough_for_the_selection_band():
+    base = randn(600, 500, seed=32)  # 300,000 entries: quantiles by the sampled band, not kthvalue
+    taus = [randn(600, 500, seed=320 + i) for i in range(2)]
+    out = run("pcb", base, [base + t for t in taus], scope="per_tensor")
+    want = base + 1.2 * pcb_reference(torch.stack([t.reshape(-1) for t in taus]), 0.1, 1e-4).reshape(600, 500)
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-12)
+
+
 def test_pcb_global_scope_spans_every_tensor():
     """Two tensors merged with the pre-pass's bounds equal the authors' PCB_merge on their concatenation."""
     b1, b2 = randn(8, 6, seed=30).float(), randn(40, seed=31).float()

@@ -39,6 +39,7 @@ import torch
 from ..errors import OmnimergeError
 from .combine import WEIGHT, per_model, take_lambda
 from .registry import MethodContext, Param, Reduction, register
+from .selection import kth_largest
 
 _REF = ("Parameter Competition Balancing for Model Merging (Du et al., NeurIPS 2024), arXiv:2410.02396; "
         "code: duguodong7/pcb-merging")
@@ -57,9 +58,10 @@ SCOPE = Param("scope", str, "global", "where the clip quantiles, the normalisati
 
 
 def _kth_smallest_rows(x: torch.Tensor, index: int) -> torch.Tensor:
-    """The ``index``-th smallest (0-based) of each row of ``x`` (N, d), as (N, 1)."""
-    index = min(max(index, 0), x.shape[1] - 1)
-    return x.kthvalue(index + 1, dim=1, keepdim=True).values
+    """The ``index``-th smallest (0-based) of each row of ``x`` (N, d), as (N, 1); exact, by selection."""
+    d = x.shape[1]
+    index = min(max(index, 0), d - 1)
+    return torch.stack([kth_largest(row, d - index) for row in x])[:, None]
 
 
 def _minmax_rows_(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
