@@ -277,11 +277,15 @@ def build_plan(recipe: Recipe | dict, *, relative_to: str | Path | None = None, 
     inputs = ([base] if base else []) + models
     facts = InputFacts(lora_experts=bool(models) and all(m.lora is not None for m in models))
     layers = plan_layers(recipe, methods["*"], ref, skeleton) if recipe.slices else None
-    vocabulary = build_vocabulary(recipe.tokenizer, base, inputs, ref) if recipe.tokenizer else None
+    vocabulary, vocab_base = None, None
+    if recipe.tokenizer is not None:
+        vocab_base = ref(recipe.tokenizer.base) if recipe.tokenizer.base else base
+        merged = inputs + [s.checkpoint for o in layers or [] for s in o.sources]
+        vocabulary = build_vocabulary(recipe.tokenizer, vocab_base or skeleton, merged, ref)
     if vocabulary is not None:
         tok = skeleton.path  # the tokenizer is written from the vocabulary; the processor files are the skeleton's
     planner = _Planner(recipe, methods, ref, skeleton, base, inputs, facts, layers, vocabulary,
-                       DTYPES[recipe.out_dtype] if recipe.out_dtype else None)
+                       DTYPES[recipe.out_dtype] if recipe.out_dtype else None, vocab_base)
     jobs = planner.jobs()
     calibration = _check_calibration(recipe, methods, rel, skeleton)
     plan = Plan(recipe, skeleton, base, models, tok, jobs, notes, DTYPES[recipe.dtype], cache | by_label, calibration)
@@ -343,6 +347,7 @@ class _Planner:
     layers: list[OutputLayer] | None
     vocabulary: OutputVocabulary | None
     out_dtype: torch.dtype | None
+    vocab_base: Checkpoint | None = None  # whose rows win for tokens several merged models share
     checked_layers: bool = False
 
     def jobs(self) -> list[Job]:
@@ -399,7 +404,7 @@ class _Planner:
             if aligned:
                 job.reads = tuple((m, canon) for m in self.inputs)
                 job.with_base = self.base is not None
-                return self.realign(job, [m for m, _ in job.reads], self.base)
+                return self.realign(job, [m for m, _ in job.reads], self.vocab_base)
             job.rows = rows
             if rows is not None:
                 job.note = f"rows 0..{rows - 1} merged, the rest kept (vocabulary sizes differ)"
@@ -419,7 +424,8 @@ class _Planner:
         job.note = f"from slices[{at}]"
         self.set_merge(job, method, self.per_input(sl, inputs, with_base, lambda _j: canon), shared)
         if aligned:
-            return self.realign(job, [m for m, _ in job.reads], job.reads[0][0] if with_base else None)
+            return self.realign(job, [m for m, _ in job.reads],
+                                job.reads[0][0] if with_base else self.vocab_base)
         if job.action is Action.MERGE and rows is not None:
             job.rows = rows
             job.note += f"; rows 0..{rows - 1} merged, the rest kept (vocabulary sizes differ)"

@@ -183,6 +183,8 @@ class Vocabulary(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     source: str = "union"
+    base: str | None = Field(None, description="the model `source: base` names, whose rows also win for tokens that "
+                             "several merged models share (default: the recipe's base, else the skeleton)")
     tokens: dict[str, TokenRow] = {}
     pad_to_multiple_of: int | None = Field(None, ge=1, le=1 << 20)
 
