@@ -424,8 +424,7 @@ class _Planner:
         job.note = f"from slices[{at}]"
         self.set_merge(job, method, self.per_input(sl, inputs, with_base, lambda _j: canon), shared)
         if aligned:
-            return self.realign(job, [m for m, _ in job.reads],
-                                job.reads[0][0] if with_base else self.vocab_base)
+            return self.realign(job, [m for _, m in inputs], inputs[0][1] if with_base else self.vocab_base)
         if job.action is Action.MERGE and rows is not None:
             job.rows = rows
             job.note += f"; rows 0..{rows - 1} merged, the rest kept (vocabulary sizes differ)"
