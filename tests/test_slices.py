@@ -329,8 +329,17 @@ def test_bad_slices_fail_before_any_output(four, wide, tmp_path, change, words):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".omnimerge-" in p.name]
 
 
-def test_slices_refuse_skeletons_and_data_aware_methods(four):
+def test_slices_refuse_skeletons_lora_output_analysis_and_data_aware_methods(four, tmp_path):
+    from omnimerge.analysis.stats import analyze
+
     a = str(four[0])
+    sliced = {"method": "task_arithmetic", "base": a, "models": [{"path": a}, {"path": str(four[1])}],
+              "slices": [{"sources": [{"model": a, "layers": [0, 2]}, {"model": str(four[1]), "layers": [0, 2]}]}]}
+    with pytest.raises(OmnimergeError, match="--as-lora: the recipe restacks the layers"):
+        omnimerge.merge(sliced, tmp_path / "lora", as_lora=8)
+    with pytest.raises(OmnimergeError, match="analyze compares whole models"):
+        analyze(sliced, tmp_path / "analysis")
+    assert not (tmp_path / "lora").exists()
     with pytest.raises(OmnimergeError, match="cannot be combined with `skeletons:`"):
         build_plan({"method": "passthrough", "skeletons": [a], "slices": [{"model": a, "layers": [0, 1]}]})
     with pytest.raises(OmnimergeError, match="cannot merge restacked layers"):
