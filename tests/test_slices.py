@@ -156,8 +156,12 @@ def test_slice_base_and_task_vectors(four, tmp_path):
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
 
 
-def test_qwen2_vl_frankenmerge_keeps_the_vision_tower(zoo, tmp_path):
-    base = build_tiny("qwen2_vl", tmp_path / "vl-a", num_layers=3, seed=3)
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava", "gemma3"])
+def test_vlm_frankenmerge_keeps_the_vision_tower(tmp_path, family):
+    from layouts import LAYOUT
+
+    decoder, _, vision, projector = LAYOUT[family][True][:4]
+    base = build_tiny(family, tmp_path / "vl-a", num_layers=3, seed=3)
     other = make_expert(base, tmp_path / "vl-b", seed=4, scale=0.02, pattern=".")
     recipe = {"method": "passthrough", "models": [{"path": str(base), "name": "a"}, {"path": str(other), "name": "b"}],
               "slices": [{"model": "a", "layers": [0, 2]}, {"model": "b", "layers": [1, 3]},
@@ -165,18 +169,22 @@ def test_qwen2_vl_frankenmerge_keeps_the_vision_tower(zoo, tmp_path):
     out = tmp_path / "vl"
     omnimerge.merge(recipe, out)
     got, wa, wb = weights(out), weights(base), weights(other)
-    vision = [k for k in wa if k.startswith("visual.")]
-    assert vision and all(torch.equal(got[k], wa[k]) for k in vision)  # the skeleton's tower, untouched
+    tower = [k for k in wa if k.startswith(vision + projector)]
+    assert tower and all(torch.equal(got[k], wa[k]) for k in tower)  # the skeleton's tower, untouched
+    layer = re.compile(rf"^({re.escape(decoder)}layers\.)(\d+)\.(.+)$")
     plan = [(wa, 0), (wa, 1), (wb, 1), (wb, 2), (wa, 2)]
-    layer_keys = [k for k in got if LAYER.match(k)]
-    assert {int(LAYER.match(k).group(2)) for k in layer_keys} == set(range(5))
-    for k in layer_keys:  # restacked under the skeleton's own prefix (`model.layers.` on disk)
-        m = LAYER.match(k)
+    layer_keys = [k for k in got if layer.match(k)]
+    assert {int(layer.match(k).group(2)) for k in layer_keys} == set(range(5))
+    for k in layer_keys:  # restacked under the skeleton's own decoder prefix
+        m = layer.match(k)
         src, i = plan[int(m.group(2))]
-        assert torch.equal(got[k], src[f"model.layers.{i}.{m.group(3)}"]), k
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["text_config"]["num_hidden_layers"] == 5 and len(cfg["text_config"]["layer_types"]) == 5
-    assert cfg["vision_config"]["depth"] == 2
+        assert torch.equal(got[k], src[f"{decoder}layers.{i}.{m.group(3)}"]), k
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    source = json.loads((base / "config.json").read_text())["text_config"]
+    assert text["num_hidden_layers"] == 5
+    if "layer_types" in source:  # each output layer keeps its source layer's attention type
+        types = source["layer_types"]
+        assert text["layer_types"] == [types[0], types[1], types[1], types[2], types[2]]
     check = verify(out)
     assert check.ok and any(c.name == "image forward" for c in check.checks), check.checks
     generate(out)
