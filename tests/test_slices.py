@@ -98,6 +98,9 @@ def test_frankenmerge_maps_each_output_layer_to_its_source(four, tmp_path):
     check = verify(out)
     assert check.ok, check.checks
     generate(out)
+    again = tmp_path / "again"  # omnimerge.yaml reproduces the output
+    omnimerge.merge(out / "omnimerge.yaml", again)
+    assert all(torch.equal(t, weights(again)[k]) for k, t in got.items())
 
 
 def test_scale_and_merged_slices(four, tmp_path):
@@ -148,6 +151,8 @@ def test_slice_base_and_task_vectors(four, tmp_path):
                          {"sources": [{"model": "a", "layers": [2, 4]}, {"model": "b", "layers": [0, 2]}]}]}
     out = tmp_path / "ta"
     omnimerge.merge(recipe, out)
+    omnimerge.merge(out / "omnimerge.yaml", tmp_path / "ta-again")  # names became paths, the base still a source
+    assert all(torch.equal(t, weights(tmp_path / "ta-again")[k]) for k, t in weights(out).items())
     got, wa, wb = weights(out), weights(a), weights(b)
     key = "model.layers.5.mlp.down_proj.weight"  # slice 2, position 1: base a's layer 3, b's layer 1
     want = wa["model.layers.3.mlp.down_proj.weight"] + 0.5 * (wb["model.layers.1.mlp.down_proj.weight"]
@@ -437,6 +442,8 @@ def test_tokenizer_base_overrides_and_padding(four, tmp_path):
     tool_b = AutoTokenizer.from_pretrained(b_new).get_vocab()["<tool>"]
     torch.testing.assert_close(emb[vocab["<tool>"]], wb["model.embed_tokens.weight"][tool_b])
     assert torch.equal(emb[vocab["<s>"]], wa["model.embed_tokens.weight"][2])  # forced for both: a's </s> row
+    omnimerge.merge(out / "omnimerge.yaml", tmp_path / "tok-again")
+    assert torch.equal(weights(tmp_path / "tok-again")["model.embed_tokens.weight"], emb)
     assert verify(out).ok
 
     kept = {"method": "average", "models": [{"path": str(b_new)}], "tokenizer": {"source": str(a)}}

@@ -145,68 +145,81 @@ class OutputVocabulary:
                   ref: Callable[[str], Checkpoint]) -> "Alignment":
         """How one tensor's inputs (in read order) are realigned; checks the ``tokens:`` entries against them."""
         ids = [id(c) for c in inputs]
+        rules: list[tuple[int, str, int, int]] = []  # (output id, kind, input position, its row or −1)
         for tok, row in self.overrides.items():
+            if tok not in self.tokens:
+                continue
             src = row.source
-            if isinstance(src, (str, ModelToken)):
-                spec = src if isinstance(src, str) else src.model
-                ck = ref(spec)
-                if id(ck) not in ids:
-                    raise OmnimergeError(f"tokenizer.tokens[{tok!r}]: its source '{spec}' is not one of the models "
-                                         "merged into the embeddings; name one of them")
-                if isinstance(src, ModelToken):
-                    own = self.own[id(ck)]
-                    n = int(self.rows[id(ck)].numel())
-                    want = src.token_id if src.token_id is not None else own.get(src.token, -1)
-                    if want < 0 or want >= embedding_rows(ck):
-                        raise OmnimergeError(f"tokenizer.tokens[{tok!r}]: '{spec}' has no token "
-                                             f"{src.token if src.token is not None else src.token_id!r} (of {n})")
+            if isinstance(src, ZeroRow):
+                rules.append((self.tokens[tok], "zero", -1, -1))
+                continue
+            spec = src if isinstance(src, str) else src.model
+            ck = ref(spec)
+            if id(ck) not in ids:
+                raise OmnimergeError(f"tokenizer.tokens[{tok!r}]: its source '{spec}' is not one of the models "
+                                     "merged into the embeddings; name one of them")
+            k = ids.index(id(ck))
+            if isinstance(src, ModelToken):
+                want = src.token_id if src.token_id is not None else self.own[id(ck)].get(src.token, -1)
+                if want < 0 or want >= embedding_rows(ck):
+                    raise OmnimergeError(f"tokenizer.tokens[{tok!r}]: '{spec}' has no token "
+                                         f"{src.token if src.token is not None else src.token_id!r} with an "
+                                         f"embedding row (it has {embedding_rows(ck)})")
+            else:
+                want = int(self.rows[id(ck)][self.tokens[tok]])
+                if want < 0:
+                    raise OmnimergeError(f"tokenizer.tokens[{tok!r}]: '{spec}' has no such token to take the "
+                                         "row from")
+            rules.append((self.tokens[tok], "row", k, want))
         base_at = ids.index(id(base)) if base is not None and id(base) in ids else None
-        return Alignment(self, tuple(ids), base_at, ref)
+        forced = tuple(self.tokens[t] for t, r in self.overrides.items() if r.force and t in self.tokens)
+        return Alignment(self.size, len(self.tokens), torch.stack([self.rows[i] for i in ids]), base_at,
+                         tuple(rules), forced)
 
 
 @dataclass(frozen=True)
 class Alignment:
-    """Realigns one tensor's inputs (``(rows, ...)`` each, in ``inputs`` order) to the output vocabulary."""
+    """Realigns one tensor's inputs (``(rows, ...)`` each, in order) to the output vocabulary of ``n`` tokens
+    and ``size`` rows: ``perms[k, i]`` is input k's row of output token i (−1: it lacks it); ``rules`` the
+    ``tokens:`` entries (output id, ``zero`` or ``row``, input, its row); ``forced``: ids every input takes
+    the default row for."""
 
-    vocab: OutputVocabulary
-    inputs: tuple[int, ...]
+    size: int
+    n: int
+    perms: torch.Tensor
     base_at: int | None
-    ref: Callable[[str], Checkpoint]
+    rules: tuple[tuple[int, str, int, int], ...]
+    forced: tuple[int, ...]
 
     def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        v = self.vocab
-        n = len(v.tokens)
+        n, perms = self.n, self.perms
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-        perms = torch.stack([v.rows[i] for i in self.inputs])  # (K, n)
         present = perms >= 0
         forced = torch.zeros(n, dtype=torch.bool)
-        for tok, row in v.overrides.items():
-            if row.force and tok in v.tokens:
-                forced[v.tokens[tok]] = True
+        forced[list(self.forced)] = True
         need = (~present).any(0) | forced
-        default = self._defaults(tensors, perms, present, need, dtype)
+        default = self._defaults(tensors, present, need, dtype)
         out = []
         for k, t in enumerate(tensors):
-            new = torch.zeros((v.size, *t.shape[1:]), dtype=dtype)
+            new = torch.zeros((self.size, *t.shape[1:]), dtype=dtype)
             own = present[k] & ~forced
             new[:n][own] = t[perms[k][own]].to(dtype)
             fill = ~own  # lacking or forced: the default row
             if fill.any():
                 new[:n][fill] = default[fill[need]]
-            if v.size > n:
+            if self.size > n:
                 new[n:] = new[:n].mean(0)
             out.append(new)
         return out
 
-    def _defaults(self, tensors, perms, present, need, dtype) -> torch.Tensor:
+    def _defaults(self, tensors, present, need, dtype) -> torch.Tensor:
         """The default row of every token in ``need`` (rows in the order of ``need``'s True entries)."""
-        v = self.vocab
         idx = need.nonzero().flatten()
         shape = tensors[0].shape[1:]
         out = torch.zeros((len(idx), *shape), dtype=dtype)
         if not len(idx):
             return out
-        p, have = perms[:, idx], present[:, idx]
+        p, have = self.perms[:, idx], present[:, idx]
         count = have.sum(0)
         total = torch.zeros_like(out)
         for k, t in enumerate(tensors):
@@ -222,28 +235,10 @@ class Alignment:
         for k, t in enumerate(tensors):
             rows = one[donor == k]
             out[rows] = t[p[k, rows]].to(dtype)
-        by_id = {int(i): r for r, i in enumerate(idx.tolist())}
-        names = {i: t for t, i in v.tokens.items()}
-        for tok, row in v.overrides.items():
-            if tok not in v.tokens or v.tokens[tok] not in by_id:
-                continue
-            r = by_id[v.tokens[tok]]
-            src = row.source
-            if isinstance(src, ZeroRow):
-                out[r] = 0
-            elif isinstance(src, ModelToken):
-                ck = self.ref(src.model)
-                k = self.inputs.index(id(ck))
-                want = src.token_id if src.token_id is not None else v.own[id(ck)][src.token]
-                out[r] = tensors[k][want].to(dtype)
-            elif isinstance(src, str):
-                ck = self.ref(src)
-                k = self.inputs.index(id(ck))
-                row_in = int(perms[k, v.tokens[tok]])
-                if row_in < 0:
-                    raise OmnimergeError(f"tokenizer.tokens[{names[v.tokens[tok]]!r}]: '{src}' has no such token to "
-                                         "take the row from")
-                out[r] = tensors[k][row_in].to(dtype)
+        at = {int(i): r for r, i in enumerate(idx.tolist())}
+        for token_id, kind, k, row in self.rules:
+            if token_id in at:
+                out[at[token_id]] = 0 if kind == "zero" else tensors[k][row].to(dtype)
         return out
 
 

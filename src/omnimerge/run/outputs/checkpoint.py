@@ -213,6 +213,21 @@ def resolved_recipe(plan: Plan) -> dict:
 
     for entry in data["models"]:
         entry["path"] = absolute(entry["path"])
+    for sl in data.get("slices") or []:  # names and paths alike become the absolute path (as `base` does)
+        for src in sl["sources"]:
+            src["model"] = absolute(src["model"])
+        if sl.get("base"):
+            sl["base"] = absolute(sl["base"])
+    vocab = data.get("tokenizer") or {}
+    if vocab.get("source") not in (None, "union", "base"):
+        vocab["source"] = absolute(vocab["source"])
+    if vocab.get("base"):
+        vocab["base"] = absolute(vocab["base"])
+    for row in (vocab.get("tokens") or {}).values():
+        if isinstance(row.get("source"), str):
+            row["source"] = absolute(row["source"])
+        elif isinstance(row.get("source"), dict) and row["source"].get("model"):
+            row["source"]["model"] = absolute(row["source"]["model"])
     for k in ("base", "skeleton", "tokenizer_source"):
         if data.get(k):
             data[k] = absolute(data[k])
