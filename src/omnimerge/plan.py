@@ -454,7 +454,6 @@ class _Planner:
             (src, key), = job.reads
             job.action, job.source, job.source_key, job.reads = Action.COPY, src, (None if key == job.canonical
                                                                                    else key), None
-            job.note = (job.note + "; " if job.note else "") + f"{src.name} {key}"
             return
         job.action, job.method, job.params = Action.MERGE, method, params
         job.seed = tensor_seed(self.recipe.seed, job.canonical)
