@@ -288,6 +288,43 @@ modules:
            "[{model: x}]}}")
 
 
+def test_mergekit_modules_with_a_method_tokenizer_and_notes(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="omnimerge.mergekit"):
+        r = mk("""
+merge_method: linear
+base_model: a
+modules:
+  text_decoder:
+    models: [{model: a, parameters: {weight: 0.3}}, {model: b, parameters: {weight: 0.7}}]
+    parameters: {normalize: false}
+  vision_tower:
+    models: [{model: a}, {model: b}]
+    parameters: {normalize: true}
+tokenizer:
+  source: union
+  pad_to_multiple_of: 8
+  tokens:
+    "<x>": {source: b, force: true}
+    "<y>": {source: {kind: zero}}
+""")
+    assert r["models"] == [{"path": "a", "weight": 0.3}, {"path": "b", "weight": 0.7}]
+    assert r["parameters"] == {"normalize": False}  # the language module's parameters over the global ones
+    assert r["components"]["vision"] == {"method": "average", "parameters": {"normalize": True}}
+    assert r["components"]["projector"] == "keep" and "no multi_modal_projector module" in caplog.text
+    assert r["tokenizer"] == {"source": "union", "tokens": {"<x>": {"source": "b", "force": True},
+                                                            "<y>": {"source": {"kind": "zero"}}},
+                              "pad_to_multiple_of": 8, "base": "a"}
+    with pytest.raises(OmnimergeError, match="omnimerge merges the vision over the same models"):
+        mk("merge_method: linear\nmodules: {text_decoder: {models: [{model: a, parameters: {weight: 1}}]}, "
+           "vision_tower: {models: [{model: c, parameters: {weight: 1}}]}}")
+    with caplog.at_level(logging.WARNING, logger="omnimerge.mergekit"):
+        mk("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [0, 1]}], residual_weight: 0.5}, "
+           "{sources: [{model: b, layer_range: [0, 1]}]}]")
+    assert "residual_weight: mergekit 0.1.5 reads it and does nothing with it" in caplog.text
+
+
 # ------------------------------------------------------------------------------ the config
 
 
