@@ -150,6 +150,8 @@ def test_settings_in_parallel_give_the_serial_figures(micro_run, tmp_path, capsy
         assert (tmp_path / "report" / "workers" / f"{s}.log").stat().st_size > 0
     second = json.loads((tmp_path / "report" / "results.json").read_text())
     assert second["zoo"] == first["zoo"]
+    t = second["timings"]
+    assert 0 < t["settings_in_parallel_s"] <= t["total_s"]
     key = lambda m: (m["kind"], m["setting"], m["method"], m.get("samples"))        # noqa: E731
     before = {key(m): m.get("accuracy") for m in first["merges"]}
     assert {m["method"] for m in second["merges"] if m["kind"] == "capability"} == set(methods.split(","))

@@ -23,9 +23,10 @@ __all__ = ["Stage", "Progress", "NOMINAL", "format_duration"]
 
 # Seconds per unit on a quiet 2-core machine (2 threads): a training step of 16 image items (all
 # parameters / language backbone / LoRA), of 32 text items; one evaluated item; one merge of the
-# tiny model (reading, merging, writing).
+# tiny model (reading, merging, writing); one optimisation step of a data-aware method that learns
+# coefficients (AdaMerging: a forward and backward pass over a batch of each expert's samples).
 NOMINAL = {"train_all": 0.13, "train_language": 0.07, "train_lora": 0.08, "train_text": 0.05,
-           "eval": 0.004, "merge": 1.5}
+           "eval": 0.004, "merge": 1.5, "optimise_step": 0.15}
 
 
 def format_duration(seconds: float) -> str:

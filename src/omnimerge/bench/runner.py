@@ -280,6 +280,12 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                                  calibration=calibration_paths(zoo, n), samples=n)
 
     grids = {m: (sweep_grid(m) if sweep else [{}]) for m in methods}
+
+    def optimise_steps(setting: str, method: str) -> int:
+        """Optimisation steps of one merge by a data-aware method that learns coefficients (else 0)."""
+        if method not in data_aware:
+            return 0
+        return int(recipe_for(setting, method, {})["parameters"].get("steps", method_defaults(method).get("steps") or 0))
     kind_of = {"base": "train_all", "instruct": "train_all", "full": "train_language", "multitask": "train_language",
                "lora": "train_lora", "multitask_lora": "train_lora", "text_llm": "train_text"}
     stages: list[Stage] = []
@@ -303,7 +309,8 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
             n_cached_points += len([p for p in grids[method] if p]) - len(todo_val)
             work = {"merge": len(todo_val) + todo_test * 2,
                     "eval": len(todo_val) * len(EXPERT_TASKS) * cfg.val_items
-                    + todo_test * 2 * len(EXPERT_TASKS) * cfg.test_items}
+                    + todo_test * 2 * len(EXPERT_TASKS) * cfg.test_items,
+                    "optimise_step": todo_test * optimise_steps(setting, method)}
             method_stage[(setting, method)] = len(stages)
             stages.append(Stage(f"{setting} {method}", work, unit="items",
                                 total=work["eval"]))
@@ -313,7 +320,8 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
             for n in cfg.calibration_sizes:
                 todo = 0 if merge_cache.get(f"calibration_n{n}", setting, method, "test", recipe_for(setting, method, {}, n)) else 1
                 calibration_stage[(setting, method, n)] = len(stages)
-                work = {"merge": todo, "eval": todo * len(EXPERT_TASKS) * cfg.test_items}
+                work = {"merge": todo, "eval": todo * len(EXPERT_TASKS) * cfg.test_items,
+                        "optimise_step": todo * optimise_steps(setting, method)}
                 stages.append(Stage(f"{setting} {method} n={n}", work, unit="items", total=work["eval"]))
     backbone_stage = len(stages)
     stages.append(Stage("backbone merging", {"merge": 2, "eval": 2 * len(T.TASKS) * cfg.test_items}, unit="items",
@@ -599,10 +607,13 @@ def bench(out, *, quick: bool = False, preset: str | None = None, config: BenchC
     if jobs < 1:
         raise OmnimergeError(f"--jobs must be at least 1, got {jobs}")
     wanted = tuple(s for s in SETTINGS if s in settings)
+    t_parallel = None
     if jobs > 1 and len(wanted) > 1:
         import torch
 
         from .parallel import run_settings_in_parallel
+
+        t0 = time.perf_counter()
 
         def say(message: str) -> None:      # where the serial run's progress goes
             if log is not None:
@@ -615,7 +626,11 @@ def bench(out, *, quick: bool = False, preset: str | None = None, config: BenchC
             threads=torch.get_num_threads(), say=say, preset=label,
             interval=10.0 if getattr(progress_stream, "isatty", lambda: False)() else 60.0,
             prepare=lambda: prepare_shared(cfg, cache_dir, methods, log=say))
+        t_parallel = time.perf_counter() - t0
     result = run_bench(cfg, out, cache_dir=cache_dir, methods=methods, settings=settings,
                        sweep=sweep, keep_merged=keep_merged, log=log, progress_stream=progress_stream,
                        preset=label)
+    if t_parallel is not None:       # the workers' time (base and text LLM first, then both settings)
+        result.timings["settings_in_parallel_s"] = round(t_parallel, 1)
+        result.timings["total_s"] = round(result.timings["total_s"] + t_parallel, 1)
     return result, write_report(result.to_json(), out)
