@@ -273,3 +273,56 @@ def test_methods_lists_the_new_methods_as_needing_calibration(capsys):
     listing = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert "2508.03121" in listing["regmean_plusplus"]["reference"]
     assert "2509.25712" in listing["expert_merging"]["reference"]
+
+
+# ------------------------------------------------------------------ real-layout checkpoints, end to end
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "internvl"])
+def test_calibration_merges_on_real_layout_checkpoints(family, tmp_path, calib, monkeypatch):
+    """Tiny checkpoints saved in each family's hub layout (their processors need torchvision, so samples are
+    rendered by omnimerge's own image rendering): every data-aware method merges image and text samples, and
+    transformers loads and runs the result."""
+    import omnimerge
+    from omnimerge.calibration.collect import load_renderer
+    from omnimerge.calibration.render import ImageRenderer
+    from omnimerge.tiny import build_tiny, make_expert
+    from omnimerge.verify import verify
+
+    monkeypatch.setenv("OMNIMERGE_CACHE", str(tmp_path / "cache"))
+    base = build_tiny(family, tmp_path / "base", seed=0, num_layers=2)
+    experts = [make_expert(base, tmp_path / f"e{i}", seed=i, scale=0.02) for i in (1, 2)]
+    assert isinstance(load_renderer(base, vision=True), ImageRenderer)
+    for method, params in [("regmean", {}), ("fisher", {}), ("regmean_plusplus", {}), ("adamerging", {"steps": 2}),
+                           ("expert_merging", {"hidden_layers": "all"})]:
+        out = tmp_path / method
+        omnimerge.merge(_recipe(method, base, experts, calib, parameters=params), out, progress=False)
+        assert verify(out).ok, (family, method)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "internvl"])
+def test_spans_reproduce_the_full_forward(family, tmp_path, calib):
+    """Layer by layer from kept hidden states (the other layers skipped) gives every hidden state of one full
+    pass, Qwen3-VL's deepstack additions after the early layers included."""
+    from omnimerge.calibration.span import entry_module, layer_count, run_span
+    from omnimerge.tiny import build_tiny
+
+    folder = build_tiny(family, tmp_path / "m", seed=0, num_layers=3)
+    model = load_model(folder)
+    (batch, *_) = render_batches(load_renderer(folder, vision=True), load_samples(calib, limit=1),
+                                 CalibrationSettings())
+    assert "pixel_values" in batch
+    L = layer_count(model)
+    seen = {}
+    hooks = [entry_module(model, k).register_forward_pre_hook(lambda _m, a, k=k: seen.__setitem__(k, a[0]))
+             for k in range(L + 1)]
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        h = run_span(model, batch, stop=0)
+        torch.testing.assert_close(h, seen[0])
+        for k in range(L):
+            h = run_span(model, batch, start=k, hidden=h, stop=k + 1)
+            torch.testing.assert_close(h, seen[k + 1], rtol=1e-5, atol=1e-6)
+    assert all("forward" not in vars(layer) for layer in model.get_decoder().layers)  # the layers are restored

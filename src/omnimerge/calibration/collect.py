@@ -51,15 +51,30 @@ def _is_vlm(config) -> bool:
 
 
 def load_renderer(folder: str | Path, *, vision: bool):
-    """The processor (VLM) or tokenizer (text LLM) saved in ``folder``."""
+    """The processor (VLM) or tokenizer (text LLM) saved in ``folder``. A VLM's processor that transformers
+    cannot construct here (Qwen-VL and InternVL processors need torchvision for their video processors) is
+    replaced by :class:`.render.ImageRenderer` for those families, else by the tokenizer alone (text-only
+    samples; an image is then refused with the reason)."""
     import transformers
 
+    what = "processor" if vision else "tokenizer"
     try:
-        if vision:
+        if not vision:
+            return transformers.AutoTokenizer.from_pretrained(folder)
+        try:
             return transformers.AutoProcessor.from_pretrained(folder)
-        return transformers.AutoTokenizer.from_pretrained(folder)
+        except Exception as first:  # noqa: BLE001 - torchvision missing, no processor files, ...
+            from .render import SUPPORTED, ImageRenderer
+
+            config = transformers.AutoConfig.from_pretrained(folder)
+            if config.model_type in SUPPORTED:
+                return ImageRenderer(folder, config)
+            tok = transformers.AutoTokenizer.from_pretrained(folder)
+            tok.omnimerge_no_images = (f"the processor of {folder} cannot be loaded ({str(first).strip()[:200]}), and "
+                                       f"omnimerge renders images itself only for {', '.join(SUPPORTED)}; use "
+                                       "text-only calibration samples for this model")
+            return tok
     except Exception as e:  # noqa: BLE001 - any loading failure is the same user-facing problem
-        what = "processor" if vision else "tokenizer"
         raise OmnimergeError(f"cannot load the {what} of {folder} to render calibration samples ({e}); the "
                              f"skeleton folder needs its {what} files") from None
 
@@ -75,20 +90,32 @@ def _prompt(renderer, sample: Sample) -> str:
     return sample.text
 
 
+def _check_images(renderer, sample: Sample) -> None:
+    reason = getattr(renderer, "omnimerge_no_images", None)
+    if sample.image is not None and reason:
+        raise OmnimergeError(f"{sample.where}: this sample has an image, but {reason}")
+
+
 def render_batches(renderer, samples: Sequence[Sample], settings: CalibrationSettings) -> list[dict]:
     """Model inputs for ``samples``: batches of ``settings.batch_size`` (samples with and without an image in
-    separate batches), padded; a sample longer than ``max_tokens`` is cut when it has no image and refused
+    separate batches; one image sample per batch where the renderer's image inputs cannot be split by
+    sample), padded; a sample longer than ``max_tokens`` is cut when it has no image and refused
     when it has one (cutting would split the image's tokens)."""
     from PIL import Image
 
     groups: list[list[Sample]] = []
+    # image inputs that cannot be cut back into samples (InternVL's patches): one image sample per batch
+    image_batch = settings.batch_size if getattr(renderer, "image_rows_splittable", True) else 1
     for s in samples:
-        if groups and len(groups[-1]) < settings.batch_size and (groups[-1][0].image is None) == (s.image is None):
+        size = settings.batch_size if s.image is None else image_batch
+        if groups and len(groups[-1]) < size and (groups[-1][0].image is None) == (s.image is None):
             groups[-1].append(s)
         else:
             groups.append([s])
     batches = []
     for group in groups:
+        for s in group:
+            _check_images(renderer, s)
         texts = [_prompt(renderer, s) for s in group]
         kw = {"padding": True, "return_tensors": "pt"}
         if group[0].image is not None:
