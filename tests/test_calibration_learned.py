@@ -326,3 +326,56 @@ def test_spans_reproduce_the_full_forward(family, tmp_path, calib):
             h = run_span(model, batch, start=k, hidden=h, stop=k + 1)
             torch.testing.assert_close(h, seen[k + 1], rtol=1e-5, atol=1e-6)
     assert all("forward" not in vars(layer) for layer in model.get_decoder().layers)  # the layers are restored
+
+
+# --------------------------------------------------------------------------------------------- --device
+
+def test_device_cuda_without_a_gpu_is_refused_before_the_statistics(two_layers, tmp_path, calib, monkeypatch):
+    import omnimerge
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here")
+    vlm, experts = two_layers
+    monkeypatch.setenv("OMNIMERGE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(OmnimergeError, match="no CUDA device"):
+        omnimerge.merge(_recipe("regmean", vlm, experts, calib), tmp_path / "out", progress=False, device="cuda")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+
+
+@needs_cuda
+def test_cuda_statistics_match_the_cpu_statistics(two_layers, calib):
+    """Grams and Fishers collected with the model on the GPU equal the CPU's (float32 forward passes, float64
+    Grams), and come back on the CPU."""
+    from omnimerge.calibration import collect
+    from omnimerge.calibration.collect import merge_parts
+
+    vlm, _ = two_layers
+    batches = render_batches(load_renderer(vlm, vision=True), load_samples(calib), CalibrationSettings(batch_size=2))
+    cpu = merge_parts(collect(load_model(vlm, "cpu"), batches, ["gram", "fisher"], seed=3))
+    gpu = merge_parts(collect(load_model(vlm, "cuda"), batches, ["gram", "fisher"], seed=3))
+    assert cpu.keys() == gpu.keys()
+    for k in cpu:
+        for kind in cpu[k]:
+            assert gpu[k][kind].device.type == "cpu"
+            torch.testing.assert_close(gpu[k][kind], cpu[k][kind], rtol=1e-3, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("method,params", [("regmean_plusplus", {}), ("expert_merging", {"hidden_layers": "1"}),
+                                           ("adamerging", {"steps": 3})])
+def test_cuda_stage_merges_like_the_cpu_stage(two_layers, tmp_path, calib, monkeypatch, method, params):
+    import omnimerge
+    from safetensors.torch import load_file
+
+    vlm, experts = two_layers
+    recipe = _recipe(method, vlm, experts, calib, parameters=params)
+    for device in ("cpu", "cuda"):
+        monkeypatch.setenv("OMNIMERGE_CACHE", str(tmp_path / f"cache-{device}"))
+        omnimerge.merge(recipe, tmp_path / device, progress=False, device=device)
+    cpu, gpu = (load_file(tmp_path / d / "model.safetensors") for d in ("cpu", "cuda"))
+    assert cpu.keys() == gpu.keys()
+    for k in cpu:
+        torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-3, atol=1e-5)

@@ -167,18 +167,19 @@ class _Inputs:
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().to("cpu", torch.float64)
+        x = x.detach()
         self.count += x.shape[0]
         if self.keep_rows:
-            self.rows.append(x.float())
-        else:
+            self.rows.append(x.to("cpu", torch.float32))
+        else:  # in float64 where the activations are (the GPU with --device cuda), moved to the CPU at the end
+            x = x.double()
             g = x.T @ x
             self.sum = g if self.sum is None else self.sum + g
 
     def result(self) -> dict[str, torch.Tensor]:
         if self.keep_rows:
             return {"inputs": torch.cat(self.rows)}
-        return {"gram": (self.sum / self.count).float()}
+        return {"gram": (self.sum / self.count).float().cpu()}
 
 
 def decoder_linears(model) -> dict[str, torch.nn.Linear]:

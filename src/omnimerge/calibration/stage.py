@@ -176,6 +176,23 @@ def attach_statistics(plan, *, device: str = "cpu", cache_dir: str | Path | None
     jobs = [j for j in plan.jobs if j.action == "merge" and j.method is not None and j.method.needs_calibration]
     if not jobs:
         return None
+    with _full_precision():
+        return _attach(plan, jobs, device, cache_dir, log)
+
+
+@contextlib.contextmanager
+def _full_precision() -> Iterator[None]:
+    """float32 matmuls and convolutions in full precision on a GPU (no TF32), so that statistics do not
+    depend on the device beyond rounding."""
+    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+
+
+def _attach(plan, jobs, device: str, cache_dir, log) -> dict[str, StatsSource]:
     kinds = sorted({k for j in jobs for k in j.method.calibration})
     joint = [k for k in kinds if k in JOINT_KINDS]
     if len(joint) > 1:
