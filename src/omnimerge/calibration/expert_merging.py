@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OmnimergeError
+from .adamerging import stacked_task_vectors
 from .collect import canonical_parameters
 
 EXPERT_PARAMS = ("granularity", "init", "lr", "epochs", "temperature", "reg_weight", "hidden_weight",
@@ -134,7 +135,7 @@ def learn_expert_coefficients(model, task_vectors: Sequence[dict[str, torch.Tens
     """λ for every canonical key that gets coefficients: ``{key: [λ_1, ..., λ_T]}``.
 
     ``model`` holds θ_base (the merged weights are passed functionally); ``task_vectors`` one
-    ``{canonical key: τ_i}`` per model; ``batches`` one list of rendered batches per model and ``targets``
+    ``{canonical key: τ_i}`` per model (or the stacks, see :func:`.adamerging.stacked_task_vectors`); ``batches`` one list of rendered batches per model and ``targets``
     the expert's outputs on them (:func:`expert_targets`, :class:`TargetReader`). Each step takes the next
     batch of every model; ``epochs`` passes over the longest list. ``trace`` receives the objective at the
     start of every step."""
@@ -142,27 +143,29 @@ def learn_expert_coefficients(model, task_vectors: Sequence[dict[str, torch.Tens
         raise OmnimergeError(f"granularity must be tensor, layer or task, got {granularity!r}")
     if not 0.0 < init < 1.0:
         raise OmnimergeError(f"init must lie in (0, 1) (the coefficients are sigmoids), got {init}")
-    if len(task_vectors) != len(batches) or len(batches) != len(targets) or not task_vectors:
+    device = next(model.parameters()).device
+    stacked = stacked_task_vectors(task_vectors, device)
+    T = len(batches)
+    if not stacked or len(targets) != T or any(v.shape[0] != T for v in stacked.values()):
         raise ValueError("one set of task vectors, one list of batches and one of targets per model")
     if any(not b for b in batches) or any(len(b) != len(t) for b, t in zip(batches, targets)):
         raise OmnimergeError("every model needs at least one calibration batch, and a target for each")
     params = canonical_parameters(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    keys = [k for k in task_vectors[0]
+    keys = [k for k in stacked
             if k in params and params[k].dim() >= 2 and k not in ("embed.weight", "lm_head.weight")]
     if not keys:
         raise OmnimergeError("no merged matrix of the language backbone is a parameter of the base model")
     groups = sorted({group_of(k, granularity) for k in keys})
     index = {g: i for i, g in enumerate(groups)}
-    T = len(task_vectors)
-    device = next(model.parameters()).device
     start = torch.full((len(groups), T), float(init), device=device)
     raw = torch.nn.Parameter(torch.logit(start))
     opt = torch.optim.AdamW([raw], lr=lr, weight_decay=1e-5, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=50, T_mult=2, eta_min=lr * 0.1)
     for p in model.parameters():
         p.requires_grad_(False)
-    taus = {k: torch.stack([tv[k].to(device, torch.float32) for tv in task_vectors]) for k in keys}  # (T, *shape)
+    taus = {k: stacked[k] for k in keys}  # (T, *shape)
+    del stacked
     model.train(False)
 
     def merged(lam: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -115,7 +115,9 @@ class ImageRenderer:
             texts = self._expand(texts, counts)
         batch = dict(self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **kwargs))
         if self.model_type in QWEN_VL_TYPES:
-            batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).long() * batch["attention_mask"]
+            marks = (batch["input_ids"] == self.image_token_id) if self.image_token_id is not None else \
+                torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+            batch["mm_token_type_ids"] = marks.long() * batch["attention_mask"]
         batch.update(extra)
         return batch
 

@@ -265,8 +265,7 @@ def _coefficient_files(plan, jobs, settings: CalibrationSettings, cache: Statist
         return paths
     batches = _batches(plan, settings)
     model = load_model(plan.base.path, device)
-    keys = sorted(j.canonical for j in jobs)
-    task_vectors = [{k: (m.read(k).float() - plan.base.read(k).float()) for k in keys} for m in plan.models]
+    task_vectors = _task_vectors(plan, jobs)
     if log:
         log(f"adamerging: learning {params['granularity']}-wise coefficients for {len(plan.models)} models, "
             f"{params['steps']} steps")
@@ -274,6 +273,15 @@ def _coefficient_files(plan, jobs, settings: CalibrationSettings, cache: Statist
         lam = learn_coefficients(model, task_vectors, batches, log=log, progress=advance, **params)
     del model, task_vectors
     return _save_coefficients(cache, joint, lam, len(plan.models))
+
+
+def _task_vectors(plan, jobs) -> dict[str, torch.Tensor]:
+    """``{key: (T, *shape)}``: every model's τ_i of the jobs' tensors, stacked as they are read (one copy)."""
+    out = {}
+    for k in sorted(j.canonical for j in jobs):
+        base = plan.base.read(k).float()
+        out[k] = torch.stack([m.read(k).float() - base for m in plan.models])
+    return out
 
 
 def _save_coefficients(cache: StatisticsCache, joint: str, lam: dict[str, list[float]], count: int) -> list[Path]:
@@ -323,8 +331,7 @@ def _expert_coefficient_files(plan, jobs, settings: CalibrationSettings, cache: 
                 del expert
         targets.append(TargetReader(folder))
     model = load_model(plan.base.path, device)
-    keys = sorted(j.canonical for j in jobs)
-    task_vectors = [{k: (m.read(k).float() - plan.base.read(k).float()) for k in keys} for m in plan.models]
+    task_vectors = _task_vectors(plan, jobs)
     steps = params["epochs"] * max(len(b) for b in batches)
     if log:
         log(f"expert_merging: learning {params['granularity']}-wise coefficients for {len(plan.models)} models, "
