@@ -379,3 +379,24 @@ def test_cuda_stage_merges_like_the_cpu_stage(two_layers, tmp_path, calib, monke
     assert cpu.keys() == gpu.keys()
     for k in cpu:
         torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-3, atol=1e-5)
+
+
+def test_regmean_plusplus_with_merged_embeddings_and_regmean_on_the_head(two_layers, tmp_path, calib, monkeypatch):
+    """The merged model the stage runs holds every tensor's planned value: the embeddings merged (the models'
+    mean: no input statistics), the lm_head merged by RegMean with its own statistics collected first."""
+    import omnimerge
+    from omnimerge.tiny import make_expert
+
+    vlm, _ = two_layers
+    experts = [make_expert(vlm, tmp_path / f"e{i}", seed=i, scale=0.05, pattern=r"layers\.|embed") for i in (1, 2)]
+    monkeypatch.setenv("OMNIMERGE_CACHE", str(tmp_path / "cache"))
+    recipe = _recipe("regmean_plusplus", vlm, experts, calib,
+                     components={"embed": "merge", "lm_head": {"method": "regmean"}})
+    omnimerge.merge(recipe, tmp_path / "out", progress=False)
+    merged = _load(tmp_path / "out")
+    ws = [_load(e) for e in experts]
+    mean = sum(w.get_input_embeddings().weight.detach() for w in ws) / 2
+    torch.testing.assert_close(merged.get_input_embeddings().weight.detach(), mean)
+    assert (mean - _load(vlm).get_input_embeddings().weight.detach()).abs().max() > 1e-3
+    text = (tmp_path / "out" / "report.json").read_text()
+    assert '"regmean": "gram"' in text or '"regmean": "input rows (Woodbury)"' in text

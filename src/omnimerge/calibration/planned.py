@@ -16,10 +16,13 @@ from ..plan import Action, Job, Plan
 
 def planned_value(plan: Plan, job: Job, stats: tuple[dict[str, torch.Tensor], ...] | None = None) -> torch.Tensor:
     """``job``'s output tensor, in float32 on the CPU; ``stats``: the method's statistics for this tensor
-    (data-aware methods). A method's global reduction (TIES' ``trim: global``) is taken over this tensor
+    (data-aware methods; default: the job's own statistics source when the stage already attached one, else
+    none for any model). A method's global reduction (TIES' ``trim: global``) is taken over this tensor
     alone here."""
     if job.action is Action.COPY:
         return job.source.read(job.canonical).to(job.out_dtype).float()
+    if stats is None and job.method.needs_calibration:
+        stats = job.stats.for_key(job.canonical) if job.stats is not None else tuple({} for _ in plan.models)
     xs = [m.read(job.canonical).to(plan.compute_dtype) for m in plan.inputs()]
     full = plan.skeleton.read(job.canonical).to(job.out_dtype) if job.rows is not None else None
     if job.rows is not None:
