@@ -48,8 +48,10 @@ def _models(base: str, experts: list[str], params: list[str | None], include_bas
     return "models:\n" + "\n".join(lines)
 
 
-def configs(base: str, ex: list[str]) -> dict[str, tuple[str, str]]:
-    """name -> (kind, YAML). kind: exact (compare tensors) or random (compare the definition's statistics)."""
+def configs(base: str, ex: list[str], sparse: list[str]) -> dict[str, tuple[str, str]]:
+    """name -> (kind, YAML). kind: exact (compare tensors) or random (compare the definition's statistics).
+    ``ex``: experts perturbed in every entry; ``sparse``: experts that leave most entries at the base's value
+    (for RAM, whose result depends on which entries each expert changes)."""
     w3 = ["{weight: 0.5, density: 0.5}", "{weight: 0.3, density: 0.6}", "{weight: 0.2, density: 0.4}"]
     head = f"base_model: {base}\ndtype: float32\n"
     return {
@@ -85,6 +87,37 @@ parameters:
                                     + _models(base, ex, [None] * 3)),
         "dare_ties density=1": ("exact", f"merge_method: dare_ties\n{head}" + _models(
             base, ex, ["{weight: 0.5}", "{weight: 0.3}", "{weight: 0.2}"])),
+        "nuslerp (base, whole tensors)": ("exact", f"merge_method: nuslerp\n{head}" + _models(
+            base, ex[:2], ["{weight: 0.3}", "{weight: 0.7}"])),
+        "nuslerp (no base, rows)": ("exact", "merge_method: nuslerp\ndtype: float32\nparameters: "
+                                    "{nuslerp_flatten: false}\n" + _models(
+                                        base, ex[:2], ["{weight: 0.6}", "{weight: 0.4}"], include_base=False)),
+        "nuslerp (base, row_wise)": ("exact", f"merge_method: nuslerp\n{head}parameters: {{nuslerp_flatten: false, "
+                                     "nuslerp_row_wise: true}\n" + _models(base, ex[:2], ["{weight: 1}", "{weight: 2}"])),
+        "multislerp (base)": ("exact", f"merge_method: multislerp\n{head}" + _models(
+            base, ex, ["{weight: 0.5}", "{weight: 0.3}", "{weight: 0.2}"])),
+        "multislerp (no base, normalize_weights=false)": (
+            "exact", "merge_method: multislerp\ndtype: float32\nparameters: {normalize_weights: false}\n"
+            + _models(base, ex, ["{weight: 1.0}", "{weight: 0.6}", "{weight: 0.4}"], include_base=False)),
+        "karcher (base among the points)": ("exact", f"merge_method: karcher\n{head}" + _models(base, ex, [None] * 3)),
+        "karcher (no base, max_iter 3)": ("exact", "merge_method: karcher\ndtype: float32\nparameters: "
+                                          "{max_iter: 3, tol: 1e-6}\n" + _models(base, ex, [None] * 3,
+                                                                                 include_base=False)),
+        "arcee_fusion": ("exact", f"merge_method: arcee_fusion\n{head}" + _models(base, ex[:1], [None])),
+        "nearswap": ("exact", f"merge_method: nearswap\n{head}parameters: {{t: 0.01}}\n" + _models(
+            base, ex[:1], [None])),
+        "sce": ("exact", f"merge_method: sce\n{head}" + _models(base, ex, [None] * 3)),
+        "sce select_topk=0.4": ("exact", f"merge_method: sce\n{head}parameters: {{select_topk: 0.4}}\n"
+                                + _models(base, ex, [None] * 3)),
+        "sce select_topk=0.4 (sparse experts)": ("exact", f"merge_method: sce\n{head}parameters: {{select_topk: 0.4}}\n"
+                                                 + _models(base, sparse, [None] * 3)),
+        "multislerp (base, sparse experts)": ("exact", f"merge_method: multislerp\n{head}" + _models(
+            base, sparse, ["{weight: 0.2}", "{weight: 0.3}", "{weight: 0.5}"])),
+        "ram (sparse experts)": ("exact", f"merge_method: ram\n{head}" + _models(base, sparse, [None] * 3)),
+        "ramplus_tl (sparse experts)": ("exact", f"merge_method: ramplus_tl\n{head}parameters: {{r: 0.5, alpha: 0.4}}\n"
+                                        + _models(base, sparse, [None] * 3)),
+        "ramplus_tl defaults (sparse experts)": ("exact", f"merge_method: ramplus_tl\n{head}"
+                                                 + _models(base, sparse, [None] * 3)),
         "dare_linear": ("random", f"merge_method: dare_linear\n{head}" + _models(
             base, ex[:1], ["{weight: 1.0, density: 0.6}"])),
         "dare_ties": ("random", f"merge_method: dare_ties\n{head}" + _models(
@@ -94,6 +127,25 @@ parameters:
         "della_linear": ("random", f"merge_method: della_linear\n{head}" + _models(
             base, ex[:1], ["{weight: 0.8, density: 0.6, epsilon: 0.1}"])),
     }
+
+
+def _sparse_expert(base: Path, expert: Path, out: Path, seed: int, keep: float) -> Path:
+    """A copy of ``expert`` whose task vector keeps each entry with probability ``keep`` (the rest: the base's
+    value), so that experts overlap in some entries and not in others."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(expert, out, dirs_exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    b = _weights(base)
+    for f in sorted(out.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        for k in sorted(tensors):
+            mask = torch.rand(tensors[k].shape, generator=gen) < keep
+            tensors[k] = torch.where(mask, tensors[k], b[k]).contiguous()
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    return out
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -147,7 +199,8 @@ def run(work: Path, venv: Path) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     base = build_tiny("qwen2", work / "base", seed=0, num_layers=5)
     experts = [make_expert(base, work / f"expert{i}", seed=i, scale=0.02, pattern=".") for i in (1, 2, 3)]
-    cfgs = configs(str(base), [str(e) for e in experts])
+    sparse = [_sparse_expert(base, e, work / f"sparse{i}", seed=10 + i, keep=0.4) for i, e in enumerate(experts)]
+    cfgs = configs(str(base), [str(e) for e in experts], [str(s) for s in sparse])
     args = []
     for i, (name, (_, text)) in enumerate(cfgs.items()):
         p = work / f"cfg{i}.yml"

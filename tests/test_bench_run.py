@@ -71,7 +71,39 @@ def test_micro_bench_reports_every_method_in_both_settings(micro_run):
         assert [e["method"] for e in res["ranking"][s]] == [
             m["method"] for m in sorted((m for m in rows if m["setting"] == s and "skipped" not in m),
                                         key=lambda m: (-m["average"], m["method"]))]
+    # the data-aware methods again at the other calibration sizes, with the same figures
+    aware = sorted(m.name for m in list_methods() if m.needs_calibration)
+    assert aware
+    sizes = BenchConfig.micro().calibration_sizes
+    extra = [m for m in res["merges"] if m["kind"] == "calibration"]
+    assert sorted((m["setting"], m["method"], m["samples"]) for m in extra) == sorted(
+        (s, m, n) for s in SETTINGS for m in aware for n in sizes)
+    for m in extra:
+        if "skipped" in m:
+            continue
+        bits = scores[f"calibration/{m['setting']}/{m['method']}/n{m['samples']}"]
+        assert all(m["accuracy"][t] == pytest.approx(bits[t].count("1") / len(bits[t])) for t in EXPERT_TASKS)
+        assert m["average"] == pytest.approx(sum(m["accuracy"].values()) / len(EXPERT_TASKS), abs=1e-4)
+        assert "gain_recovered" in m and "average" in m["ci95"]
+    n_main = BenchConfig.micro().calibration_items
+    for s in SETTINGS:      # each calibration set holds that many validation questions of its task
+        for n in (n_main, *sizes):
+            for task in EXPERT_TASKS:
+                path = root / "cache" / res["cache_key"] / "calibration" / f"n{n}" / task / "samples.jsonl"
+                assert len(path.read_text().splitlines()) == n
+    # the zoo is scored on expert_test_items; the merges, and the zoo rows beside them, on the first test_items
+    cfg = BenchConfig.micro()
+    assert cfg.expert_test_items > cfg.test_items
+    for name, row in res["zoo"].items():
+        for t, acc in row.items():
+            bits = scores[f"zoo/{name}"][t]
+            assert len(bits) == cfg.expert_test_items
+            assert acc == pytest.approx(bits[:cfg.test_items].count("1") / cfg.test_items)
+    for s in SETTINGS:
+        for t, m in res["experts"][s]["margins"].items():
+            assert m["expert"] == pytest.approx(scores[f"zoo/{s}_{t}"][t].count("1") / cfg.expert_test_items, abs=1e-4)
     md = (report / "report.md").read_text()
+    assert "samples per expert" in md and f"| {aware[0]} | {sizes[0]} |" in md
     for method in methods:
         assert f"| {method} |" in md
     assert "skipped: method: 'slerp'" in md
@@ -102,6 +134,27 @@ def test_cached_rerun_trains_nothing_reproduces_and_tunes_on_validation(micro_ru
     assert "accuracy" in tuned or tuned["note"]
     avg = next(m for m in second["merges"] if m["method"] == "average")
     assert avg["tuned"]["note"] == "no scale or density to tune"
+
+
+def test_settings_in_parallel_give_the_serial_figures(micro_run, tmp_path, capsys):
+    """--jobs 2 trains and merges each setting in its own process (from an empty cache) and reports what
+    the serial run reports."""
+    root, first = micro_run
+    methods = "task_arithmetic,regmean"
+    rc = main(["bench", "--preset", "micro", "--no-sweep", "--jobs", "2", "-o", str(tmp_path / "report"),
+               "--cache-dir", str(tmp_path / "cache"), "--methods", methods, "--threads", "1"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "worker processes" in err and "assembling the report" in err
+    for s in SETTINGS:
+        assert (tmp_path / "report" / "workers" / f"{s}.log").stat().st_size > 0
+    second = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert second["zoo"] == first["zoo"]
+    key = lambda m: (m["kind"], m["setting"], m["method"], m.get("samples"))        # noqa: E731
+    before = {key(m): m.get("accuracy") for m in first["merges"]}
+    assert {m["method"] for m in second["merges"] if m["kind"] == "capability"} == set(methods.split(","))
+    for m in second["merges"]:
+        assert m.get("accuracy") == before[key(m)], key(m)
 
 
 def test_bench_refuses_a_foreign_folder(tmp_path, capsys):
@@ -223,3 +276,18 @@ def test_progress_reports_stage_elapsed_and_time_left():
     out = stream.getvalue()
     assert "[stage 1/2 train base 0/100 steps]" in out and out.endswith("hello\n")
     assert format_duration(75) == "1 min 15 s" and format_duration(3725) == "1 h 02 min"
+
+
+def test_calibration_size_reaches_the_recipe_and_the_merge_cache(tmp_path):
+    """A data-aware merge at N samples asks the recipe for N (the recipe's own default is 32), and the
+    merge cache keys each recipe whole, so two sizes never share a cached result."""
+    from omnimerge.bench.runner import MergeCache, calibration_paths, capability_recipe
+
+    recipes = {n: capability_recipe(tmp_path, "full", "regmean", {}, 0, calibration_paths(tmp_path, n), samples=n)
+               for n in (8, 64)}
+    assert {n: r["calibration"] for n, r in recipes.items()} == {8: {"samples": 8}, 64: {"samples": 64}}
+    assert all(m["calibration"].endswith(f"n{n}/{m['name']}/samples.jsonl") for n, r in recipes.items() for m in r["models"])
+    cache = MergeCache(tmp_path / "merges")
+    cache.put("calibration_n8", "full", "regmean", "test", recipes[8], {"bits": {"vqa": "1"}})
+    assert cache.get("calibration_n8", "full", "regmean", "test", recipes[8]) == {"bits": {"vqa": "1"}}
+    assert cache.get("calibration_n8", "full", "regmean", "test", recipes[64]) is None

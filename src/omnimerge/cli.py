@@ -266,6 +266,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (on a busy machine 1 is often faster)"),
     keep_merged: bool = typer.Option(False, "--keep-merged", help="keep the merged checkpoints under OUTPUT/merged"),
     force: bool = typer.Option(False, "--force", help="write into a non-empty folder that is not a bench report"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="run the two settings in this many processes (default: 2 for the full preset on 2+ cores, else 1)"),
 ):
     """The offline benchmark: train tiny Qwen2-VL experts (cached), merge them with every method, report."""
     import sys
@@ -282,7 +283,7 @@ def bench(
     try:
         result, files = run(output, quick=quick, preset=preset, overrides=overrides, cache_dir=cache_dir,
                             methods=chosen, settings=tuple(s.strip() for s in settings.split(",") if s.strip()),
-                            sweep=sweep, keep_merged=keep_merged, force=force, progress_stream=sys.stderr)
+                            sweep=sweep, keep_merged=keep_merged, force=force, progress_stream=sys.stderr, jobs=jobs)
     finally:  # called in-process (tests, notebooks): leave torch as it was
         torch.set_num_threads(before)
     out.print((output / "report.md").read_text(), highlight=False, markup=False, soft_wrap=True)

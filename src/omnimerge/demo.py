@@ -42,6 +42,10 @@ def _task_vector_stats(out: Path, base: Path, experts: list[Path]) -> tuple[floa
     return cos / max(n, 1), ratio / max(n, 1)
 
 
+# methods whose defaults refuse the demo's full fine-tunes, with the parameters that give them a route
+DEMO_PARAMETERS = {"lora_lego": {"unit_rank": "knee"}}  # LoRA-LEGO clusters LoRA units: cut each τ_i at its knee
+
+
 def build_demo_models(work: Path) -> tuple[Path, list[Path], Path]:
     """The demo's tiny models under ``work``: ``qwen2-vl-base``, ``qwen2-vl-expert{1,2,3}`` and
     ``qwen2-text`` (examples/demo-ties.yaml merges these); returns (base, experts, text)."""
@@ -71,6 +75,7 @@ def run_demo(workdir: str | Path, console: Console | None = None) -> list[dict]:
             "models": [{"path": str(e)} for e in experts[: method.max_models]],  # slerp takes one
             "skeleton": str(base),
             **({"base": str(base)} if method.needs_base else {}),
+            **({"parameters": DEMO_PARAMETERS[method.name]} if method.name in DEMO_PARAMETERS else {}),
         }
         rows.append(_run(console, f"capability: {method.name}", recipe, work / f"merged-{method.name}", base, experts))
     backbone = {"method": "average", "models": [{"path": str(experts[0]), "weight": 0.7},

@@ -6,7 +6,8 @@ fields of an omnimerge Recipe so that the merge computes what mergekit 0.1.5 com
 * method names map one to one (``linear`` is our ``average``); mergekit's defaults, which differ from ours
   (``density: 1``, ``normalize``/``rescale`` per method), are written out explicitly;
 * ``base_model`` is removed from the models of the methods that need a base (mergekit skips its task vector
-  and its parameters) and added to the models of ``linear`` when it is not listed (mergekit adds it);
+  and its parameters) and of those that take one if given (``nuslerp``, ``multislerp``), and added to the
+  models of ``linear`` and ``karcher`` when it is not listed (mergekit adds it: for them it is one more input);
 * DARE's ``density`` (a keep probability) becomes our drop rate ``p = 1 − density``; ``rescale: true`` is our
   ``rescale: l1`` (match the task vector's L1 norm), ``false`` is ``none``;
 * parameter values keep mergekit's precedence (model > slice > global > mergekit's default); filters
@@ -62,6 +63,13 @@ def _keep(v: Any, where: str) -> Any:
     return _num(v, where)
 
 
+def _int(v: Any, where: str) -> int:
+    n = _num(v, where)
+    if n != int(n):
+        raise OmnimergeError(f"{where}: expected an integer, got {v!r}")
+    return int(n)
+
+
 def _density_to_p(v: Any, where: str) -> float:
     d = _num(v, where)
     if not 0 < d <= 1:
@@ -87,7 +95,7 @@ class MkParam:
 @dataclass(frozen=True)
 class MkMethod:
     ours: str
-    base: str  # "required" or "ignored"
+    base: str  # "required", "optional" (the base when given, else none) or "ignored" (an ordinary input)
     params: tuple[MkParam, ...]
     min_non_base: int = 1
     max_non_base: int | None = None
@@ -135,6 +143,27 @@ METHODS: dict[str, MkMethod] = {
     "breadcrumbs_ties": _gta("breadcrumbs_ties", False, False, "density", (_GAMMA,)),
     "della": _gta("della", True, True, "density", (_EPSILON,)),
     "della_linear": _gta("della_linear", False, True, "density", (_EPSILON,)),
+    # mergekit 0.1.5's methods outside generalised task arithmetic (defaults: each method's module, see
+    # omnimerge's methods/spherical.py and methods/selective.py for file and line)
+    "nuslerp": MkMethod("nuslerp", "optional", (
+        MkParam("weight", REQUIRED, "weight", per_input=True),
+        MkParam("nuslerp_flatten", True, "flatten", _bool),
+        MkParam("nuslerp_row_wise", False, "row_wise", _bool),
+    ), 2, 2),
+    "multislerp": MkMethod("multislerp", "optional", (
+        MkParam("weight", REQUIRED, "weight", per_input=True),
+        MkParam("normalize_weights", True, "normalize", _bool),
+        MkParam("eps", 1e-8, "eps"),
+    )),
+    "karcher": MkMethod("karcher", "ignored", (MkParam("max_iter", 10, "max_iter", _int), MkParam("tol", 1e-5, "tol"))),
+    "arcee_fusion": MkMethod("arcee_fusion", "required", (), 1, 1),
+    "nearswap": MkMethod("nearswap", "required", (MkParam("t", REQUIRED, "t"),), 1, 1),
+    "sce": MkMethod("sce", "required", (MkParam("select_topk", 1.0, "select_topk"),
+                                        MkParam("int8_mask", False, None, _bool))),
+    "ram": MkMethod("ram", "required", (MkParam("epsilon", 1e-5, "epsilon"),)),
+    "ramplus_tl": MkMethod("ramplus_tl", "required", (MkParam("r", 0.1, "r"), MkParam("alpha", 0.2, "alpha"),
+                                                      MkParam("epsilon", 1e-5, "epsilon"))),
+    "passthrough": MkMethod("passthrough", "ignored", (MkParam("scale", 1.0, "scale", per_input=True),), 1, 1),
 }
 # Parameters of some supported mergekit method: a method that does not know one ignores it (as mergekit does).
 _KNOWN_PARAMS = sorted({p.name for m in METHODS.values() for p in m.params})
@@ -205,6 +234,7 @@ class _Context:
     relative_to: Path | None
     layer_spec: str | None  # the model whose layer count gradients use
     _layers: int | None = None
+    fixed: list[tuple[int, float]] | None = None  # with slices: the layers a gradient spreads over, and their t
 
     def layers(self, where: str) -> int:
         if self._layers is None:
@@ -212,6 +242,16 @@ class _Context:
                 raise OmnimergeError(f"{where}: a gradient needs the layer count, and there is no model to read it from")
             self._layers = _layer_count(self.layer_spec, self.relative_to, where)
         return self._layers
+
+    def positions(self, where: str) -> list[tuple[int, float]]:
+        """(layer index in the filter's key space, t) of each layer a gradient spreads over."""
+        if self.fixed is not None:
+            return self.fixed
+        n = self.layers(where)
+        return [(i, i / (n - 1) if n > 1 else 1.0) for i in range(n)]
+
+    def over(self, positions: list[tuple[int, float]]) -> "_Context":
+        return _Context(self.source, self.relative_to, self.layer_spec, self._layers, positions)
 
 
 def _layer_count(spec: str, relative_to: Path | None, where: str) -> int:
@@ -266,12 +306,11 @@ def _entries(setting: Any, where: str, conv: Callable[[Any, str], Any], ctx: _Co
 def _gradient(rx: str | None, values: list, where: str, conv, ctx: _Context) -> list[dict]:
     """Per-layer entries for layers 0..L−1 at t = i/(L−1) (t = 1 for one layer), then t = 0 for the rest
     (embeddings, final norm, lm_head: mergekit plans them outside the layers, at t = 0)."""
-    n = ctx.layers(where)
+    positions = ctx.positions(where)
     for v in values:
         conv(v, where)  # each value must be valid for the parameter
     out = []
-    for i in range(n):
-        t = i / (n - 1) if n > 1 else 1.0
+    for i, t in positions:
         out.append({"filter": _layer_and(i, rx), "value": _interpolate_conv(values, t, where, conv)})
     out.append({"filter": rx, "value": _interpolate_conv(values, 0.0, where, conv)})
     return out
@@ -354,40 +393,144 @@ def _params_dict(p: Any, where: str) -> dict:
     return p
 
 
-def _inputs_from_slices(slices: Any, ctx: _Context) -> tuple[list[_Input], dict, str | None]:
-    """Only one slice covering every layer of every source (the same as `models:`) is supported."""
-    if not isinstance(slices, list) or len(slices) != 1:
-        raise OmnimergeError(
-            "slices: omnimerge merges whole models layer by layer; several slices (layer stacking, "
-            "frankenmerges) are not supported. Use `models:`, or one slice whose sources all span every layer"
-        )
-    s = slices[0]
-    if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
-        raise OmnimergeError("slices[0]: expected {sources: [{model: ..., layer_range: [0, N]}, ...]}")
-    extra = set(s) - {"sources", "base_model", "parameters", "residual_weight"}
-    if extra:
-        raise OmnimergeError(f"slices[0]: unknown field(s) {', '.join(sorted(extra))}")
-    if s.get("residual_weight") is not None:
-        raise OmnimergeError("slices[0].residual_weight: not supported by omnimerge; remove it")
+@dataclass
+class _Source:
+    ref: str
+    start: int
+    end: int
+    params: dict
+    where: str
+
+
+@dataclass
+class _Slice:
+    sources: list[_Source]
+    base: str | None
+    params: dict
+    where: str
+
+
+def _parse_slices(slices: Any, scope: str, notes: list[str]) -> list[_Slice]:
+    """mergekit's ``slices:`` checked field by field."""
+    if not isinstance(slices, list) or not slices:
+        raise OmnimergeError(f"{scope}: a non-empty list of {{sources: [{{model: ..., layer_range: [start, end]}}]}}")
     out = []
-    for i, src in enumerate(s["sources"]):
-        where = f"slices[0].sources[{i}]"
-        if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
-            raise OmnimergeError(f"{where}: expected {{model: ..., layer_range: [start, end], parameters: {{...}}}}")
-        extra = set(src) - {"model", "layer_range", "parameters"}
+    for i, s in enumerate(slices):
+        w = f"{scope}[{i}]"
+        if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
+            raise OmnimergeError(f"{w}: expected {{sources: [{{model: ..., layer_range: [start, end]}}, ...]}}")
+        extra = set(s) - {"sources", "base_model", "parameters", "residual_weight"}
         if extra:
-            raise OmnimergeError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
-        lr = src["layer_range"]
-        ref = src["model"]
-        if isinstance(ref, str):
-            n = _layer_count(ref.partition("+")[0] if "+" in ref else ref, ctx.relative_to, f"{where}.layer_range")
-            if not (isinstance(lr, list) and len(lr) == 2 and lr[0] == 0 and lr[1] == n):
-                raise OmnimergeError(
-                    f"{where}.layer_range: {lr!r} is not the whole model ('{ref}' has {n} layers: [0, {n}]); "
-                    "omnimerge merges whole models layer by layer, not layer ranges"
-                )
-        out.append(_Input(ref, _params_dict(src.get("parameters"), f"{where}.parameters"), where))
-    return out, _params_dict(s.get("parameters"), "slices[0].parameters"), s.get("base_model")
+            raise OmnimergeError(f"{w}: unknown field(s) {', '.join(sorted(extra))}")
+        if s.get("residual_weight") is not None:
+            notes.append(f"{w}.residual_weight: mergekit 0.1.5 reads it and does nothing with it; ignored")
+        sources = []
+        for j, src in enumerate(s["sources"]):
+            ws = f"{w}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                raise OmnimergeError(f"{ws}: expected {{model: ..., layer_range: [start, end], parameters: {{...}}}}")
+            extra = set(src) - {"model", "layer_range", "parameters"}
+            if extra:
+                raise OmnimergeError(f"{ws}: unknown field(s) {', '.join(sorted(extra))}")
+            lr = src["layer_range"]
+            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                 for x in lr) and 0 <= lr[0] < lr[1]):
+                raise OmnimergeError(f"{ws}.layer_range: {lr!r}: give [start, end] with 0 <= start < end (end "
+                                     "excluded)")
+            _model_ref(src["model"], ws + ".model")
+            sources.append(_Source(src["model"], lr[0], lr[1], _params_dict(src.get("parameters"),
+                                                                            f"{ws}.parameters"), ws))
+        lengths = {x.end - x.start for x in sources}
+        if len(lengths) > 1:
+            raise OmnimergeError(f"{w}: every source of a slice must span the same number of layers (mergekit "
+                                 f"refuses this too); got {', '.join(f'{x.ref} {[x.start, x.end]}' for x in sources)}")
+        base = s.get("base_model")
+        if base is not None:
+            _model_ref(base, f"{w}.base_model")
+        out.append(_Slice(sources, base, _params_dict(s.get("parameters"), f"{w}.parameters"), w))
+    return out
+
+
+def _whole_models(slices: list[_Slice], ctx: _Context) -> bool:
+    """One slice whose sources each span every layer of their model: the same as `models:`."""
+    if len(slices) != 1:
+        return False
+    for x in slices[0].sources:
+        if x.start != 0 or x.end != _layer_count(x.ref.partition("+")[0], ctx.relative_to, f"{x.where}.layer_range"):
+            return False
+    return True
+
+
+def _check_param_names(mk: MkMethod, name: str, scopes: list[tuple[str, dict]], notes: list[str],
+                       per_input: bool = False) -> None:
+    for scope, params in scopes:
+        for k in params:
+            p = mk.param(k)
+            if p is not None and (p.per_input or not per_input):
+                continue
+            if p is None and k not in _KNOWN_PARAMS:
+                which = "per-model parameters" if per_input else "parameters"
+                known = ", ".join(q.name for q in mk.params if q.per_input or not per_input) or "none"
+                raise OmnimergeError(f"{scope}.{k}: not a parameter of mergekit's `{name}` (its {which}: {known})")
+            what = (f"mergekit's `{name}` has no parameter '{k}'" if p is None else
+                    f"'{k}' is a global parameter of mergekit's `{name}`, not a per-model one")
+            notes.append(f"{scope}.{k}: {what}; ignored (mergekit ignores it too)")
+
+
+# --- modules (VLMs: the language model, the vision tower and the projector as mergekit's modules) ----
+_MODULE_COMPONENTS = {"vision_tower": "vision", "multi_modal_projector": "projector"}
+_TEXT_MODULES = ("text_decoder", "default", "decoder")
+
+
+def _split_modules(modules: Any, notes: list[str]) -> tuple[dict, str, dict[str, dict]]:
+    """mergekit's ``modules:`` -> (the language module's definition, its name, the other modules by
+    component)."""
+    if not isinstance(modules, dict) or not modules:
+        raise OmnimergeError("modules: a mapping of module names (text_decoder, vision_tower, multi_modal_projector) "
+                             "to {models: [...]} or {slices: [...]}")
+    text = [k for k in modules if k in _TEXT_MODULES]
+    unknown = sorted(set(modules) - set(_TEXT_MODULES) - set(_MODULE_COMPONENTS))
+    if unknown or len(text) != 1:
+        raise OmnimergeError(
+            f"modules: {'unknown module(s) ' + ', '.join(unknown) if unknown else 'exactly one language module'}; "
+            "omnimerge reads the modules of mergekit's vision-language definitions: one of "
+            f"{', '.join(_TEXT_MODULES)} (the language model), {', '.join(_MODULE_COMPONENTS)}")
+    others = {}
+    for k, v in modules.items():
+        if not isinstance(v, dict) or set(v) - {"models", "slices", "parameters"} or \
+                (v.get("models") is None) == (v.get("slices") is None):
+            raise OmnimergeError(f"modules.{k}: expected {{models: [...]}} or {{slices: [...]}} (one of them), and "
+                                 "optionally `parameters`")
+        if k in _MODULE_COMPONENTS:
+            others[_MODULE_COMPONENTS[k]] = v
+    return modules[text[0]], text[0], others
+
+
+def _module_policy(comp: str, mod: dict, mk: MkMethod, name: str, text_models: list[str], base_ref: str | None,
+                   ctx: _Context, notes: list[str]) -> Any:
+    """The component policy that makes a vision tower or projector module what mergekit makes it."""
+    where = f"modules.{ {'vision': 'vision_tower', 'projector': 'multi_modal_projector'}[comp] }"
+    if mod.get("slices") is not None:
+        raise OmnimergeError(f"{where}.slices: omnimerge restacks only the language model's layers; give the "
+                             "module `models:`")
+    inputs = _inputs_from_models(mod["models"])
+    refs = [i.ref for i in inputs]
+    params = _params_dict(mod.get("parameters"), f"{where}.parameters")
+    if mk.ours == "passthrough":
+        if len(refs) != 1:
+            raise OmnimergeError(f"{where}.models: passthrough takes exactly one model, got {len(refs)}")
+        return {"take": refs[0]}
+    same = (set(refs) | {base_ref}) == (set(text_models) | {base_ref})  # mergekit adds the base to both
+    if any(i.params for i in inputs) or not same:
+        raise OmnimergeError(f"{where}.models: omnimerge merges the {comp} over the same models, with the same "
+                             "per-model parameters, as the language model; list the language model's models here "
+                             "(or one model with `merge_method: passthrough`)")
+    if not params:
+        return "merge"
+    _check_param_names(mk, name, [(f"{where}.parameters", params)], notes)
+    ours = {p.ours: _chain([(params[p.name], f"{where}.parameters.{p.name}")], p.default, p.convert, ctx)
+            for p in mk.params if p.ours is not None and not p.per_input and p.name in params}
+    return {"method": mk.ours, "parameters": ours}
 
 
 # --- the translation ----------------------------------------------------------------------------
@@ -419,42 +562,51 @@ def _translate(data: dict, source: str) -> dict:
                 "recipe instead (docs/recipes.md)") if ours else ""
         raise OmnimergeError(f"unknown field(s) {', '.join(sorted(unknown))}; mergekit's fields that "
                              f"omnimerge reads: {', '.join(_TOP_LEVEL)}{hint}")
-    for key, fix in (("modules", "merge the whole model with `models:`"),
-                     ("tokenizer", "use `tokenizer_source: base` or a model; omnimerge does not build vocabularies")):
-        if data.get(key) is not None:
-            raise OmnimergeError(f"`{key}` is not supported by omnimerge; {fix}")
     name = data["merge_method"]
     if not isinstance(name, str) or name not in METHODS:
         raise OmnimergeError(f"merge_method {name!r} is not supported; omnimerge reads mergekit's "
                              f"{', '.join(METHODS)}")
     mk = METHODS[name]
     notes: list[str] = []
-
-    # inputs and base
+    given = [k for k in ("models", "slices", "modules") if data.get(k) is not None]
+    if len(given) != 1:
+        raise OmnimergeError("give exactly one of `models:`, `slices:` and `modules:`"
+                             + (f", not {' and '.join(given)}" if given else " (nothing to merge)"))
     base_ref = data.get("base_model")
-    if data.get("models") is not None and data.get("slices") is not None:
-        raise OmnimergeError("give `models:` or `slices:`, not both")
-    if data.get("slices") is not None:
-        probe = _Context(source, relative_to, None)
-        inputs, slice_params, slice_base = _inputs_from_slices(data["slices"], probe)
-        base_ref = slice_base or base_ref
-    elif data.get("models") is not None:
-        inputs, slice_params = _inputs_from_models(data["models"]), {}
+    if base_ref is not None:
+        _model_ref(base_ref, "base_model")
+        if "+" in base_ref:
+            raise OmnimergeError(f"base_model: '{base_ref}': a base with a LoRA applied is not supported; merge the "
+                                 "adapter into its model first (or give the adapter folder as a model)")
+    probe = _Context(source, relative_to, None)
+    glob = _params_dict(data.get("parameters"), "parameters")
+    shared = [("parameters", glob)]  # shared parameter levels, the first wins
+    text, others, scope = data, {}, ""
+    if data.get("modules") is not None:
+        text, mod_name, others = _split_modules(data["modules"], notes)
+        scope = f"modules.{mod_name}."
+        shared.insert(0, (f"{scope}parameters", _params_dict(text.get("parameters"), f"{scope}parameters")))
+    if text.get("slices") is not None:
+        slices = _parse_slices(text["slices"], f"{scope}slices", notes)
+        if not _whole_models(slices, probe):
+            recipe = _translate_sliced(slices, mk, name, base_ref, shared, probe, notes)
+            return _finish(recipe, data, mk, name, base_ref, others, [], probe, notes)
+        (sl,) = slices
+        inputs = [_Input(x.ref, x.params, x.where) for x in sl.sources]
+        shared.insert(0, (f"{sl.where}.parameters", sl.params))
+        base_ref = sl.base or base_ref
     else:
-        raise OmnimergeError("no `models:` (or `slices:`) to merge")
-    for r, w in [(base_ref, "base_model")] + [(i.ref, i.where + ".model") for i in inputs]:
-        if r is not None:
-            _model_ref(r, w)
-    if base_ref is not None and "+" in base_ref:
-        raise OmnimergeError(f"base_model: '{base_ref}': a base with a LoRA applied is not supported; merge the "
-                             "adapter into its model first (or give the adapter folder as a model)")
+        inputs = _inputs_from_models(text["models"])
+    for i in inputs:
+        _model_ref(i.ref, i.where + ".model")
     refs = [i.ref for i in inputs]
     dup = sorted({r for r in refs if refs.count(r) > 1})
     if dup:
         raise OmnimergeError(f"models: {', '.join(dup)} listed more than once (mergekit refuses this too)")
     if base_ref is not None and base_ref not in refs:
         inputs.append(_Input(base_ref, {}, "base_model"))  # mergekit adds the base to the inputs
-    if mk.base == "required":
+    with_base = mk.base == "required" or (mk.base == "optional" and base_ref is not None)
+    if with_base:
         if base_ref is None:
             raise OmnimergeError(f"mergekit's `{name}` needs `base_model:`")
         non_base = [i for i in inputs if i.ref != base_ref]
@@ -470,24 +622,14 @@ def _translate(data: dict, source: str) -> dict:
 
     layer_spec = base_ref or inputs[0].ref
     ctx = _Context(source, relative_to, layer_spec.partition("+")[0] if "+" in layer_spec else layer_spec)
-    glob = _params_dict(data.get("parameters"), "parameters")
 
     # parameters
-    for scope, params in [("parameters", glob), ("slices[0].parameters", slice_params)]:
-        for k in params:
-            if mk.param(k) is None:
-                if k not in _KNOWN_PARAMS:
-                    raise OmnimergeError(f"{scope}.{k}: not a parameter of mergekit's `{name}` "
-                                         f"(its parameters: {', '.join(p.name for p in mk.params)})")
-                notes.append(f"{scope}.{k}: mergekit's `{name}` has no parameter '{k}'; ignored (mergekit ignores "
-                             "it too)")
+    _check_param_names(mk, name, shared, notes)
     ours_params: dict[str, Any] = dict(mk.fixed)
     for p in mk.params:
         if p.ours is None:
             continue
-        settings = [(slice_params[p.name], f"slices[0].parameters.{p.name}")] if p.name in slice_params else []
-        if p.name in glob:
-            settings.append((glob[p.name], f"parameters.{p.name}"))
+        settings = [(params[p.name], f"{scope}.{p.name}") for scope, params in shared if p.name in params]
         value = _chain(settings, p.default, p.convert, ctx)
         if value is not None:
             ours_params[p.ours] = value
@@ -497,18 +639,10 @@ def _translate(data: dict, source: str) -> dict:
     models_out = []
     for inp in non_base:
         entry = _model_ref(inp.ref, inp.where + ".model")
+        _check_param_names(mk, name, [(f"{inp.where}.parameters", inp.params)], notes, per_input=True)
         for k, v in inp.params.items():
             p = mk.param(k)
-            if p is None or not p.per_input:
-                if p is None and k not in _KNOWN_PARAMS:
-                    raise OmnimergeError(f"{inp.where}.parameters.{k}: not a parameter of mergekit's `{name}` "
-                                         f"(its per-model parameters: "
-                                         f"{', '.join(q.name for q in mk.params if q.per_input) or 'none'})")
-                what = (f"mergekit's `{name}` has no parameter '{k}'" if p is None else
-                        f"'{k}' is a global parameter of mergekit's `{name}`, not a per-model one")
-                notes.append(f"{inp.where}.parameters.{k}: {what}; ignored (mergekit ignores it too)")
-                continue
-            if p.ours is None:
+            if p is None or not p.per_input or p.ours is None:
                 continue
             entry[p.ours] = _chain([(v, f"{inp.where}.parameters.{k}")], REQUIRED, p.convert, ctx)
         for p in mk.params:
@@ -519,38 +653,150 @@ def _translate(data: dict, source: str) -> dict:
                 )
         models_out.append(entry)
 
-    # the rest
     recipe: dict[str, Any] = {"method": mk.ours, "models": models_out, "parameters": ours_params,
                               "components": dict(COMPONENTS_ALL_MERGED)}
-    if mk.base == "required":
+    if with_base:
         recipe["base"] = base_ref
-    first = inputs[0].ref
     # the output's architecture: the base, else the first model (for `model+adapter`, the model)
-    recipe["skeleton"] = base_ref if base_ref is not None else first.partition("+")[0]
+    recipe["skeleton"] = base_ref if base_ref is not None else inputs[0].ref.partition("+")[0]
+    return _finish(recipe, data, mk, name, base_ref, others, [i.ref for i in inputs], ctx, notes)
+
+
+def _translate_sliced(slices: list[_Slice], mk: MkMethod, name: str, base_ref: str | None,
+                      shared: list[tuple[str, dict]], ctx: _Context, notes: list[str]) -> dict:
+    """Layer stacking: each mergekit slice becomes a recipe slice. A gradient spreads over each slice's own
+    layers (t = i/(n−1) within the slice, as in mergekit): shared parameters are written for the output
+    layers, per-model ones (matched, as in mergekit, against the model's own tensor names) for each source,
+    with the slice's and the global values folded in so that mergekit's precedence holds."""
+    out_slices, positions, refs = [], [], []
+    for sl in slices:
+        n = sl.sources[0].end - sl.sources[0].start
+        first = len(positions)
+        positions += [(first + k, k / (n - 1) if n > 1 else 1.0) for k in range(n)]
+        refs += [x.ref for x in sl.sources if x.ref not in refs]
+    recipe_params: dict[str, Any] = dict(mk.fixed)
+    _check_param_names(mk, name, shared + [(f"{sl.where}.parameters", sl.params) for sl in slices], notes)
+    for p in mk.params:
+        if p.ours is None or p.per_input:
+            continue
+        settings = [(params[p.name], f"{scope}.{p.name}") for scope, params in shared if p.name in params]
+        value = _chain(settings, p.default, p.convert, ctx.over(positions))
+        if value is None:
+            raise OmnimergeError(f"parameters.{p.name}: mergekit's `{name}` needs it (it has no default); add it")
+        recipe_params[p.ours] = value
+    at = 0
+    for sl in slices:
+        n = sl.sources[0].end - sl.sources[0].start
+        own = [(at + k, k / (n - 1) if n > 1 else 1.0) for k in range(n)]
+        at += n
+        base = sl.base or base_ref
+        if mk.base == "required":
+            if base is None:
+                raise OmnimergeError(f"{sl.where}: mergekit's `{name}` needs `base_model:` (global or in the slice)")
+            if base not in [x.ref for x in sl.sources]:
+                raise OmnimergeError(f"{sl.where}: the base '{base}' is not one of the slice's sources, so the slice "
+                                     f"has no base layers for `{name}`; add it to the sources with a layer_range")
+        out = {"sources": []}
+        if sl.base is not None and mk.base == "required":
+            out["base"] = sl.base
+        sp = {}
+        for p in mk.params:
+            if p.ours is not None and not p.per_input and p.name in sl.params:
+                sp[p.ours] = _entries(sl.params[p.name], f"{sl.where}.parameters.{p.name}", p.convert,
+                                      ctx.over(own)) or []
+                sp[p.ours] = [e for e in sp[p.ours]]
+        if sp:
+            out["parameters"] = {k: v for k, v in sp.items() if v}
+        for x in sl.sources:
+            entry: dict[str, Any] = {"model": x.ref, "layers": [x.start, x.end]}
+            is_base = mk.base == "required" and x.ref == base
+            _check_param_names(mk, name, [(f"{x.where}.parameters", x.params)], notes, per_input=True)
+            if is_base:
+                if x.params:
+                    notes.append(f"{x.where}: the parameters of the base model are ignored by `{name}` (as in "
+                                 "mergekit)")
+                out["sources"].append(entry)
+                continue
+            mine = [(x.start + k, t) for k, (_, t) in enumerate(own)]
+            for p in mk.params:
+                if p.ours is None or not p.per_input:
+                    continue
+                settings = [(x.params[p.name], f"{x.where}.parameters.{p.name}")] if p.name in x.params else []
+                if p.name in sl.params:
+                    settings.append((sl.params[p.name], f"{sl.where}.parameters.{p.name}"))
+                settings += [(params[p.name], f"{scope}.{p.name}") for scope, params in shared if p.name in params]
+                value = _chain(settings, p.default, p.convert, ctx.over(mine))
+                if value is None:
+                    raise OmnimergeError(f"{x.where} ('{x.ref}'): mergekit's `{name}` needs `{p.name}` for every "
+                                         "model (mergekit stops without it); add it to the source, the slice or the "
+                                         "global parameters")
+                entry[p.ours] = value
+            out["sources"].append(entry)
+        out_slices.append(out)
+    models = [_model_ref(r, "slices") for r in refs]  # sources name them by path (or `model+adapter`: the name)
+    recipe: dict[str, Any] = {"method": mk.ours, "models": models, "slices": out_slices, "parameters": recipe_params,
+                              "components": dict(COMPONENTS_ALL_MERGED)}
+    if mk.base == "required" and base_ref is not None:
+        recipe["base"] = base_ref
+    recipe["skeleton"] = base_ref if base_ref is not None else slices[0].sources[0].ref.partition("+")[0]
+    return recipe
+
+
+def _vocabulary(data: dict, base_ref: str | None) -> dict | None:
+    """mergekit's ``tokenizer_source`` / ``tokenizer`` -> our ``tokenizer:`` (the vocabulary built as mergekit
+    builds it, the embedding rows realigned to it)."""
+    tok, cfg = data.get("tokenizer_source"), data.get("tokenizer")
+    if tok is not None and cfg is not None:
+        raise OmnimergeError("give `tokenizer_source` or `tokenizer`, not both (mergekit refuses this too)")
+    if cfg is not None:
+        if not isinstance(cfg, dict) or set(cfg) - {"source", "tokens", "pad_to_multiple_of"}:
+            raise OmnimergeError(f"tokenizer: expected {{source, tokens, pad_to_multiple_of}}, got {cfg!r}")
+        out = {"source": cfg.get("source", "union")}
+        if cfg.get("tokens") is not None:
+            out["tokens"] = cfg["tokens"]
+        if cfg.get("pad_to_multiple_of") is not None:
+            out["pad_to_multiple_of"] = cfg["pad_to_multiple_of"]
+    elif tok is not None:
+        out = {"source": tok}
+    else:
+        return None
+    if not isinstance(out["source"], str) or "+" in out["source"]:
+        where = "tokenizer.source" if cfg is not None else "tokenizer_source"
+        raise OmnimergeError(f"{where}: {out['source']!r}: give `union`, `base`, a model folder or a hub id")
+    if base_ref is not None:
+        out["base"] = base_ref
+    return out
+
+
+def _finish(recipe: dict, data: dict, mk: MkMethod, name: str, base_ref: str | None, others: dict[str, dict],
+            text_models: list[str], ctx: _Context, notes: list[str]) -> dict:
+    """The fields every translation shares: the other modules' policies, dtypes, tokenizer, chat template."""
+    if not text_models:
+        text_models = [x["model"] for x in recipe["slices"][0]["sources"]]
+    for comp in ("vision", "projector"):
+        if comp in others:
+            recipe["components"][comp] = _module_policy(comp, others[comp], mk, name, text_models, base_ref, ctx,
+                                                        notes)
+        elif data.get("modules") is not None:
+            recipe["components"][comp] = "keep"
+            notes.append(f"modules: no {'vision_tower' if comp == 'vision' else 'multi_modal_projector'} module; "
+                         "omnimerge keeps the skeleton's (mergekit would leave it out of the output)")
     dtype = _dtype(data["dtype"], "dtype") if data.get("dtype") is not None else None
     out_dtype = _dtype(data["out_dtype"], "out_dtype") if data.get("out_dtype") is not None else None
     recipe["dtype"] = "float64" if dtype == "float64" else "float32"
     if out_dtype or dtype:
         recipe["out_dtype"] = out_dtype or dtype
-    tok = data.get("tokenizer_source")
-    if tok is not None:
-        if tok == "union":
-            raise OmnimergeError("tokenizer_source: 'union' is not supported (omnimerge does not build vocabularies); "
-                                 "use `base` or one of the models")
-        if tok == "base":
-            if base_ref is None:
-                raise OmnimergeError("tokenizer_source: 'base' needs `base_model:`")
-            tok = base_ref
-        if not isinstance(tok, str) or "+" in tok:
-            raise OmnimergeError(f"tokenizer_source: {tok!r}: give `base`, a model folder or a hub id")
-        recipe["tokenizer_source"] = tok
+    vocab = _vocabulary(data, base_ref)
+    if vocab is not None:
+        recipe["tokenizer"] = vocab
     ct = data.get("chat_template")
     if ct is not None:
         if ct != "auto":
             raise OmnimergeError("chat_template: omnimerge copies the chat template of the skeleton (base_model, or "
-                                 "the first model) or of tokenizer_source; remove `chat_template`, or set it in "
+                                 "the first model) or of the tokenizer source; remove `chat_template`, or set it in "
                                  "the output's tokenizer_config.json afterwards")
-        notes.append("chat_template: auto: omnimerge copies the chat template of the skeleton (or tokenizer_source)")
+        notes.append("chat_template: auto: omnimerge copies the chat template of the skeleton (or the tokenizer "
+                     "source)")
     for note in notes:
         log.warning("note: %s", note)
     return recipe

@@ -77,14 +77,116 @@ class ModelEntry(BaseModel):
 
     @model_validator(mode="after")
     def _params_are_values(self):
-        for k, v in (self.model_extra or {}).items():
-            try:
-                self.model_extra[k] = _PARAM_ADAPTER.validate_python(v)
-            except ValidationError as e:
-                reasons = "; ".join(err["msg"] for err in e.errors() if "regular expression" in err["msg"])
-                raise ValueError(f"per-model parameter '{k}': "
-                                 + (reasons or f"must be a scalar or a list of {{filter, value}}, got {v!r}")) from None
+        _validated_params(self.model_extra, "per-model parameter")
         return self
+
+
+def _validated_params(extra: dict | None, what: str) -> None:
+    """Per-model (or per-source) parameters: each a scalar or a list of {filter, value} (checked in place)."""
+    for k, v in (extra or {}).items():
+        try:
+            extra[k] = _PARAM_ADAPTER.validate_python(v)
+        except ValidationError as e:
+            reasons = "; ".join(err["msg"] for err in e.errors() if "regular expression" in err["msg"])
+            raise ValueError(f"{what} '{k}': "
+                             + (reasons or f"must be a scalar or a list of {{filter, value}}, got {v!r}")) from None
+
+
+class SliceSource(BaseModel):
+    """One layer range of one model in a slice: ``{model: <name or path>, layers: [start, end]}``, the
+    decoder layers start..end−1 (``end`` excluded, as in Python and mergekit's ``layer_range``).
+
+    Any other key is a parameter of the method for this model in this slice (``scale: 0.5``,
+    ``weight: [{filter: mlp, value: 0.3}]``); its filters match the model's own keys."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    layers: tuple[int, int]
+
+    @property
+    def parameters(self) -> dict[str, ParamValue]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _params_are_values(self):
+        _validated_params(self.model_extra, "slice source parameter")
+        return self
+
+
+class Slice(BaseModel):
+    """A run of output layers: layer i of the run comes from layer ``start + i`` of each source (merged with
+    the recipe's method when there are several). ``{model: a, layers: [0, 8]}`` is short for
+    ``{sources: [{model: a, layers: [0, 8]}]}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    base: str | None = Field(None, description="the slice's base (one of its sources); default: the recipe's")
+    parameters: dict[str, ParamValue] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source_shorthand(cls, data):
+        if isinstance(data, dict) and "model" in data and "sources" not in data:
+            return {"sources": [data]}
+        return data
+
+    @model_validator(mode="after")
+    def _same_lengths(self):
+        for j, s in enumerate(self.sources):
+            if s.layers[1] <= s.layers[0] or s.layers[0] < 0:
+                raise ValueError(f"sources[{j}] ({s.model}): layers {list(s.layers)} is empty or negative; give "
+                                 "[start, end] with 0 <= start < end (end excluded)")
+        lengths = {s.layers[1] - s.layers[0] for s in self.sources}
+        if len(lengths) > 1:
+            spans = ", ".join(f"{s.model} {list(s.layers)}" for s in self.sources)
+            raise ValueError(f"the sources of a slice must span the same number of layers (merged layer by layer); "
+                             f"got {spans}")
+        return self
+
+
+class ModelToken(BaseModel):
+    """A token's row taken from one model's row of another token: ``{kind: model_token, model: m, token: 'x'}``
+    (or ``token_id: 7``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of `token` and `token_id`")
+        return self
+
+
+class ZeroRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class TokenRow(BaseModel):
+    """Where one output token's embedding row comes from (mergekit's ``tokens:`` entries): ``source`` a model
+    (its row of the token), ``{kind: zero}`` or ``{kind: model_token, ...}``; ``force``: use it for every model,
+    even those that have the token."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Union[str, ZeroRow, ModelToken, None] = None
+    force: bool = False
+
+
+class Vocabulary(BaseModel):
+    """The output vocabulary, with every input's embedding and lm_head rows realigned to it by token
+    (mergekit's ``tokenizer:``). ``source``: ``union`` (every model's tokens), ``base`` (the base's tokenizer,
+    else the first model's) or a model (its tokenizer)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    base: str | None = Field(None, description="the model `source: base` names, whose rows also win for tokens that "
+                             "several merged models share (default: the recipe's base, else the skeleton)")
+    tokens: dict[str, TokenRow] = {}
+    pad_to_multiple_of: int | None = Field(None, ge=1, le=1 << 20)
 
 
 class ComponentMethod(BaseModel):
@@ -129,10 +231,35 @@ class Recipe(BaseModel):
     out_dtype: DTypeName | None = None
     seed: int = 0
     tokenizer_source: str | None = None
+    tokenizer: Vocabulary | None = Field(None, description="build the output vocabulary and realign embedding rows")
+    slices: list[Slice] | None = Field(None, min_length=1, description="layer ranges stacked into the output")
     shard_size: Union[int, str] = "5GB"
     calibration: CalibrationOptions | None = None
     allow_duplicate_models: bool | None = Field(None, description="the same model may appear more than once in `models:`")
     copy_nonfinite: bool | None = Field(None, description="copy kept tensors that hold NaN/Inf as they are")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data):
+        """``tokenizer_source: union`` is ``tokenizer: {source: union}``; a recipe with ``slices:`` may leave
+        out ``models:`` (then every model its slices name, in order)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("tokenizer_source") == "union":
+            if data.get("tokenizer") is not None:
+                raise ValueError("give `tokenizer_source` or `tokenizer`, not both")
+            data["tokenizer"] = {"source": "union"}
+            data.pop("tokenizer_source")
+        if isinstance(data.get("slices"), list) and data.get("models") is None:
+            specs: list[str] = []
+            for sl in data["slices"]:
+                srcs = sl.get("sources", [sl]) if isinstance(sl, dict) else []
+                for src in srcs if isinstance(srcs, list) else []:
+                    if isinstance(src, dict) and isinstance(src.get("model"), str) and src["model"] not in specs:
+                        specs.append(src["model"])
+            data["models"] = [{"path": m} for m in specs]
+        return data
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -152,6 +279,26 @@ class Recipe(BaseModel):
             dup = sorted({s for s in self.skeletons if self.skeletons.count(s) > 1})
             if dup:
                 raise ValueError(f"skeletons: {', '.join(dup)} listed more than once")
+        return self
+
+    @model_validator(mode="after")
+    def _slices_name_models(self):
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give `tokenizer_source` (copy a model's tokenizer files) or `tokenizer` (build the "
+                             "vocabulary and realign the embeddings), not both")
+        if not self.slices:
+            return self
+        if self.skeletons is not None:
+            raise ValueError("`slices:` builds one output; it cannot be combined with `skeletons:`")
+        known = {e.name for e in self.models if e.name} | {e.path for e in self.models}
+        for i, sl in enumerate(self.slices):
+            for j, src in enumerate(sl.sources):
+                if src.model not in known and src.model != self.base:
+                    raise ValueError(f"slices[{i}].sources[{j}].model '{src.model}' is not the name or path of a "
+                                     "model under `models:` (nor the base); list it there, or leave `models:` out")
+            if sl.base is not None and sl.base not in [s.model for s in sl.sources]:
+                raise ValueError(f"slices[{i}].base '{sl.base}' must be one of the slice's sources (its layers are "
+                                 "the base of the slice's task vectors)")
         return self
 
     @model_validator(mode="after")
@@ -177,6 +324,10 @@ class Recipe(BaseModel):
         where_values += [(f"components.{c}.parameters.{k}", v) for c, pol in self.components.items()
                          if isinstance(pol, ComponentMethod) for k, v in pol.parameters.items()]
         where_values += [(f"models[{i}].{k}", v) for i, e in enumerate(self.models) for k, v in e.parameters.items()]
+        for i, sl in enumerate(self.slices or []):
+            where_values += [(f"slices[{i}].parameters.{k}", v) for k, v in sl.parameters.items()]
+            where_values += [(f"slices[{i}].sources[{j}].{k}", v) for j, src in enumerate(sl.sources)
+                             for k, v in src.parameters.items()]
         for where, value in where_values:
             for j, v in enumerate(value if isinstance(value, list) else [value]):
                 v = v.value if isinstance(v, FilteredValue) else v

@@ -114,7 +114,7 @@ def _check_kept(out: Path, res: VerifyResult) -> None:
             missing.add(src_path)
             continue
         a = written.read(key)
-        b = src.read(entry["canonical"])
+        b = src.read(entry.get("source_canonical", entry["canonical"]))
         if b.dtype != a.dtype:
             b = b.to(a.dtype)
         if a.shape != b.shape or not torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)):

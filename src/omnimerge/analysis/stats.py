@@ -99,6 +99,9 @@ def analyze(recipe, out: str | Path, *, rank_rule="knee", spectra: bool = True, 
     plan = build_plan(recipe, relative_to=relative_to, allow_pickle=allow_pickle)
     if plan.base is None:
         raise OmnimergeError("analyze needs a `base:` in the recipe: task vectors are θ_i − θ_base")
+    if plan.layers is not None or plan.vocabulary is not None:
+        raise OmnimergeError("analyze compares whole models tensor by tensor; remove `slices:` and `tokenizer:` from "
+                             "the recipe to analyze its models' task vectors")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

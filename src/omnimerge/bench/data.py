@@ -25,30 +25,11 @@ DESCRIBE = ("Describe the image in detail.", "List everything in the picture.")
 
 
 def dense_caption(item: T.Item) -> str:
-    """A detailed description of ``item``'s scene, from its spec: every object with colour, shape and
-    place (corner, or grid box), figure sizes, chart values, the text and its ink. The base's
-    pretraining target (see :func:`base_items`); it states facts that task answers are made of, but
-    never in the tasks' question/answer format."""
-    kind, scene = item.meta["kind"], item.meta["scene"]
-    if kind == "shapes":
-        parts = []
-        for o in scene["objects"]:
-            where = (T.CORNERS[o["cell"]] if "cell" in o
-                     else ",".join(map(str, T.grid_box(o["box_px"], scene["size"]))))
-            parts.append(f"{o['colour']} {o['shape']} {where}")
-        return "; ".join(parts)
-    if kind == "rect":
-        return f"{scene['colour']} rectangle {scene['w']} by {scene['h']}"
-    if kind == "polygon":
-        return f"{scene['colour']} polygon with {scene['n']} sides"
-    if kind == "angle":
-        return f"two lines at {scene['angle']} degrees"
-    if kind in ("bar", "line"):
-        values = ", ".join(f"{label} {v}" for label, v in zip(T.CHART_LABELS, scene["values"]))
-        return f"{scene['colour']} {kind} chart: {values}"
-    if kind == "text":
-        return f"{scene['ink']} text {scene['text']}"
-    raise ValueError(f"no description for scene kind {kind!r}")
+    """A detailed description of ``item``'s scene, from its spec (its task's ``describe``): every
+    object with colour, shape and place (corner, or grid box), figure sizes, chart values, the text
+    and its ink. The base's pretraining target (see :func:`base_items`); it states facts that task
+    answers are made of, but never in the tasks' question/answer format."""
+    return T.describe(item)
 
 
 def describe_items(cfg, n: int, *, seed: int) -> list[T.Item]:

@@ -162,9 +162,11 @@ def build_zoo(cfg: BenchConfig, root, *, settings=SETTINGS, text_llm: bool = Tru
     return zoo
 
 
-def test_sets(cfg: BenchConfig, split: str = "test") -> dict[str, list[T.Item]]:
-    """``cfg.test_items`` (or ``cfg.val_items``) items of every task."""
-    n = cfg.test_items if split == "test" else cfg.val_items
+def test_sets(cfg: BenchConfig, split: str = "test", n: int | None = None) -> dict[str, list[T.Item]]:
+    """``n`` (default ``cfg.test_items``, or ``cfg.val_items`` for validation) items of every task. A
+    longer draw starts with the items of a shorter one (generation is deterministic and only stops later)."""
+    if n is None:
+        n = cfg.test_items if split == "test" else cfg.val_items
     return {task: T.generate(task, split, n, seed=cfg.data_seed, image_size=cfg.image_size) for task in T.TASKS}
 
 

@@ -96,7 +96,7 @@ def _corpus() -> list[str]:
                         variants = [v.replace("{" + key + "}", x) for v in variants for x in values]
                 lines += variants * 2
     for task in T.TASKS + (T.CAPTION_TASK,):
-        if task == "ocr":
+        if not T.task(task).in_corpus:
             continue
         for item in T.generate(task, "train", 300, seed=12345, image_size=64):
             lines.append(item.question)
@@ -107,7 +107,7 @@ def _corpus() -> list[str]:
     lines += [format_prompt("", False), "user", "assistant"] * 50
     for task in T.VISION_TASKS:
         for item in T.generate(task, "train", 200, seed=54321, image_size=64):
-            if task != "ocr":
+            if T.task(task).in_corpus:
                 lines.append(dense_caption(item))
     lines += ["yes", "no", "top left", "top right", "bottom left", "bottom right"] * 4
     return lines

@@ -195,6 +195,32 @@ def _capability_markdown(result, setting) -> str:
     return ref_table + "\n\n" + _markdown_table(header, lines)
 
 
+def calibration_rows(result: dict[str, Any], setting: str) -> list[dict[str, Any]]:
+    """Each data-aware method at every calibration size of the run (the main rows' size included),
+    ordered by method and size: ``{method, samples, average, gain_recovered, ci95}`` or ``skipped``."""
+    main_n = result["config"].get("calibration_items")
+    rows = [{**m, "samples": main_n} for m in result["merges"]
+            if m["kind"] == "capability" and m["setting"] == setting and m["method"] in _data_aware(result)]
+    rows += [m for m in result["merges"] if m["kind"] == "calibration" and m["setting"] == setting]
+    return sorted(rows, key=lambda r: (r["method"], r["samples"]))
+
+
+def _data_aware(result) -> set[str]:
+    return {m["method"] for m in result["merges"] if m["kind"] == "calibration"}
+
+
+def _calibration_markdown(result, setting) -> str:
+    lines = []
+    for r in calibration_rows(result, setting):
+        if "skipped" in r:
+            lines.append([r["method"], str(r["samples"]), f"skipped: {r['skipped']}", ""])
+            continue
+        ci = r.get("ci95") or {}
+        lines.append([r["method"], str(r["samples"]), _fmt_ci(r.get("average"), ci.get("average")),
+                      _fmt_ci(r.get("gain_recovered"), ci.get("gain_recovered"), 2)])
+    return _markdown_table(["method", "samples per expert", "average [95% CI]", "gain recovered [95% CI]"], lines)
+
+
 def _gain_kept_markdown(result, setting) -> str:
     rows = [r for r in capability_rows(result, setting) if r.get("group") == "method" and "gain_kept" in r]
     lines = [[r["model"], *(_fmt(r["gain_kept"].get(t), 2) for t in EXPERT_TASKS)] for r in rows]
@@ -224,9 +250,15 @@ def markdown(result: dict[str, Any]) -> str:
         title = TITLES.get(setting, setting)
         parts += [f"## Capability merging: {title}", ""]
         if result.get("experts", {}).get(setting):
-            parts += ["Each expert on its own task against the base and the best other expert (margin: "
-                      "expert − best rival, paired bootstrap interval):", "", _experts_markdown(result, setting), ""]
+            n_zoo = max(cfg.get("expert_test_items") or 0, cfg["test_items"])
+            parts += [f"Each expert on its own task against the base and the best other expert, on {n_zoo} test "
+                      "items per task (margin: expert − best rival, paired bootstrap interval):", "",
+                      _experts_markdown(result, setting), ""]
         parts += [_capability_markdown(result, setting), ""]
+        if any(m["kind"] == "calibration" and m["setting"] == setting for m in result["merges"]):
+            parts += ["Data-aware methods by the number of unlabeled calibration samples per expert (defaults; "
+                      f"the table above uses {result['config'].get('calibration_items')}):", "",
+                      _calibration_markdown(result, setting), ""]
         kept = _gain_kept_markdown(result, setting)
         if kept.count("\n") > 1:
             parts += ["Share of each expert's own gain over the base that the merge keeps (defaults):", "", kept, ""]

@@ -80,22 +80,24 @@ class BenchResult:
                 "item_scores": self.item_scores}
 
 
-CALIBRATION_SAMPLES = 32
+def calibration_paths(zoo: Path, n: int) -> dict[str, Path]:
+    """Where :func:`calibration_files` keeps ``n`` samples of each expert's task."""
+    return {task: zoo / "calibration" / f"n{n}" / task / "samples.jsonl" for task in EXPERT_TASKS}
 
 
-def calibration_files(zoo: Path, cfg: BenchConfig) -> dict[str, Path]:
+def calibration_files(zoo: Path, cfg: BenchConfig, n: int | None = None) -> dict[str, Path]:
     """Unlabeled samples of each expert's task for the data-aware methods (``regmean``, ``fisher``,
-    ...): the first :data:`CALIBRATION_SAMPLES` validation questions and images, written once under
-    ``zoo/calibration/<task>/samples.jsonl``. Validation, never test: the test split stays unseen."""
+    ...): the first ``n`` (default ``cfg.calibration_items``) validation questions and images, written
+    once under ``zoo/calibration/n<n>/<task>/samples.jsonl``. Validation, never test: the test split
+    stays unseen."""
+    n = cfg.calibration_items if n is None else n
     out = {}
-    for task in EXPERT_TASKS:
-        folder = zoo / "calibration" / task
-        path = folder / "samples.jsonl"
+    for task, path in calibration_paths(zoo, n).items():
+        folder = path.parent
         if not path.is_file():
             (folder / "images").mkdir(parents=True, exist_ok=True)
             lines = []
-            for i, item in enumerate(T.generate(task, "validation", CALIBRATION_SAMPLES, seed=cfg.data_seed,
-                                                image_size=cfg.image_size)):
+            for i, item in enumerate(T.generate(task, "validation", n, seed=cfg.data_seed, image_size=cfg.image_size)):
                 sample = {"text": item.question}
                 if item.image is not None:
                     item.image.save(folder / "images" / f"{i:04d}.png")
@@ -109,15 +111,18 @@ def calibration_files(zoo: Path, cfg: BenchConfig) -> dict[str, Path]:
 
 
 def capability_recipe(zoo: Path, setting: str, method: str, parameters: dict | None = None,
-                      seed: int = 0, calibration: dict[str, Path] | None = None) -> dict:
+                      seed: int = 0, calibration: dict[str, Path] | None = None, samples: int | None = None) -> dict:
     """The recipe that merges the five experts of ``setting`` into the setting's base with ``method``;
-    with ``calibration`` (task -> samples file) each expert gets its task's samples."""
+    with ``calibration`` (task -> samples file) each expert gets its task's samples, ``samples`` of them."""
     base = str(zoo / SETTING_BASE[setting])
     models = [{"path": str(zoo / f"{setting}_{task}"), "name": task} for task in EXPERT_TASKS]
+    recipe = {"method": method, "base": base, "skeleton": base, "models": models,
+              "parameters": dict(parameters or {}), "seed": seed}
     if calibration:
-        models = [{**m, "calibration": str(calibration[m["name"]])} for m in models]
-    return {"method": method, "base": base, "skeleton": base, "models": models,
-            "parameters": dict(parameters or {}), "seed": seed}
+        recipe["models"] = [{**m, "calibration": str(calibration[m["name"]])} for m in models]
+        if samples is not None:
+            recipe["calibration"] = {"samples": samples}
+    return recipe
 
 
 def backbone_recipes(zoo: Path, seed: int = 0) -> dict[str, dict]:
@@ -137,6 +142,14 @@ def method_defaults(method: str) -> dict[str, Any]:
     from ..methods import get_method
 
     return {p.name: p.default for p in get_method(method).params}
+
+
+def merge_parameters(cfg: BenchConfig, method: str, params: dict) -> dict:
+    """The parameters a recipe gets: ``params``, plus ``steps: cfg.data_aware_steps`` for a data-aware
+    method that optimises (the smoke presets' cap; 0 keeps the method's own default)."""
+    if cfg.data_aware_steps and _needs_calibration(method) and "steps" in method_defaults(method):
+        return {"steps": cfg.data_aware_steps, **params}
+    return dict(params)
 
 
 def sweep_grid(method: str) -> list[dict[str, Any]]:
@@ -183,7 +196,8 @@ def merge_code_digest() -> str:
 
 
 class MergeCache:
-    """Scores of merged recipes, one JSON file per (setting, method) under ``folder``."""
+    """Scores of merged recipes, one JSON file per (kind, setting, method) under ``folder``, each entry
+    keyed by the split and a digest of the whole recipe (parameters, models, calibration, seed)."""
 
     def __init__(self, folder: Path):
         self.folder = folder / merge_code_digest()
@@ -191,16 +205,21 @@ class MergeCache:
     def _file(self, kind: str, setting: str, method: str) -> Path:
         return self.folder / f"{kind}_{setting}_{method}.json"
 
-    def get(self, kind, setting, method, split, params) -> dict | None:
+    @staticmethod
+    def _key(split: str, recipe: dict) -> str:
+        blob = json.dumps(recipe, sort_keys=True, default=str)
+        return f"{split}|{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+    def get(self, kind, setting, method, split, recipe: dict) -> dict | None:
         f = self._file(kind, setting, method)
         data = json.loads(f.read_text()) if f.is_file() else {}
-        return data.get(f"{split}|{json.dumps(params, sort_keys=True)}")
+        return data.get(self._key(split, recipe))
 
-    def put(self, kind, setting, method, split, params, entry: dict) -> None:
+    def put(self, kind, setting, method, split, recipe: dict, entry: dict) -> None:
         f = self._file(kind, setting, method)
         f.parent.mkdir(parents=True, exist_ok=True)
         data = json.loads(f.read_text()) if f.is_file() else {}
-        data[f"{split}|{json.dumps(params, sort_keys=True)}"] = entry
+        data[self._key(split, recipe)] = entry
         f.write_text(json.dumps(data, sort_keys=True) + "\n")
 
 
@@ -244,11 +263,22 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
     keys = model_keys(cfg, plan)
     zoo = cache_dir / cfg.cache_key()
     cached_models = {m.name for m in plan if (cache_dir / "models" / f"{m.name}-{keys[m.name]}" / "bench.json").is_file()}
-    test_cache = f"test-n{cfg.test_items}-seed{cfg.data_seed}"
+    test_cache = f"test-n{cfg.zoo_test_items}-seed{cfg.data_seed}"
     n_tasks = {m.name: (1 if m.name == "text_llm" else len(T.TASKS)) for m in plan}
     scored = {m.name for m in plan if m.name in cached_models and
               (cache_dir / "models" / f"{m.name}-{keys[m.name]}" / "scores" / f"{test_cache}.json").is_file()}
     merge_cache = MergeCache(zoo / "merges")
+    data_aware = [m for m in methods if _needs_calibration(m)]
+
+    def recipe_for(setting: str, method: str, params: dict, samples: int | None = None) -> dict:
+        """The recipe of one merge of the run: a data-aware method gets ``samples`` (default
+        ``cfg.calibration_items``) unlabeled samples per expert."""
+        if method not in data_aware:
+            return capability_recipe(zoo, setting, method, params, cfg.seed)
+        n = cfg.calibration_items if samples is None else samples
+        return capability_recipe(zoo, setting, method, merge_parameters(cfg, method, params), cfg.seed,
+                                 calibration=calibration_paths(zoo, n), samples=n)
+
     grids = {m: (sweep_grid(m) if sweep else [{}]) for m in methods}
     kind_of = {"base": "train_all", "instruct": "train_all", "full": "train_language", "multitask": "train_language",
                "lora": "train_lora", "multitask_lora": "train_lora", "text_llm": "train_text"}
@@ -259,15 +289,16 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
             train_stage[m.name] = len(stages)
             stages.append(Stage(f"train {m.name}", {kind_of[m.stage]: m.steps}, unit="steps", total=m.steps))
     to_score = [m.name for m in plan if m.name not in scored]
-    eval_items = sum(n_tasks[n] * cfg.test_items for n in to_score)
+    eval_items = sum(n_tasks[n] * cfg.zoo_test_items for n in to_score)
     eval_stage = len(stages)
     stages.append(Stage("evaluate the zoo", {"eval": eval_items}, unit="items", total=eval_items))
     method_stage: dict[tuple[str, str], int] = {}
     n_points = n_cached_points = 0
     for setting in settings:
         for method in methods:
-            todo_val = [p for p in grids[method] if p and merge_cache.get("capability", setting, method, "validation", p) is None]
-            todo_test = 0 if merge_cache.get("capability", setting, method, "test", {}) else 1
+            todo_val = [p for p in grids[method]
+                        if p and merge_cache.get("capability", setting, method, "validation", recipe_for(setting, method, p)) is None]
+            todo_test = 0 if merge_cache.get("capability", setting, method, "test", recipe_for(setting, method, {})) else 1
             n_points += len([p for p in grids[method] if p])
             n_cached_points += len([p for p in grids[method] if p]) - len(todo_val)
             work = {"merge": len(todo_val) + todo_test * 2,
@@ -276,6 +307,14 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
             method_stage[(setting, method)] = len(stages)
             stages.append(Stage(f"{setting} {method}", work, unit="items",
                                 total=work["eval"]))
+    calibration_stage: dict[tuple[str, str, int], int] = {}
+    for setting in settings:
+        for method in (m for m in methods if _needs_calibration(m)):
+            for n in cfg.calibration_sizes:
+                todo = 0 if merge_cache.get(f"calibration_n{n}", setting, method, "test", recipe_for(setting, method, {}, n)) else 1
+                calibration_stage[(setting, method, n)] = len(stages)
+                work = {"merge": todo, "eval": todo * len(EXPERT_TASKS) * cfg.test_items}
+                stages.append(Stage(f"{setting} {method} n={n}", work, unit="items", total=work["eval"]))
     backbone_stage = len(stages)
     stages.append(Stage("backbone merging", {"merge": 2, "eval": 2 * len(T.TASKS) * cfg.test_items}, unit="items",
                         total=2 * len(T.TASKS) * cfg.test_items))
@@ -319,11 +358,12 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
         # 2. the zoo's scores and task vectors
         t = time.perf_counter()
         processor = build_processor(cfg)
-        tests = test_sets(cfg, "test")
+        zoo_tests = test_sets(cfg, "test", cfg.zoo_test_items)
+        tests = {task: items[:cfg.test_items] for task, items in zoo_tests.items()}    # the merges' test items
         progress.begin(eval_stage)
         if to_score:
-            say(f"evaluate {len(to_score)} zoo models on {cfg.test_items} test items per task")
-        zoo_scores = score_models({m.name: zoo / m.name for m in plan}, cfg, sets=tests, processor=processor,
+            say(f"evaluate {len(to_score)} zoo models on {cfg.zoo_test_items} test items per task")
+        zoo_scores = score_models({m.name: zoo / m.name for m in plan}, cfg, sets=zoo_tests, processor=processor,
                                   cache_name=test_cache, on_task=lambda _n, _t, k: progress.advance(k))
         progress.end()
         regime = {}
@@ -335,26 +375,23 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
         t_eval_zoo = time.perf_counter() - t
 
         result = BenchResult(config=cfg.to_dict(), cache_key=cfg.cache_key(),
-                             zoo={n: {t: sum(s) / len(s) for t, s in row.items()} for n, row in zoo_scores.items()},
+                             zoo={n: {t: sum(s[:cfg.test_items]) / len(s[:cfg.test_items]) for t, s in row.items()}
+                                  for n, row in zoo_scores.items()},
                              regime=regime, settings=settings,
                              training={m.name: _training_info(zoo / m.name) for m in plan})
         result.item_scores = {f"zoo/{n}": _bits(row) for n, row in zoo_scores.items()}
         vals = test_sets(cfg, "validation") if sweep else None
-        calib = calibration_files(zoo, cfg) if any(_needs_calibration(m) for m in methods) else {}
-
-        def recipe_for(setting: str, method: str, params: dict) -> dict:
-            return capability_recipe(zoo, setting, method, params, cfg.seed,
-                                     calibration=calib if _needs_calibration(method) else None)
 
         work = out / "merged"
         work.mkdir(parents=True, exist_ok=True)
 
         def merged_scores(kind: str, setting: str, method: str, recipe: dict, split: str, tasks) -> dict:
             """{"bits": task -> "0101", "merge_s": s} or {"skipped": reason}; cached."""
-            params = recipe.get("parameters", {})
-            hit = merge_cache.get(kind, setting, method, split, params)
+            hit = merge_cache.get(kind, setting, method, split, recipe)
             if hit is not None:
                 return hit
+            if "calibration" in recipe:          # the samples' files, written on first use
+                calibration_files(zoo, cfg, recipe["calibration"]["samples"])
             folder = work / f"{kind}_{setting}_{method}"
             try:
                 with quiet_transformers(errors_only=True):     # e.g. the calibration stage loading each expert
@@ -368,7 +405,7 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                 entry = {"bits": _bits(scores), "merge_s": round(res.seconds, 3)}
                 if not keep_merged:
                     shutil.rmtree(folder, ignore_errors=True)
-            merge_cache.put(kind, setting, method, split, params, entry)
+            merge_cache.put(kind, setting, method, split, recipe, entry)
             return entry
 
         # 3. capability merging
@@ -376,7 +413,8 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
         for setting in settings:
             for method in methods:
                 progress.begin(method_stage[(setting, method)])
-                row: dict[str, Any] = {"kind": "capability", "setting": setting, "method": method, "parameters": {}}
+                row: dict[str, Any] = {"kind": "capability", "setting": setting, "method": method,
+                                       "parameters": merge_parameters(cfg, method, {})}
                 entry = merged_scores("capability", setting, method, recipe_for(setting, method, {}), "test",
                                       EXPERT_TASKS)
                 if "skipped" in entry:
@@ -396,6 +434,22 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                     + (f"  tuned {tuned['parameters']} avg {_mean(tuned['accuracy'].values()):.3f}"
                        if tuned.get("parameters") else "")
                     + f"  ({row['merge_s']:.1f} s merge)")
+        # 3b. data-aware methods with other calibration sizes (their defaults only)
+        for setting in settings:
+            for method in data_aware:
+                for n in cfg.calibration_sizes:
+                    progress.begin(calibration_stage[(setting, method, n)])
+                    kind = f"calibration_n{n}"
+                    row = {"kind": "calibration", "setting": setting, "method": method, "samples": n, "parameters": {}}
+                    entry = merged_scores(kind, setting, method, recipe_for(setting, method, {}, n), "test", EXPERT_TASKS)
+                    if "skipped" in entry:
+                        row["skipped"] = entry["skipped"]
+                    else:
+                        row.update(accuracy=_acc(entry["bits"]), merge_s=entry["merge_s"])
+                        result.item_scores[f"calibration/{setting}/{method}/n{n}"] = entry["bits"]
+                        say(f"calibration {setting:<4} {method:<16} n={n:<3} avg {_mean(row['accuracy'].values()):.3f}")
+                    result.merges.append(row)
+                    progress.end()
         t_capability = time.perf_counter() - t
 
         # 4. backbone merging
@@ -421,6 +475,23 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                       "total_s": round(time.perf_counter() - t_start, 1)}
     summarize(result)
     return result
+
+
+def prepare_shared(cfg: BenchConfig, cache_dir: Path, methods: list[str] | None, *,
+                   log: Callable[[str], None] | None = None) -> None:
+    """What both settings use, made once before they run side by side: the pretrained base and the text
+    LLM (trained or taken from the cache), their test scores, and every calibration sample file."""
+    from ..methods import list_methods
+    from .experiment import build_zoo
+
+    zoo = build_zoo(cfg, cache_dir, settings=(), text_llm=True, log=(lambda m: log(f"train {m}")) if log else None)
+    sets = test_sets(cfg, "test", cfg.zoo_test_items)
+    score_models({name: zoo / name for name in ("base", "text_llm")}, cfg, sets=sets,
+                 cache_name=f"test-n{cfg.zoo_test_items}-seed{cfg.data_seed}")
+    names = methods if methods is not None else [m.name for m in list_methods()]
+    if any(_needs_calibration(m) for m in names):
+        for n in (cfg.calibration_items, *cfg.calibration_sizes):
+            calibration_files(zoo, cfg, n)
 
 
 def _needs_calibration(method: str) -> bool:
@@ -485,13 +556,15 @@ def bench(out, *, quick: bool = False, preset: str | None = None, config: BenchC
           overrides: dict | None = None, cache_dir=None, methods: list[str] | None = None,
           settings: tuple[str, ...] = SETTINGS, sweep: bool | None = None, keep_merged: bool = False,
           force: bool = False, log: Callable[[str], None] | None = print,
-          progress_stream=None) -> tuple[BenchResult, list[Path]]:
+          progress_stream=None, jobs: int | None = None) -> tuple[BenchResult, list[Path]]:
     """Run the benchmark and write its report into ``out``; returns the result and the files written.
 
     ``config`` (default: the ``preset``, "full", "quick" (= ``quick=True``) or "micro") with
     ``overrides`` (field -> value) sizes the models, training and evaluation. ``sweep`` (the
     validation sweep) defaults to on for the full preset and off for the smaller ones. ``out`` may be a
     previous bench report (its files are replaced); any other non-empty folder needs ``force``.
+    ``jobs`` (default: 2 for the full preset on a machine with two cores or more, else 1) runs the
+    settings in that many worker processes (:mod:`.parallel`); the report is the same.
     """
     from ..errors import OmnimergeError
     from .report import write_report
@@ -517,7 +590,32 @@ def bench(out, *, quick: bool = False, preset: str | None = None, config: BenchC
         import sys
 
         progress_stream = sys.stderr
-    result = run_bench(cfg, out, cache_dir=cache_dir or default_cache_dir(), methods=methods, settings=settings,
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    label = preset + (" preset with --set overrides" if overrides else " preset")
+    if jobs is None:
+        import os
+
+        jobs = 2 if preset == "full" and (os.cpu_count() or 1) >= 2 else 1
+    if jobs < 1:
+        raise OmnimergeError(f"--jobs must be at least 1, got {jobs}")
+    wanted = tuple(s for s in SETTINGS if s in settings)
+    if jobs > 1 and len(wanted) > 1:
+        import torch
+
+        from .parallel import run_settings_in_parallel
+
+        def say(message: str) -> None:      # where the serial run's progress goes
+            if log is not None:
+                print(message, file=progress_stream, flush=True)
+
+        say(f"omnimerge bench ({label}): the settings {', '.join(wanted)} run in {min(jobs, len(wanted))} worker "
+            f"processes (logs in {out / 'workers'}), then one pass assembles the report from the cache.")
+        run_settings_in_parallel(
+            cfg, out, cache_dir=cache_dir, methods=methods, settings=wanted, sweep=sweep, jobs=jobs,
+            threads=torch.get_num_threads(), say=say, preset=label,
+            interval=10.0 if getattr(progress_stream, "isatty", lambda: False)() else 60.0,
+            prepare=lambda: prepare_shared(cfg, cache_dir, methods, log=say))
+    result = run_bench(cfg, out, cache_dir=cache_dir, methods=methods, settings=settings,
                        sweep=sweep, keep_merged=keep_merged, log=log, progress_stream=progress_stream,
-                       preset=preset + (" preset with --set overrides" if overrides else " preset"))
+                       preset=label)
     return result, write_report(result.to_json(), out)

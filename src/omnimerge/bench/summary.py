@@ -8,7 +8,8 @@
 - the **ranking** of methods by average (defaults), each marked against the next one down and
   against the best by a paired bootstrap of the difference of averages;
 - the **experts' margins**: each expert on its own task against the base and every other expert,
-  with the 95 % interval of the margin.
+  with the 95 % interval of the margin, on all the test items the zoo was scored on
+  (``expert_test_items``; every other figure uses the merges' ``test_items``).
 """
 
 from __future__ import annotations
@@ -59,10 +60,15 @@ def _ci(pair) -> list[float]:
 
 def summarize(result, n_resamples: int = 1000, seed: int = 0) -> None:
     """Fill in ``result``'s derived figures (in place): ``zoo_ci95``, ``experts``, ``ranking`` and, on
-    every capability row (and its ``tuned`` part), ``average``, ``normalized``, ``gain_recovered``,
+    every capability row (and its ``tuned`` part) and every calibration-size row, ``average``, ``normalized``, ``gain_recovered``,
     ``gain_kept`` and ``ci95``; backbone rows get ``vision_average``, ``text`` and ``ci95``."""
     boot = Bootstrap(n_resamples, seed)
-    scores = {name: {t: _bits_to_list(b) for t, b in row.items()} for name, row in result.item_scores.items()}
+    # The zoo may be scored on more test items than the merges (``expert_test_items``): the experts'
+    # margins use all of them; every comparison with a merge uses the first ``test_items``, the merges' own.
+    n_cmp = result.config.get("test_items")
+    full = {name: {t: _bits_to_list(b) for t, b in row.items()} for name, row in result.item_scores.items()}
+    scores = {name: {t: (v[:n_cmp] if n_cmp and name.startswith("zoo/") else v) for t, v in row.items()}
+              for name, row in full.items()}
     tasks_all = list(dict.fromkeys(t for row in scores.values() for t in row))
 
     def ci_row(name: str, tasks) -> dict[str, list[float]]:
@@ -95,9 +101,9 @@ def summarize(result, n_resamples: int = 1000, seed: int = 0) -> None:
         # the experts against the base and each other
         margins = {}
         for t in EXPERT_TASKS:
-            own = scores[f"zoo/{setting}_{t}"][t]
-            rivals = {base_name: scores[f"zoo/{base_name}"][t],
-                      **{f"{setting}_{o}": scores[f"zoo/{setting}_{o}"][t] for o in EXPERT_TASKS if o != t}}
+            own = full[f"zoo/{setting}_{t}"][t]
+            rivals = {base_name: full[f"zoo/{base_name}"][t],
+                      **{f"{setting}_{o}": full[f"zoo/{setting}_{o}"][t] for o in EXPERT_TASKS if o != t}}
             best_rival = max(rivals, key=lambda n: sum(rivals[n]))
             diff = boot.accuracy(t, own) - boot.accuracy(t, rivals[best_rival])
             acc_ci = boot.ci(t, own)
@@ -124,6 +130,9 @@ def summarize(result, n_resamples: int = 1000, seed: int = 0) -> None:
             if "accuracy" in tuned:
                 tuned.update(figures(tuned["accuracy"], key + "/tuned"))
             ranked.append((row["average"], row["method"], boot.average(scores[key], EXPERT_TASKS)))
+        for row in result.merges:
+            if row["kind"] == "calibration" and row["setting"] == setting and "accuracy" in row:
+                row.update(figures(row["accuracy"], f"calibration/{setting}/{row['method']}/n{row['samples']}"))
         ranked.sort(key=lambda r: (-r[0], r[1]))
         order = []
         for i, (avg, method, samples) in enumerate(ranked):

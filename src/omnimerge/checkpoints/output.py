@@ -30,7 +30,7 @@ def shard_filenames(n: int) -> list[str]:
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def _is_tokenizer_file(name: str) -> bool:
+def is_tokenizer_file(name: str) -> bool:
     return any(Path(name).match(p) for p in TOKENIZER_PATTERNS)
 
 
@@ -46,9 +46,9 @@ def model_files(skeleton: Path, tokenizer_source: Path) -> dict[str, Path]:
     """Every non-weight file to copy: config, processor, template, generation config, and the
     tokenizer files (from ``tokenizer_source`` when it is not the skeleton)."""
     own_tokenizer = tokenizer_source == skeleton
-    files = {p.name: p for p in describing_files(skeleton) if own_tokenizer or not _is_tokenizer_file(p.name)}
+    files = {p.name: p for p in describing_files(skeleton) if own_tokenizer or not is_tokenizer_file(p.name)}
     if not own_tokenizer:
-        files |= {p.name: p for p in describing_files(tokenizer_source) if _is_tokenizer_file(p.name)}
+        files |= {p.name: p for p in describing_files(tokenizer_source) if is_tokenizer_file(p.name)}
     return files
 
 

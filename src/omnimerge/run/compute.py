@@ -31,20 +31,23 @@ def read_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
     """A job's input tensors as read: the source's (copy), or the base and models' (+ the skeleton's
     full tensor when only some rows merge). A model's NaN/Inf is an error naming the file."""
     if job.action is Action.COPY:  # kept tensors: the same rule, unless the recipe copies them as they are
-        t = job.source.read(job.canonical)
+        key = job.source_key or job.canonical
+        t = job.source.read(key)
         if t.is_floating_point() and not all_finite(t):
-            check_finite(t, job.source.describe(job.canonical), kept=True, allowed=bool(plan.recipe.copy_nonfinite))
+            check_finite(t, job.source.describe(key), kept=True, allowed=bool(plan.recipe.copy_nonfinite))
         return [t]
     tensors = []
-    for m in plan.inputs():
-        t = m.read(job.canonical)
+    for m, key in plan.job_reads(job):
+        t = m.read(key)
         if t.is_floating_point() and not all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise OmnimergeError(
-                f"{m.describe(job.canonical)} holds {bad} NaN/Inf value(s); the model is broken — fix or "
+                f"{m.describe(key)} holds {bad} NaN/Inf value(s); the model is broken — fix or "
                 "re-download it, or keep this component from the skeleton"
             )
         tensors.append(t)
+    if job.align is not None:  # token rows realigned to the output vocabulary
+        tensors = job.align(tensors)
     if job.rows is not None:
         tensors.append(plan.skeleton.read(job.canonical))
     return tensors
@@ -59,7 +62,7 @@ def compute_inputs(plan: Plan, job: Job, tensors: list[torch.Tensor], device: st
     where the method takes them so (``Method.models_as_read``) and that dtype promotes to the compute
     dtype (so that keeping it is exact). The base (position 0) is always converted."""
     cd = plan.compute_dtype
-    as_read = plan.base is not None and job.method.models_as_read
+    as_read = plan.job_has_base(job) and job.method.models_as_read
 
     def keep(i: int, t: torch.Tensor) -> bool:
         return as_read and i > 0 and t.is_floating_point() and torch.promote_types(t.dtype, cd) == cd
@@ -69,8 +72,9 @@ def compute_inputs(plan: Plan, job: Job, tensors: list[torch.Tensor], device: st
 
 def _call(plan: Plan, job: Job, xs: list[torch.Tensor], device: str, reduction: Any) -> tuple[torch.Tensor, dict]:
     """The method on a job's compute inputs; returns the merged tensor and the method's report facts."""
-    base = xs[0] if plan.base is not None else None
-    models = xs[1:] if plan.base is not None else xs
+    with_base = plan.job_has_base(job)
+    base = xs[0] if with_base else None
+    models = xs[1:] if with_base else xs
     stats = job.stats.for_key(job.canonical) if job.stats is not None else None  # data-aware methods
     ctx = MethodContext(job.canonical, torch.Generator(device=device).manual_seed(job.seed), reduction=reduction,
                         stats=stats)
@@ -98,7 +102,7 @@ def compute(plan: Plan, job: Job, tensors: list[torch.Tensor], device: str,
         raise _nan_error(job)
     info = dict(facts)
     info["norm"] = float(out.float().norm())
-    if plan.base is not None:
+    if plan.job_has_base(job):
         info["delta_norm"] = float((out - xs[0]).float().norm())
     out = out.to(job.out_dtype).cpu()
     if full is not None:
@@ -116,7 +120,7 @@ def group_steps(plan: Plan, jobs: list[Job], device: str) -> list[list[Job]]:
     size, batching = 0, False
     for j in jobs:
         small = j.action is Action.MERGE and j.rows is None and j.nbytes <= SMALL_TENSOR
-        cost = j.nbytes * (len(plan.inputs()) + 1)
+        cost = j.nbytes * (len(plan.job_reads(j)) + 1)
         if small and batching and size + cost <= BATCH_BYTES:
             steps[-1].append(j)
             size += cost
@@ -152,7 +156,7 @@ def compute_many(plan: Plan, jobs: list[Job], inputs: list[list[torch.Tensor]], 
         xs = [next(moved).to(plan.compute_dtype) for _ in ts]
         out, facts = _call(plan, job, xs, device, red.get(job.canonical))
         o = out.float()
-        delta = (out - xs[0]).float().norm() if plan.base is not None else o.new_zeros(())
+        delta = (out - xs[0]).float().norm() if plan.job_has_base(job) else o.new_zeros(())
         stats.append(torch.stack([torch.isfinite(o).all().float(), o.norm(), delta]))
         outs.append(out.to(job.out_dtype))
         infos.append(dict(facts))
@@ -162,7 +166,7 @@ def compute_many(plan: Plan, jobs: list[Job], inputs: list[list[torch.Tensor]], 
         if not finite:
             raise _nan_error(job)
         info["norm"] = norm
-        if plan.base is not None:
+        if plan.job_has_base(job):
             info["delta_norm"] = delta
         results.append((out, info))
     return results

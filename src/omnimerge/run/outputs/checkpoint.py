@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from ...checkpoints.card import model_card
-from ...checkpoints.output import model_files, shard_filenames, write_json
+from ...checkpoints.output import is_tokenizer_file, model_files, shard_filenames, write_json
 from ...checkpoints.safetensors_io import StreamingSafetensorsWriter
 from ...methods import get_method
 from ...plan import Action, Job, Plan
@@ -132,6 +132,8 @@ def tensor_report(plan: Plan, job: Job, info: dict, seconds: float, shard: str) 
     else:
         r["source"] = job.source.name
         r["source_path"] = str(job.source.path)
+        if job.source_key is not None:
+            r["source_canonical"] = job.source_key
         r["policy"] = job.note
     r.update(info)
     r["seconds"] = round(seconds, 6)
@@ -160,11 +162,16 @@ def write_side_files(plan: Plan, tmp: Path, shards: list[list[Job]], names: list
         write_json(tmp / "model.safetensors.index.json",
                    {"metadata": {"total_size": plan.out_bytes}, "weight_map": weight_map})
     for name, src in model_files(plan.skeleton.path, plan.tokenizer_source).items():
-        shutil.copy2(src, tmp / name)
-    if plan.recipe.out_dtype:
+        if plan.vocabulary is None or not is_tokenizer_file(name):
+            shutil.copy2(src, tmp / name)
+    if plan.vocabulary is not None:
+        plan.vocabulary.save(tmp)
+    if plan.recipe.out_dtype or plan.rewrites_config:
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        _set_dtype(cfg, plan.recipe.out_dtype)
+        if plan.recipe.out_dtype:
+            _set_dtype(cfg, plan.recipe.out_dtype)
+        plan.edit_config(cfg)
         write_json(cfg_path, cfg)
     recipe_yaml = yaml.safe_dump(resolved_recipe(plan), sort_keys=False)
     (tmp / "omnimerge.yaml").write_text(recipe_yaml)
@@ -206,6 +213,21 @@ def resolved_recipe(plan: Plan) -> dict:
 
     for entry in data["models"]:
         entry["path"] = absolute(entry["path"])
+    for sl in data.get("slices") or []:  # names and paths alike become the absolute path (as `base` does)
+        for src in sl["sources"]:
+            src["model"] = absolute(src["model"])
+        if sl.get("base"):
+            sl["base"] = absolute(sl["base"])
+    vocab = data.get("tokenizer") or {}
+    if vocab.get("source") not in (None, "union", "base"):
+        vocab["source"] = absolute(vocab["source"])
+    if vocab.get("base"):
+        vocab["base"] = absolute(vocab["base"])
+    for row in (vocab.get("tokens") or {}).values():
+        if isinstance(row.get("source"), str):
+            row["source"] = absolute(row["source"])
+        elif isinstance(row.get("source"), dict) and row["source"].get("model"):
+            row["source"]["model"] = absolute(row["source"]["model"])
     for k in ("base", "skeleton", "tokenizer_source"):
         if data.get(k):
             data[k] = absolute(data[k])

@@ -149,6 +149,10 @@ def check_lora_plan(plan: Plan) -> Checkpoint:
     if base.lora is not None:
         raise OmnimergeError(f"--as-lora: the base '{base.name}' is itself a LoRA adapter; give its base model "
                              "folder as `base:`")
+    if plan.layers is not None or plan.vocabulary is not None:
+        what = "restacks the layers (`slices:`)" if plan.layers is not None else "changes the vocabulary (`tokenizer:`)"
+        raise OmnimergeError(f"--as-lora: the recipe {what}, which an adapter over the base cannot express; write "
+                             "full weights")
     sk = plan.skeleton
     if base.family.name != sk.family.name:
         raise OmnimergeError(
