@@ -400,3 +400,14 @@ def test_regmean_plusplus_with_merged_embeddings_and_regmean_on_the_head(two_lay
     assert (mean - _load(vlm).get_input_embeddings().weight.detach()).abs().max() > 1e-3
     text = (tmp_path / "out" / "report.json").read_text()
     assert '"regmean": "gram"' in text or '"regmean": "input rows (Woodbury)"' in text
+
+
+def test_data_aware_methods_with_a_new_output_vocabulary_are_refused(two_layers, tmp_path, calib, monkeypatch):
+    import omnimerge
+
+    vlm, experts = two_layers
+    monkeypatch.setenv("OMNIMERGE_CACHE", str(tmp_path / "cache"))
+    recipe = _recipe("regmean", vlm, experts, calib, tokenizer={"source": "union"})
+    with pytest.raises(OmnimergeError, match="tokenizer:"):
+        omnimerge.merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

@@ -176,6 +176,10 @@ def attach_statistics(plan, *, device: str = "cpu", cache_dir: str | Path | None
     jobs = [j for j in plan.jobs if j.action == "merge" and j.method is not None and j.method.needs_calibration]
     if not jobs:
         return None
+    if getattr(plan, "vocabulary", None) is not None:
+        raise OmnimergeError("data-aware methods run the models with the skeleton's tokenizer; a recipe with "
+                             "`tokenizer:` (a new output vocabulary) cannot use them. Merge the vocabularies in a "
+                             "data-free step first")
     with _full_precision():
         return _attach(plan, jobs, device, cache_dir, log)
 
