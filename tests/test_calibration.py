@@ -400,15 +400,3 @@ def test_adamerging_end_to_end(vlm, experts, calib, tmp_path, monkeypatch):
     omnimerge.merge(recipe, tmp_path / "again", progress=False)  # cached: the same coefficients, the same bytes
     assert sorted((tmp_path / "cache" / "stats").glob("stats-*")) == files
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
-
-
-def test_adamerging_with_another_data_aware_method_is_refused(vlm, experts, calib, tmp_path, monkeypatch):
-    import omnimerge
-
-    monkeypatch.setenv("OMNIMERGE_CACHE", str(tmp_path / "cache"))
-    recipe = {"method": "adamerging", "base": str(vlm), "skeleton": str(vlm),
-              "models": [{"path": str(e), "calibration": str(calib)} for e in experts],
-              "components": {"lm_head": {"method": "regmean"}}}
-    with pytest.raises(OmnimergeError, match="merge in two steps"):
-        omnimerge.merge(recipe, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()

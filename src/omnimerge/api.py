@@ -25,7 +25,7 @@ from .run.options import EXECUTORS, RunOptions
 from .run.outputs.checkpoint import CheckpointOutput
 from .run.outputs.lora import LoraOutput, check_extract_pair, parse_rank
 from .run.outputs.skeletons import SkeletonsOutput
-from .run.stream import MergeResult, write_output
+from .run.stream import MergeResult, check_device, write_output
 
 __all__ = ["MergeResult", "RunOptions", "extract", "merge", "write_plan"]
 
@@ -99,6 +99,7 @@ def merge(recipe, out: str | Path | None = None, *, options: RunOptions | None =
     if plan.needs_statistics:
         if out is not None:  # the output folder's problems before minutes of forward passes
             _dry_run(out, o, [plan])
+        check_device(o.device)
         attach_statistics(plan, device=o.device,
                           log=(lambda msg: print(msg, file=sys.stderr)) if o.progress is not False else None)
     return _push(_write(sink, out, o), o)

@@ -28,6 +28,14 @@ def group_of(canonical: str, granularity: str) -> str:
     return f"layer{m.group(1)}" if m else "rest"
 
 
+def stacked_task_vectors(task_vectors, device) -> dict[str, torch.Tensor]:
+    """``{key: (T, *shape)}`` float32 on ``device`` from one ``{key: τ_i}`` per model, or ``task_vectors``
+    itself when it is already that mapping (no second copy: a stage builds the stacks directly)."""
+    if isinstance(task_vectors, dict):
+        return {k: v.to(device, torch.float32) for k, v in task_vectors.items()}
+    return {k: torch.stack([tv[k].to(device, torch.float32) for tv in task_vectors]) for k in task_vectors[0]}
+
+
 def answer_entropy(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean entropy of the next-token distributions at each row's last non-padding position."""
     last = attention_mask.long().sum(-1) - 1
@@ -45,29 +53,31 @@ def learn_coefficients(model, task_vectors: Sequence[dict[str, torch.Tensor]], b
     """λ for every canonical key the task vectors cover: ``{key: [λ_1, ..., λ_T]}``.
 
     ``model`` holds θ_base (modified by nothing: the merged weights are passed functionally); ``task_vectors``
-    one ``{canonical key: τ_i}`` per model; ``batches`` one list of rendered batches per model. Each step
+    one ``{canonical key: τ_i}`` per model (or ``{canonical key: (T, *shape)}``, see :func:`stacked_task_vectors`); ``batches`` one list of rendered batches per model. Each step
     takes the next batch of every model and sums their entropies. ``trace`` (a list) receives the loss of
     every step; ``progress(done)`` is called after each."""
     if granularity not in ("layer", "task"):
         raise OmnimergeError(f"granularity must be layer or task, got {granularity!r}")
-    if len(task_vectors) != len(batches) or not task_vectors:
+    device = next(model.parameters()).device
+    stacked = stacked_task_vectors(task_vectors, device)
+    T = len(batches)
+    if not stacked or any(v.shape[0] != T for v in stacked.values()):
         raise ValueError("one set of task vectors and one list of batches per model")
     if any(not b for b in batches):
         raise OmnimergeError("every model needs at least one calibration sample")
     params = canonical_parameters(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    keys = [k for k in task_vectors[0] if k in params]
+    keys = [k for k in stacked if k in params]
     if not keys:
         raise OmnimergeError("no merged tensor of the task vectors is a parameter of the base model")
     groups = sorted({group_of(k, granularity) for k in keys})
     index = {g: i for i, g in enumerate(groups)}
-    T = len(task_vectors)
-    device = next(model.parameters()).device
     lam = torch.nn.Parameter(torch.full((len(groups), T), float(init), device=device))
     opt = torch.optim.Adam([lam], lr=lr)
     for p in model.parameters():
         p.requires_grad_(False)
-    taus = {k: torch.stack([tv[k].to(device, torch.float32) for tv in task_vectors]) for k in keys}  # (T, *shape)
+    taus = {k: stacked[k] for k in keys}  # (T, *shape)
+    del stacked
     model.train(False)
 
     def merged() -> dict[str, torch.Tensor]:

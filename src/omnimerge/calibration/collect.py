@@ -15,6 +15,7 @@ model is resident at a time; :class:`StatisticsCache` keeps the results on disk 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,15 +51,30 @@ def _is_vlm(config) -> bool:
 
 
 def load_renderer(folder: str | Path, *, vision: bool):
-    """The processor (VLM) or tokenizer (text LLM) saved in ``folder``."""
+    """The processor (VLM) or tokenizer (text LLM) saved in ``folder``. A VLM's processor that transformers
+    cannot construct here (Qwen-VL and InternVL processors need torchvision for their video processors) is
+    replaced by :class:`.render.ImageRenderer` for those families, else by the tokenizer alone (text-only
+    samples; an image is then refused with the reason)."""
     import transformers
 
+    what = "processor" if vision else "tokenizer"
     try:
-        if vision:
+        if not vision:
+            return transformers.AutoTokenizer.from_pretrained(folder)
+        try:
             return transformers.AutoProcessor.from_pretrained(folder)
-        return transformers.AutoTokenizer.from_pretrained(folder)
+        except Exception as first:  # noqa: BLE001 - torchvision missing, no processor files, ...
+            from .render import SUPPORTED, ImageRenderer
+
+            config = transformers.AutoConfig.from_pretrained(folder)
+            if config.model_type in SUPPORTED:
+                return ImageRenderer(folder, config)
+            tok = transformers.AutoTokenizer.from_pretrained(folder)
+            tok.omnimerge_no_images = (f"the processor of {folder} cannot be loaded ({str(first).strip()[:200]}), and "
+                                       f"omnimerge renders images itself only for {', '.join(SUPPORTED)}; use "
+                                       "text-only calibration samples for this model")
+            return tok
     except Exception as e:  # noqa: BLE001 - any loading failure is the same user-facing problem
-        what = "processor" if vision else "tokenizer"
         raise OmnimergeError(f"cannot load the {what} of {folder} to render calibration samples ({e}); the "
                              f"skeleton folder needs its {what} files") from None
 
@@ -74,20 +90,32 @@ def _prompt(renderer, sample: Sample) -> str:
     return sample.text
 
 
+def _check_images(renderer, sample: Sample) -> None:
+    reason = getattr(renderer, "omnimerge_no_images", None)
+    if sample.image is not None and reason:
+        raise OmnimergeError(f"{sample.where}: this sample has an image, but {reason}")
+
+
 def render_batches(renderer, samples: Sequence[Sample], settings: CalibrationSettings) -> list[dict]:
     """Model inputs for ``samples``: batches of ``settings.batch_size`` (samples with and without an image in
-    separate batches), padded; a sample longer than ``max_tokens`` is cut when it has no image and refused
+    separate batches; one image sample per batch where the renderer's image inputs cannot be split by
+    sample), padded; a sample longer than ``max_tokens`` is cut when it has no image and refused
     when it has one (cutting would split the image's tokens)."""
     from PIL import Image
 
     groups: list[list[Sample]] = []
+    # image inputs that cannot be cut back into samples (InternVL's patches): one image sample per batch
+    image_batch = settings.batch_size if getattr(renderer, "image_rows_splittable", True) else 1
     for s in samples:
-        if groups and len(groups[-1]) < settings.batch_size and (groups[-1][0].image is None) == (s.image is None):
+        size = settings.batch_size if s.image is None else image_batch
+        if groups and len(groups[-1]) < size and (groups[-1][0].image is None) == (s.image is None):
             groups[-1].append(s)
         else:
             groups.append([s])
     batches = []
     for group in groups:
+        for s in group:
+            _check_images(renderer, s)
         texts = [_prompt(renderer, s) for s in group]
         kw = {"padding": True, "return_tensors": "pt"}
         if group[0].image is not None:
@@ -139,21 +167,22 @@ class _Inputs:
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().to("cpu", torch.float64)
+        x = x.detach()
         self.count += x.shape[0]
         if self.keep_rows:
-            self.rows.append(x.float())
-        else:
+            self.rows.append(x.to("cpu", torch.float32))
+        else:  # in float64 where the activations are (the GPU with --device cuda), moved to the CPU at the end
+            x = x.double()
             g = x.T @ x
             self.sum = g if self.sum is None else self.sum + g
 
     def result(self) -> dict[str, torch.Tensor]:
         if self.keep_rows:
             return {"inputs": torch.cat(self.rows)}
-        return {"gram": (self.sum / self.count).float()}
+        return {"gram": (self.sum / self.count).float().cpu()}
 
 
-def _linears(model) -> dict[str, torch.nn.Linear]:
+def decoder_linears(model) -> dict[str, torch.nn.Linear]:
     """Canonical weight key -> linear module, for the language decoder and the lm_head."""
     decoder = model.get_decoder()
     out = {}
@@ -186,7 +215,12 @@ def _forward_inputs(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _sites(model, batch: dict, linears: dict[str, torch.nn.Linear]) -> list[list[str]]:
+def _run(model, inputs: dict) -> None:
+    model(**inputs, use_cache=False)
+
+
+def _sites(model, batch: dict, linears: dict[str, torch.nn.Linear],
+           forward: Callable[[object, dict], None] = _run) -> list[list[str]]:
     """Groups of linear layers that read the same input tensor (q/k/v, gate/up): one forward pass, noting
     which consecutive pre-hook calls receive the very same tensor object."""
     groups: list[list[str]] = []
@@ -204,7 +238,7 @@ def _sites(model, batch: dict, linears: dict[str, torch.nn.Linear]) -> list[list
     handles = [m.register_forward_pre_hook(hook_for(k)) for k, m in linears.items()]
     try:
         with torch.no_grad():
-            model(**batch, use_cache=False)
+            forward(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -229,18 +263,21 @@ def _chunks(sizes: Sequence[int], budget: int) -> list[list[int]]:
 
 
 def collect_grams(model, batches: Sequence[dict], *, memory_budget: int = 2 << 30,
-                  progress: Callable[[int], None] | None = None
+                  progress: Callable[[int], None] | None = None, linears: dict[str, torch.nn.Linear] | None = None,
+                  forward: Callable[[object, dict], None] = _run
                   ) -> Iterator[tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]]:
     """Parts ``(stats, aliases)``: ``stats`` maps a canonical key to ``{"gram": d×d}`` or ``{"inputs": N×d}``
     over every non-padding token of ``batches``; ``aliases`` maps the other layers reading the same input
     (k/v beside q, up beside gate) to that key. The accumulators of one part fit in ``memory_budget`` bytes;
-    more parts take more passes over the batches (each layer is collected in exactly one)."""
+    more parts take more passes over the batches (each layer is collected in exactly one).
+    ``linears``: the layers to collect (default: every linear layer of the language decoder and the lm_head,
+    :func:`decoder_linears`); ``forward(model, inputs)``: how one batch runs (default: the whole model)."""
     device = next(model.parameters()).device
     if not batches:
         return
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
-    linears = _linears(model)
-    sites = _sites(model, _forward_inputs(batches[0], device), linears)
+    linears = decoder_linears(model) if linears is None else linears
+    sites = _sites(model, _forward_inputs(batches[0], device), linears, forward)
     widths = [linears[g[0]].in_features for g in sites]
     sizes = [tokens * d * 4 if tokens < d else d * d * 8 for d in widths]
     done = 0
@@ -260,7 +297,7 @@ def collect_grams(model, batches: Sequence[dict], *, memory_budget: int = 2 << 3
                 for batch in batches:
                     inputs = _forward_inputs(batch, device)
                     mask[:] = [inputs["attention_mask"].bool()]
-                    model(**inputs, use_cache=False)
+                    forward(model, inputs)
                     done += 1
                     if progress:
                         progress(done)
@@ -433,9 +470,17 @@ class StatisticsCache:
 
     def save(self, key: str, parts) -> Path:
         """Write the parts (an iterable of ``(stats, aliases)``) one by one, then move the folder into place."""
-        import shutil
+        with self.writer(key) as w:
+            for stats, aliases in parts:
+                w.add(stats, aliases)
+        return self.path(key)
 
-        from safetensors.torch import save_file
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator["PartWriter"]:
+        """A :class:`PartWriter` for ``key``'s folder: parts are written as they come (several writers may be
+        open at once); the folder moves into place when the block ends without an error, and is removed
+        otherwise."""
+        import shutil
 
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-{key}-{os.getpid()}"
@@ -443,10 +488,7 @@ class StatisticsCache:
             shutil.rmtree(tmp)
         tmp.mkdir()
         try:
-            for i, (stats, aliases) in enumerate(parts):
-                flat = {f"{k}::{kind}": t.contiguous() for k, v in stats.items() for kind, t in v.items()}
-                save_file(flat, tmp / f"part-{i:05d}.safetensors",
-                          metadata={"omnimerge_stats_version": str(STATS_VERSION), "aliases": json.dumps(aliases)})
+            yield PartWriter(tmp)
             final = self.path(key)
             if final.exists():  # another run finished the same statistics first: theirs are as good
                 shutil.rmtree(tmp)
@@ -455,4 +497,19 @@ class StatisticsCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return self.path(key)
+
+
+class PartWriter:
+    """Writes one statistics folder's parts, numbered in order (see :meth:`StatisticsCache.writer`)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.count = 0
+
+    def add(self, stats: dict[str, dict[str, torch.Tensor]], aliases: dict[str, str] | None = None) -> None:
+        from safetensors.torch import save_file
+
+        flat = {f"{k}::{kind}": t.contiguous() for k, v in stats.items() for kind, t in v.items()}
+        save_file(flat, self.folder / f"part-{self.count:05d}.safetensors",
+                  metadata={"omnimerge_stats_version": str(STATS_VERSION), "aliases": json.dumps(aliases or {})})
+        self.count += 1

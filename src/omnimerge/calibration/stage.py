@@ -158,68 +158,193 @@ class StatsSource:
         return tuple(out)
 
 
+PER_MODEL_KINDS = ("gram", "fisher")  # one model at a time, on its own samples
+JOINT_KINDS = ("coefficient", "merged_gram", "expert_coefficient")  # through the merged model, all models at once
+
+
 def attach_statistics(plan, *, device: str = "cpu", cache_dir: str | Path | None = None,
-                      log: Callable[[str], None] | None = None) -> StatsSource | None:
-    """Run the statistics stage for ``plan`` (a :class:`omnimerge.plan.Plan` whose method learns from
-    calibration samples) and give its data-aware jobs their :class:`StatsSource`. Returns it (None when no
-    job needs statistics)."""
+                      log: Callable[[str], None] | None = None) -> dict[str, StatsSource] | None:
+    """Run the statistics stage for ``plan`` (a :class:`omnimerge.plan.Plan` whose methods learn from
+    calibration samples) and give each data-aware job the :class:`StatsSource` of its method's statistics.
+    Returns them by method name (None when no job needs statistics).
+
+    Statistics of one model on its own samples (RegMean's Grams, Fishers) are collected first, one model at a
+    time; then at most one kind learned through the merged model (AdaMerging's or Expert Merging's
+    coefficients, RegMean++'s Grams). While those are learned, the tensors another method merges hold the
+    values that method gives them (RegMean++), or the base's (AdaMerging, Expert Merging: the coefficients
+    are learned through the base with the task vectors of their own tensors)."""
     jobs = [j for j in plan.jobs if j.action == "merge" and j.method is not None and j.method.needs_calibration]
     if not jobs:
         return None
+    if getattr(plan, "vocabulary", None) is not None:
+        raise OmnimergeError("data-aware methods run the models with the skeleton's tokenizer; a recipe with "
+                             "`tokenizer:` (a new output vocabulary) cannot use them. Merge the vocabularies in a "
+                             "data-free step first")
+    with _full_precision():
+        return _attach(plan, jobs, device, cache_dir, log)
+
+
+@contextlib.contextmanager
+def _full_precision() -> Iterator[None]:
+    """float32 matmuls and convolutions in full precision on a GPU (no TF32), so that statistics do not
+    depend on the device beyond rounding."""
+    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+
+
+def _attach(plan, jobs, device: str, cache_dir, log) -> dict[str, StatsSource]:
     kinds = sorted({k for j in jobs for k in j.method.calibration})
+    joint = [k for k in kinds if k in JOINT_KINDS]
+    if len(joint) > 1:
+        names = sorted({j.method.name for j in jobs if set(j.method.calibration) & set(joint)})
+        raise OmnimergeError(f"{' and '.join(names)} each learn through the whole merged model; one recipe takes one "
+                             "of them (merge in two steps: the first output is the second recipe's model)")
     opts = plan.recipe.calibration
     settings = CalibrationSettings(**opts.model_dump()) if opts is not None else CalibrationSettings()
     cache = StatisticsCache(cache_dir or default_stats_dir())
-    if "coefficient" in kinds and len(kinds) > 1:
-        raise OmnimergeError("adamerging learns its coefficients through the whole merged model; it cannot share a "
-                             "recipe with another data-aware method (merge in two steps)")
-    if "coefficient" in kinds:  # learned jointly through the merged model, not one model at a time
-        source = StatsSource.open(_coefficient_files(plan, jobs, settings, cache, device, log))
-    else:
-        files = [model_statistics(model.lora["adapter"] if model.lora else model.path, samples, kinds,
+    sources: dict[str, StatsSource] = {}
+    own = [j for j in jobs if not set(j.method.calibration) & set(JOINT_KINDS)]
+    if own:
+        own_kinds = sorted({k for j in own for k in j.method.calibration})
+        files = [model_statistics(model.lora["adapter"] if model.lora else model.path, samples, own_kinds,
                                   renderer_folder=plan.skeleton.path, settings=settings, cache=cache, device=device,
                                   seed=plan.recipe.seed, lora_base=model.lora["base"] if model.lora else None,
                                   log=log)
                  for model, samples in zip(plan.models, plan.calibration)]
-        source = StatsSource.open(files, [j.canonical for j in jobs])
-    for j in jobs:
-        j.stats = source
-    return source
+        source = StatsSource.open(files, [j.canonical for j in own if "fisher" in j.method.calibration])
+        for j in own:
+            j.stats = source
+            sources[j.method.name] = source
+    if joint:
+        learned = [j for j in jobs if joint[0] in j.method.calibration]
+        source = StatsSource.open(_JOINT[joint[0]](plan, learned, settings, cache, device, log))
+        for j in learned:
+            j.stats = source
+            sources[j.method.name] = source
+    return sources
+
+
+def _model_keys(plan, settings: CalibrationSettings, kind: str) -> list[str]:
+    """Each model's statistics key for ``kind`` (its files, samples, settings; the base's and skeleton's
+    files too)."""
+    extra = [plan.skeleton.path] + ([plan.base.path] if plan.base is not None else [])
+    return [statistics_key(m.lora["adapter"] if m.lora else m.path, s, settings, [kind], plan.recipe.seed,
+                           extra_folders=extra + ([m.lora["base"]] if m.lora else []))
+            for m, s in zip(plan.models, plan.calibration)]
+
+
+def _joint_key(plan, jobs, settings: CalibrationSettings, kind: str, params: dict) -> str:
+    """One digest of every model's key, the method's parameters, the merged keys and the recipe."""
+    import hashlib
+    import json
+
+    body = {"models": _model_keys(plan, settings, kind), "params": params, "keys": sorted(j.canonical for j in jobs),
+            "kind": kind}
+    if kind == "merged_gram":  # the merged layers depend on everything the recipe says
+        body["recipe"] = plan.recipe.model_dump(mode="json")
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _batches(plan, settings: CalibrationSettings) -> list[list[dict]]:
+    renderer = load_renderer(plan.skeleton.path, vision=takes_images(plan.skeleton.path))
+    return [render_batches(renderer, s, settings) for s in plan.calibration]
 
 
 def _coefficient_files(plan, jobs, settings: CalibrationSettings, cache: StatisticsCache, device: str,
                        log: Callable[[str], None] | None) -> list[Path]:
     """AdaMerging's coefficients, one file per model (``<key>::coefficient`` scalars), learned once for the
     plan's base, models, samples and the method's parameters, and cached."""
-    import hashlib
-    import json
-
     from .adamerging import learn_coefficients
 
     params = {k: jobs[0].params[k] for k in ("granularity", "init", "lr", "steps")}
-    samples = plan.calibration
-    parts = [statistics_key(m.lora["adapter"] if m.lora else m.path, s, settings, ["coefficient"], plan.recipe.seed,
-                            extra_folders=[plan.base.path, plan.skeleton.path])
-             for m, s in zip(plan.models, samples)]
-    keys = sorted(j.canonical for j in jobs)
-    joint = hashlib.sha256(json.dumps({"models": parts, "params": params, "keys": keys}, sort_keys=True)
-                           .encode()).hexdigest()[:24]
+    joint = _joint_key(plan, jobs, settings, "coefficient", params)
     paths = [cache.path(f"{joint}-{i}") for i in range(len(plan.models))]
     if all(p.is_dir() for p in paths):
         if log:
             log(f"adamerging: coefficients reused from {paths[0].parent}")
         return paths
-    renderer = load_renderer(plan.skeleton.path, vision=takes_images(plan.skeleton.path))
-    batches = [render_batches(renderer, s, settings) for s in samples]
+    batches = _batches(plan, settings)
     model = load_model(plan.base.path, device)
-    task_vectors = []
-    for m in plan.models:
-        task_vectors.append({k: (m.read(k).float() - plan.base.read(k).float()) for k in keys})
+    task_vectors = _task_vectors(plan, jobs)
     if log:
         log(f"adamerging: learning {params['granularity']}-wise coefficients for {len(plan.models)} models, "
             f"{params['steps']} steps")
     with _bar("adamerging coefficients", params["steps"], log is not None) as advance:
         lam = learn_coefficients(model, task_vectors, batches, log=log, progress=advance, **params)
     del model, task_vectors
+    return _save_coefficients(cache, joint, lam, len(plan.models))
+
+
+def _task_vectors(plan, jobs) -> dict[str, torch.Tensor]:
+    """``{key: (T, *shape)}``: every model's τ_i of the jobs' tensors, stacked as they are read (one copy)."""
+    out = {}
+    for k in sorted(j.canonical for j in jobs):
+        base = plan.base.read(k).float()
+        out[k] = torch.stack([m.read(k).float() - base for m in plan.models])
+    return out
+
+
+def _save_coefficients(cache: StatisticsCache, joint: str, lam: dict[str, list[float]], count: int) -> list[Path]:
     return [cache.save(f"{joint}-{i}", [({k: {"coefficient": torch.tensor(v[i])} for k, v in lam.items()}, {})])
-            for i in range(len(plan.models))]
+            for i in range(count)]
+
+
+def _merged_gram_files(plan, jobs, settings: CalibrationSettings, cache: StatisticsCache, device: str,
+                       log: Callable[[str], None] | None) -> list[Path]:
+    """RegMean++'s Grams, one folder per model, collected layer by layer through the model merged so far."""
+    from .sequential import merged_gram_files
+
+    params = {k: jobs[0].params.get(k) for k in sorted(jobs[0].params)}
+    joint = _joint_key(plan, jobs, settings, "merged_gram", params)
+    if log:
+        log(f"regmean_plusplus: merging {plan.skeleton.layer_count()} layers in order, {len(plan.models)} models")
+    return merged_gram_files(plan, jobs, cache, device, lambda: _batches(plan, settings), joint, log=log,
+                             bar=lambda what, total: _bar(what, total, log is not None))
+
+
+def _expert_coefficient_files(plan, jobs, settings: CalibrationSettings, cache: StatisticsCache, device: str,
+                              log: Callable[[str], None] | None) -> list[Path]:
+    """Expert Merging's coefficients: each expert's logits (and hidden states) on its own samples cached first,
+    one expert at a time; then the coefficients learned with the base and the task vectors in memory."""
+    from .expert_merging import EXPERT_PARAMS, TargetReader, expert_targets, learn_expert_coefficients
+
+    params = {k: jobs[0].params[k] for k in EXPERT_PARAMS}
+    joint = _joint_key(plan, jobs, settings, "expert_coefficient", params)
+    paths = [cache.path(f"{joint}-{i}") for i in range(len(plan.models))]
+    if all(p.is_dir() for p in paths):
+        if log:
+            log(f"expert_merging: coefficients reused from {paths[0].parent}")
+        return paths
+    batches = _batches(plan, settings)
+    layers = params["hidden_layers"]
+    targets = []
+    for i, (m, key) in enumerate(zip(plan.models, _model_keys(plan, settings, f"expert_targets:{layers}"))):
+        folder = cache.path(key)
+        if not folder.is_dir():
+            if log:
+                log(f"expert_merging: caching {m.name}'s logits on its {len(plan.calibration[i])} samples")
+            expert = load_model(m.lora["adapter"] if m.lora else m.path, device,
+                                lora_base=m.lora["base"] if m.lora else None)
+            try:
+                cache.save(key, expert_targets(expert, batches[i], layers))
+            finally:
+                del expert
+        targets.append(TargetReader(folder))
+    model = load_model(plan.base.path, device)
+    task_vectors = _task_vectors(plan, jobs)
+    steps = params["epochs"] * max(len(b) for b in batches)
+    if log:
+        log(f"expert_merging: learning {params['granularity']}-wise coefficients for {len(plan.models)} models, "
+            f"{steps} steps")
+    with _bar("expert merging coefficients", steps, log is not None) as advance:
+        lam = learn_expert_coefficients(model, task_vectors, batches, targets, log=log, progress=advance, **params)
+    del model, task_vectors
+    return _save_coefficients(cache, joint, lam, len(plan.models))
+
+
+_JOINT = {"coefficient": _coefficient_files, "merged_gram": _merged_gram_files,
+          "expert_coefficient": _expert_coefficient_files}

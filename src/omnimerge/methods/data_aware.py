@@ -28,6 +28,15 @@ _REGMEAN_REF = (
     "Dataless Knowledge Fusion by Merging Weights of Language Models (Jin et al., ICLR 2023), "
     "arXiv:2212.09849"
 )
+_REGMEAN_PP_REF = (
+    "RegMean++: Enhancing Effectiveness and Generalization of Regression Mean for Model Merging "
+    "(Nguyen et al., 2025), arXiv:2508.03121"
+)
+_REGMEAN_PP_DEFAULTS = (
+    "alpha 0.95: FusionBench's RegMean++ (tanganke/fusion_bench config/method/regmean_plusplus/"
+    "clip_regmean_plusplus.yaml:11); tensors without input statistics take the models' mean "
+    "(fusion_bench/method/regmean_plusplus/regmean_plusplus.py:136-137)"
+)
 _FISHER_REF = "Merging Models with Fisher-Weighted Averaging (Matena & Raffel, NeurIPS 2022), arXiv:2111.09832"
 _REGMEAN_DEFAULTS = (
     "alpha 0.9 (off-diagonal scale; no reference file runs 0.9: FusionBench runs 0.95 on CLIP and 0.6 on GPT-2 "
@@ -41,6 +50,18 @@ _ADAMERGING_REF = (
 _ADAMERGING_DEFAULTS = (
     "granularity layer, init 0.3, Adam lr 1e-3, 1000 steps: FusionBench's layer-wise AdaMerging "
     "(tanganke/fusion_bench config/method/adamerging/clip.yaml:7-9, :19)"
+)
+_EXPERT_REF = (
+    "Expert Merging: Model Merging with Unsupervised Expert Alignment and Importance-Guided Layer Chunking "
+    "(Zhang et al., 2025), arXiv:2509.25712"
+)
+_EXPERT_DEFAULTS = (
+    "Littleor/ExpertMerging InternVL/model_merging.py command-line defaults: init 0.1 (:1685, passed as the "
+    "coefficients' init at :1359), lr 0.5 (:1736), 1 epoch (:1727), temperature 1.0 (:1731), sparsity_reg_weight 5 "
+    "(:1764), hidden_states_weight 1.0 (:1778), no hidden-state layers (:1772); one coefficient per merged "
+    "matrix (global_utils/expert_merging_base.py:165, coefficient size 1); AdamW with weight decay 1e-5 "
+    "(InternVL/parametric_task_vector_model.py:144-149), cosine warm restarts T_0 50, floor 0.1 lr (:152-154), "
+    "gradient clipping 1.0 (global_utils/expert_merging_base.py:662-666); 5 samples per task (model_merging.py:1715)"
 )
 _FISHER_DEFAULTS = (
     "normalize true, epsilon 1e-6: FusionBench's fisher_merging "
@@ -124,10 +145,29 @@ def regmean_solve_rows(weights: list[torch.Tensor], inputs: list[torch.Tensor], 
             "samples (off-diagonals × alpha); other tensors: the mean.",
 )
 def regmean(base, models, ctx, alpha):
-    stats = _stats(ctx, len(models), "regmean")
+    return _regmean(models, ctx, alpha, "regmean")
+
+
+@register(
+    "regmean_plusplus",
+    params=(
+        Param("alpha", float, 0.95, "scale of the Grams' off-diagonal entries (1: the plain least-squares "
+                                    "merge; smaller: closer to a per-feature weighted average)",
+              minimum=0.0, maximum=1.0),
+    ),
+    needs_base=False, reference=_REGMEAN_PP_REF, defaults_from=_REGMEAN_PP_DEFAULTS, calibration=("merged_gram",),
+    summary="RegMean with each layer's input Grams taken from the model merged so far (layers merged in order): "
+            "model i's layer l runs on the merged layers 0..l-1's hidden states of its samples.",
+)
+def regmean_plusplus(base, models, ctx, alpha):
+    return _regmean(models, ctx, alpha, "regmean_plusplus")
+
+
+def _regmean(models, ctx, alpha, method):
+    stats = _stats(ctx, len(models), method)
     have = [("gram" in s) or ("inputs" in s) for s in stats]
     if models[0].ndim != 2 or not any(have):
-        ctx.info["regmean"] = "mean (no input statistics for this tensor)"
+        ctx.info[method] = "mean (no input statistics for this tensor)"
         return torch.stack(models).mean(0)
     if not all(have):
         missing = [i for i, h in enumerate(have) if not h]
@@ -141,12 +181,12 @@ def regmean(base, models, ctx, alpha):
                                  f"takes {n} inputs; the statistics belong to another model")
     if alpha < 1.0 and all("inputs" in s for s in stats):
         merged = regmean_solve_rows(models, [s["inputs"] for s in stats], alpha)
-        ctx.info["regmean"] = "input rows (Woodbury)"
+        ctx.info[method] = "input rows (Woodbury)"
     else:
         grams = [s["gram"] if "gram" in s else (s["inputs"].double().T @ s["inputs"].double()) / len(s["inputs"])
                  for s in stats]
         merged = regmean_solve(models, grams, alpha)
-        ctx.info["regmean"] = "gram"
+        ctx.info[method] = "gram"
     return merged.to(models[0].dtype)
 
 
@@ -204,6 +244,11 @@ def fisher(base, models, ctx, weight, normalize, epsilon):
 )
 def adamerging(base, models, ctx, granularity, init, lr, steps):
     stats = _stats(ctx, len(models), "adamerging")
+    return _coefficient_merge(base, models, ctx, stats, init)
+
+
+def _coefficient_merge(base, models, ctx, stats, init):
+    """θ_base + Σ_i c_i τ_i with each model's learned coefficient for this tensor (else ``init``)."""
     if all("coefficient" in s for s in stats):
         coeffs = [float(s["coefficient"]) for s in stats]
         ctx.info["coefficients"] = coeffs
@@ -214,3 +259,44 @@ def adamerging(base, models, ctx, granularity, init, lr, steps):
     for c, m in zip(coeffs, models):
         out += c * (m - base)
     return out
+
+
+def _hidden_layers(value):
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text is None:
+        raise ValueError(f"must be a string (none, all, or indices like '4,8'), got {value!r}")
+    if text in ("none", "all"):
+        return text
+    try:
+        indices = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"must be none, all, or comma-separated indices like '4,8', got {value!r}") from None
+    if any(i < 0 for i in indices):
+        raise ValueError(f"indices must be non-negative, got {value!r}")
+    return ",".join(map(str, indices))
+
+
+@register(
+    "expert_merging",
+    params=(
+        Param("granularity", str, "tensor", "one coefficient per model for each merged matrix (tensor), each decoder "
+              "layer (layer) or the whole model (task)", choices=("tensor", "layer", "task")),
+        Param("init", float, 0.1, "the coefficients' start (and the value of tensors without one)",
+              minimum=0.0, maximum=1.0, exclusive_minimum=True, exclusive_maximum=True),
+        Param("lr", float, 0.5, "AdamW learning rate of the coefficients' logits", minimum=0.0, exclusive_minimum=True),
+        Param("epochs", int, 1, "passes over the samples (a step takes one batch of every model)", minimum=0),
+        Param("temperature", float, 1.0, "temperature of the logit alignment", minimum=0.0, exclusive_minimum=True),
+        Param("reg_weight", float, 5.0, "weight of the regulariser Σ|λ − init| / groups", minimum=0.0),
+        Param("hidden_weight", float, 1.0, "weight of the hidden-state alignment", minimum=0.0),
+        Param("hidden_layers", str, "none", "hidden states to align: none, all, or indices into the model's "
+              "hidden states (0: embeddings, i: after decoder layer i), e.g. '4,8,12'", check=_hidden_layers,
+              kind_text="str", range_doc="none, all, or indices like '4,8,12'"),
+    ),
+    needs_base=True, reference=_EXPERT_REF, defaults_from=_EXPERT_DEFAULTS, calibration=("expert_coefficient",),
+    summary="θ_base + Σ_i λ_i τ_i with λ_i in (0, 1) learned per merged matrix so that the merged model's logits "
+            "(and hidden states) match each expert's on the expert's own unlabeled samples.",
+)
+def expert_merging(base, models, ctx, granularity, init, lr, epochs, temperature, reg_weight, hidden_weight,
+                   hidden_layers):
+    stats = _stats(ctx, len(models), "expert_merging")
+    return _coefficient_merge(base, models, ctx, stats, init)
