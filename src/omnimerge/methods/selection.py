@@ -103,10 +103,17 @@ class StreamedKthLargest:
     histograms the next 16-bit digit of the patterns that share the digits already fixed (65,536
     counters), and fixes the digit where the k-th largest lies; after ``bits / 16`` passes the whole
     pattern, so the value itself, is known: exact, with no sampling. ``threshold`` is then that value,
-    or +inf when k = 0 (nothing is kept) and 0 when k = N (everything is)."""
+    or +inf when k = 0 (nothing is kept) and 0 when k = N (everything is).
 
-    def __init__(self, fraction: float):
+    ``exact_count``: keep exactly k values, as :func:`top_k_mask` does — when more values equal the
+    threshold than the k-th largest leaves room for, one more pass counts them chunk by chunk (each
+    chunk fed with a ``tag``), so that ``ties`` (how many of them to keep, the first ones in feed order)
+    and ``ties_before[tag]`` (how many come before that chunk) tell each chunk which to keep.
+    ``ties`` is None when every value equal to the threshold is kept."""
+
+    def __init__(self, fraction: float, exact_count: bool = False):
         self.fraction = fraction
+        self.exact_count = exact_count
         self.n = 0
         self.k: int | None = None  # how many of the largest are still above the digits being resolved
         self.prefix = 0  # the digits fixed so far
@@ -114,13 +121,21 @@ class StreamedKthLargest:
         self.bits: int | None = None
         self.hist: torch.Tensor | None = None
         self.threshold: float | None = None
+        self.ties: int | None = None
+        self.ties_before: dict = {}
+        self._counting = False
+        self._seen = 0
 
     @property
     def done(self) -> bool:
-        return self.threshold is not None
+        return self.threshold is not None and not self._counting
 
-    def feed(self, values: torch.Tensor) -> None:
-        """One chunk of non-negative values (any shape), in the current pass."""
+    def feed(self, values: torch.Tensor, tag=None) -> None:
+        """One chunk of non-negative values (any shape), in the current pass (``tag``: see the class doc)."""
+        if self._counting:
+            self.ties_before[tag] = self._seen
+            self._seen += int((values == self.threshold).count_nonzero())
+            return
         if self.done:
             return
         if self.bits is None:
@@ -140,6 +155,9 @@ class StreamedKthLargest:
 
     def next_pass(self) -> None:
         """After every chunk was fed in this pass: fix the next digit (or finish)."""
+        if self._counting:
+            self._counting = False
+            return
         if self.done:
             return
         if self.k is None:
@@ -152,9 +170,13 @@ class StreamedKthLargest:
         i = int(torch.searchsorted(from_top, torch.tensor(self.k)))
         digit = (1 << DIGIT_BITS) - 1 - i
         self.k -= int(from_top[i - 1]) if i > 0 else 0
+        equal = int(self.hist[digit])  # values sharing the digits fixed so far (all of the pattern, at the end)
         self.prefix = (self.prefix << DIGIT_BITS) | digit
         self.resolved += DIGIT_BITS
         self.hist = None
         if self.resolved == self.bits:
             pattern = torch.tensor([self.prefix], dtype=torch.int64).to(_INT_VIEW[self.dtype])
             self.threshold = float(pattern.view(self.dtype)[0])
+            if self.exact_count and self.k < equal:  # keep only the first k of the values equal to it
+                self.ties = self.k
+                self._counting = True
