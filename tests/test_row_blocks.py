@@ -29,9 +29,13 @@ def models(tmp_path_factory):
 
 
 def _merge(recipe: dict, out, monkeypatch, block_bytes: int | None):
-    """The merge, with tensors over 0 bytes cut into blocks of ``block_bytes`` (None: no blocks)."""
+    """The merge, with tensors over 0 bytes cut into blocks of ``block_bytes`` and gta's pipeline run in
+    pieces of 1000 elements (None: whole tensors, in one piece)."""
+    from omnimerge.methods import gta
+
     monkeypatch.setattr(blocks, "BLOCK_ABOVE", 0 if block_bytes else 1 << 62)
     monkeypatch.setattr(blocks, "BLOCK_BYTES", block_bytes or 1)
+    monkeypatch.setattr(gta, "PIECE", 1000 if block_bytes else 1 << 40)
     omnimerge.merge(recipe, out)
     return load_file(str(out / "model.safetensors")), json.loads((out / "report.json").read_text())["tensors"]
 
@@ -134,3 +138,31 @@ def test_writer_takes_a_tensor_in_row_pieces(tmp_path):
     assert torch.equal(f.read("a"), a) and torch.equal(f.read("b"), b)
     assert torch.equal(f.read("a", rows=(1, 3)), a[1:3])
     assert f.read("a", rows=(4, 4)).shape == (0, 3)
+
+
+PIECE_CASES = [
+    ("ties", {"density": 0.3}), ("ties", {"density": 0.3, "trim": "per_tensor"}),
+    ("ties", {"density": 0.5, "normalize": False, "weight": [1.0, 0.5, 2.0]}),
+    ("dare_linear", {"p": 0.4}), ("dare_linear", {"p": 0.4, "rescale": "none", "normalize": True}),
+    ("dare_ties", {"p": 0.3}), ("dare_ties", {"p": 0.3, "density": 0.6, "trim": "per_tensor"}),
+    ("dare_ties", {"p": 0.3, "density": 0.6}),
+]
+
+
+@pytest.mark.parametrize("method,params", PIECE_CASES)
+def test_the_pipeline_in_pieces_gives_the_bits_of_the_whole_tensor(monkeypatch, method, params):
+    """gta's element-wise variants run in cache-sized pieces: the same bits as one pass over the tensor (bf16
+    models: many ties at the threshold)."""
+    from omnimerge.methods import MethodContext, gta
+
+    g = torch.Generator().manual_seed(2)
+    base = (0.02 * torch.randn(120, 70, generator=g)).bfloat16().float()
+    models = [(base + 0.002 * torch.randn(120, 70, generator=g)).bfloat16() for _ in range(3)]
+
+    def run(piece):
+        monkeypatch.setattr(gta, "PIECE", piece)
+        return get_method(method)(base, models, MethodContext("k", torch.Generator().manual_seed(9)), **params)
+
+    whole = run(1 << 40)
+    for piece in (1000, 4096):
+        assert torch.equal(run(piece), whole), piece

@@ -143,11 +143,18 @@ def dare_uniforms(numel: int, seed: int, model: int, offset: int = 0) -> torch.T
 
 def dare_keep_mask(shape, p: float, seed: int, model: int, offset: int = 0) -> torch.Tensor:
     """DARE's keep mask (True with probability 1 − p) for a block of ``shape`` starting at flat index
-    ``offset`` of the tensor (see :func:`dare_uniforms`)."""
+    ``offset`` of the tensor (see :func:`dare_uniforms`), compared chunk by chunk (no float copy of it all)."""
     n = 1
     for s in shape:
         n *= s
-    return (dare_uniforms(n, seed, model, offset) >= p).view(tuple(shape))
+    keep = torch.empty(n, dtype=torch.bool)
+    done = 0
+    while done < n:
+        j = offset + done
+        step = min(n - done, MASK_CHUNK - j % MASK_CHUNK)
+        torch.ge(dare_uniforms(step, seed, model, j), p, out=keep[done:done + step])
+        done += step
+    return keep.view(tuple(shape))
 
 
 def dare(d: torch.Tensor, p: float, seed: int, model: int, offset: int = 0, rescale: str = "inverse") -> torch.Tensor:
@@ -221,19 +228,23 @@ class TrimCut:
     ties_before: dict[int, int] = field(default_factory=dict)
 
 
-def trim_by_cut(delta: torch.Tensor, cut: TrimCut, offset: int) -> torch.Tensor:
-    """Keep, of the block of ``delta`` at flat ``offset``, the entries that the per-tensor trim keeps (in place)."""
-    if cut.threshold <= 0:
-        return delta
-    mag = delta.abs()
+def cut_mask(mag: torch.Tensor, cut: TrimCut, offset: int) -> torch.Tensor:
+    """Which entries of the block at flat ``offset`` (magnitudes ``mag``) the per-tensor trim keeps."""
     if cut.ties is None:
-        return delta.mul_(mag >= cut.threshold)
+        return mag >= cut.threshold
     keep = mag > cut.threshold
     left = cut.ties - cut.ties_before.get(offset, 0)
     if left > 0:
         equal = (mag.reshape(-1) == cut.threshold).nonzero().squeeze(1)[:left]
         keep.view(-1)[equal] = True
-    return delta.mul_(keep)
+    return keep
+
+
+def trim_by_cut(delta: torch.Tensor, cut: TrimCut, offset: int) -> torch.Tensor:
+    """Keep, of the block of ``delta`` at flat ``offset``, the entries that the per-tensor trim keeps (in place)."""
+    if cut.threshold <= 0:
+        return delta
+    return delta.mul_(cut_mask(delta.abs(), cut, offset))
 
 
 def _magnitude(d: torch.Tensor, i: int, prm: dict, ctx: MethodContext) -> torch.Tensor:
@@ -353,11 +364,83 @@ def _sparsified(base, models, ctx: MethodContext, variant: Variant, prm: dict) -
         yield fn(d, i, prm, ctx) if fn else d
 
 
+PIECE = 1 << 17  # elements per piece of the element-wise pipeline (its temporaries stay in the CPU's cache)
+
+
+def _piece_rules(base, models, ctx: MethodContext, variant: Variant, prm: dict) -> list[tuple] | None:
+    """Per model, what an element-wise sparsification does to each piece of τ_i: (DARE's keep mask of the
+    whole tensor or None, then the trim: None, a magnitude threshold or a keep mask of the whole tensor).
+    None when the variant is not element-wise with these parameters (``rescale: l1``, Breadcrumbs, DELLA).
+    The masks that need the whole τ_i (a per-tensor top-k) are found here, one task vector at a time."""
+    if variant.sparsify not in ("random", "magnitude", "random+magnitude") or prm.get("rescale") == "l1":
+        return None
+    random = variant.sparsify in ("random", "random+magnitude")
+    seed = ctx.generator.initial_seed()
+    rules = []
+    for i, m in enumerate(models):
+        drop = dare_keep_mask(base.shape, prm["p"][i], seed, i, ctx.offset).to(base.device) if random else None
+        trim = None
+        density = prm["density"][i] if variant.sparsify != "random" else 1.0
+        if density < 1:
+            glob = prm.get("trim", "per_tensor") == "global"
+            if glob and ctx.reduction is not None:
+                trim = ctx.reduction[i]
+            else:
+                d = m - base
+                if drop is not None:
+                    d.mul_(drop)
+                    if prm["rescale"] == "inverse":
+                        d.div_(1.0 - prm["p"][i])
+                if glob:
+                    trim = magnitude_threshold(d, density)
+                elif ctx.reduction is not None:  # a row block of a tensor trimmed per tensor
+                    trim = cut_mask(d.abs_(), ctx.reduction[i], ctx.offset)
+                else:
+                    trim = top_k_mask(d.abs_(), int(density * d.numel()))
+                del d
+        rules.append((drop, trim))
+    return rules
+
+
+def _in_pieces(base, models, rules, variant: Variant, prm: dict, w: list[float], normalize: bool,
+               lam: float) -> torch.Tensor:
+    """The merge computed ``PIECE`` elements at a time: per piece, each τ_i = m_i − base, its drop and
+    trim (``rules``), the combination, λ and the base — the same operations on each element as the
+    whole-tensor path, so the same bits, with every temporary a piece instead of a tensor."""
+    out = torch.empty(base.shape, dtype=torch.promote_types(models[0].dtype, base.dtype), device=base.device)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    flat_models = [m.reshape(-1) for m in models]
+    flat_rules = [(None if drop is None else drop.view(-1),
+                   trim.view(-1) if isinstance(trim, torch.Tensor) else trim) for drop, trim in rules]
+    for s in range(0, flat_base.numel(), PIECE):
+        b = flat_base[s:s + PIECE]
+        taus = []
+        for i, (m, (drop, trim)) in enumerate(zip(flat_models, flat_rules)):
+            d = m[s:s + PIECE] - b
+            if drop is not None:
+                d.mul_(drop[s:s + PIECE])
+                if prm["rescale"] == "inverse":
+                    d.div_(1.0 - prm["p"][i])
+            if isinstance(trim, torch.Tensor):
+                d.mul_(trim[s:s + PIECE])
+            elif trim is not None:
+                d = trim_at(d, trim, inplace=True)
+            taus.append(d)
+        merged = sign_consensus(taus, w, normalize) if variant.consensus else linear_combine(taus, w, normalize)
+        flat_out[s:s + PIECE] = scale_and_add(merged, lam, b)
+    return out
+
+
 def general_task_arithmetic(base, models, ctx: MethodContext, variant: Variant, **params) -> torch.Tensor:
-    """θ_base + λ · combine(w_i, sparsify(τ_i)), as ``variant`` says."""
+    """θ_base + λ · combine(w_i, sparsify(τ_i)), as ``variant`` says. Element-wise variants run in pieces
+    (:func:`_in_pieces`) on tensors larger than one piece: the same bits, a fraction of the memory traffic."""
     lam = take_lambda(params)
     w = per_model(params.pop("weight"), len(models), "weight", ctx)
     prm = _per_model_params(variant, models, ctx, params)
+    if base.numel() > PIECE:
+        rules = _piece_rules(base, models, ctx, variant, prm)
+        if rules is not None:
+            return _in_pieces(base, models, rules, variant, prm, w, params["normalize"], lam)
     taus: Iterable[torch.Tensor] = _sparsified(base, models, ctx, variant, prm)
     if variant.consensus:
         merged = sign_consensus(list(taus), w, params["normalize"])

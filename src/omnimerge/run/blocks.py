@@ -25,8 +25,8 @@ import torch
 from ..plan import Action, Job, Plan
 from .compute import all_finite, call_method, check_input, compute_inputs, nan_error
 
-BLOCK_BYTES = 64 << 20  # a block's size in the compute dtype (at least one row)
-BLOCK_ABOVE = 128 << 20  # tensors larger than this in the compute dtype are merged in blocks
+BLOCK_BYTES = 16 << 20  # a block's size in the compute dtype (at least one row)
+BLOCK_ABOVE = 64 << 20  # tensors larger than this in the compute dtype are merged in blocks
 
 
 @dataclass(frozen=True)
