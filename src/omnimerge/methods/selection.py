@@ -106,10 +106,10 @@ class StreamedKthLargest:
     or +inf when k = 0 (nothing is kept) and 0 when k = N (everything is).
 
     ``exact_count``: keep exactly k values, as :func:`top_k_mask` does — when more values equal the
-    threshold than the k-th largest leaves room for, one more pass counts them chunk by chunk (each
-    chunk fed with a ``tag``), so that ``ties`` (how many of them to keep, the first ones in feed order)
-    and ``ties_before[tag]`` (how many come before that chunk) tell each chunk which to keep.
-    ``ties`` is None when every value equal to the threshold is kept."""
+    threshold than the k-th largest leaves room for, ``ties`` (how many of them to keep, the first ones
+    in feed order) and ``ties_before[tag]`` (how many come before the chunk fed with ``tag``) tell each
+    chunk which to keep. The last pass keeps each chunk's counts of the last digit (the non-zero ones)
+    to know them without another pass. ``ties`` is None when every value equal to the threshold is kept."""
 
     def __init__(self, fraction: float, exact_count: bool = False):
         self.fraction = fraction
@@ -123,19 +123,14 @@ class StreamedKthLargest:
         self.threshold: float | None = None
         self.ties: int | None = None
         self.ties_before: dict = {}
-        self._counting = False
-        self._seen = 0
+        self._chunks: list = []  # exact_count, in the last pass: (tag, digits present, their counts) per chunk
 
     @property
     def done(self) -> bool:
-        return self.threshold is not None and not self._counting
+        return self.threshold is not None
 
     def feed(self, values: torch.Tensor, tag=None) -> None:
         """One chunk of non-negative values (any shape), in the current pass (``tag``: see the class doc)."""
-        if self._counting:
-            self.ties_before[tag] = self._seen
-            self._seen += int((values == self.threshold).count_nonzero())
-            return
         if self.done:
             return
         if self.bits is None:
@@ -151,13 +146,13 @@ class StreamedKthLargest:
             patterns = patterns[(patterns >> (shift + DIGIT_BITS)) == self.prefix]
         digits = ((patterns >> shift) & ((1 << DIGIT_BITS) - 1)).to(torch.int64)
         counts = torch.bincount(digits.cpu(), minlength=1 << DIGIT_BITS)
+        if self.exact_count and self.resolved + DIGIT_BITS == self.bits:
+            present = counts.nonzero().squeeze(1)
+            self._chunks.append((tag, present.to(torch.int32), counts[present].to(torch.int32)))
         self.hist = counts if self.hist is None else self.hist.add_(counts)
 
     def next_pass(self) -> None:
         """After every chunk was fed in this pass: fix the next digit (or finish)."""
-        if self._counting:
-            self._counting = False
-            return
         if self.done:
             return
         if self.k is None:
@@ -179,4 +174,10 @@ class StreamedKthLargest:
             self.threshold = float(pattern.view(self.dtype)[0])
             if self.exact_count and self.k < equal:  # keep only the first k of the values equal to it
                 self.ties = self.k
-                self._counting = True
+                seen = 0
+                for tag, present, counts in self._chunks:
+                    self.ties_before[tag] = seen
+                    at = torch.searchsorted(present, digit)
+                    if at < present.numel() and int(present[at]) == digit:
+                        seen += int(counts[at])
+            self._chunks = []
