@@ -25,9 +25,14 @@ load average (the ratios are taken within one run, so that a busy machine slows 
     python measurements/streaming.py --small                        # smoke run: ~1.4 GB of inputs
     python measurements/streaming.py --mergekit mk/bin/mergekit-yaml --repeats 3 --keep
     python measurements/streaming.py --cold ...                     # drop the page cache before each run (root)
+    python measurements/streaming.py --shape qwen2-0.5b --experts 2 --merge-embed   # the embedding merged too
+    python measurements/streaming.py --shape qwen2-vl-7b-2layers --merge-embed      # 7B tensor shapes, 2 layers
 
 The default size is a Qwen2-VL-2B-shaped base + 3 experts (4.4 GB each, 17.7 GB in all; the
-checkpoints are written to ``--workdir`` and deleted at the end unless ``--keep``).
+checkpoints are written to ``--workdir`` and deleted at the end unless ``--keep``). ``--merge-embed``
+makes the model's own merge take the embedding and lm_head too (then merged in row blocks: peak memory
+follows a block); ``qwen2-vl-7b-2layers`` has every tensor shape of Qwen2-VL-7B with 2 of its layers
+(peak memory follows the largest tensors, and four full 7B models need 66 GB of disk).
 """
 
 from __future__ import annotations
@@ -64,6 +69,16 @@ SHAPES = {
         vision=dict(depth=4, embed_dim=512, hidden_size=1024, num_heads=8, mlp_ratio=4, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2),
     ),
+    # Qwen2-VL-7B's tensor shapes (Qwen/Qwen2-VL-7B-Instruct: untied 152064-row embedding and lm_head, 18944-wide
+    # MLP) with 2 of its 28 decoder layers and 2 of its 32 vision blocks: peak memory follows the largest
+    # tensors, not their number, and 4 models of the full size (66 GB) do not fit this machine's disk.
+    "qwen2-vl-7b-2layers": dict(
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=2, num_attention_heads=28,
+                  num_key_value_heads=4, vocab_size=152064),
+        vision=dict(depth=2, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2),
+        tie=False,
+    ),
     "qwen2-0.5b": dict(
         text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936),
@@ -77,13 +92,14 @@ def configs(shape: dict):
     """(the model's transformers config, the text-only Qwen2 config of its language model)."""
     import transformers
 
-    text = transformers.Qwen2Config(**shape["text"], rope_theta=1e6, tie_word_embeddings=True)
+    tie = shape.get("tie", True)
+    text = transformers.Qwen2Config(**shape["text"], rope_theta=1e6, tie_word_embeddings=tie)
     text.architectures = ["Qwen2ForCausalLM"]
     text.dtype = "bfloat16"
     if shape["vision"] is None:
         return text, text
     vl = transformers.Qwen2VLConfig(text_config={**shape["text"], "rope_parameters": MROPE},
-                                    vision_config=shape["vision"], tie_word_embeddings=True)
+                                    vision_config=shape["vision"], tie_word_embeddings=tie)
     vl.architectures = ["Qwen2VLForConditionalGeneration"]
     vl.dtype = "bfloat16"
     return vl, text
@@ -107,7 +123,7 @@ def tensor_specs(cfg) -> list[tuple[str, tuple[int, ...]]]:
         model = getattr(transformers, cfg.architectures[0])(cfg)
     specs = []
     for name, t in model.state_dict().items():
-        if name == "lm_head.weight":  # tied to the embedding: not saved
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:  # tied to the embedding: not saved
             continue
         # save_pretrained's on-disk names for Qwen2-VL (in memory they nest language_model / visual)
         name = name.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
@@ -324,6 +340,8 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each run (needs root)")
     ap.add_argument("--omnimerge-args", default="", help="extra arguments for `omnimerge merge`")
     ap.add_argument("--only", default="", help="comma-separated run names to keep (e.g. 'floor,omnimerge ties')")
+    ap.add_argument("--merge-embed", action="store_true",
+                    help="the model's own merge also merges the embedding and lm_head (as mergekit does)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints for the next run")
     ap.add_argument("--json", type=Path, help="write every result to this JSON file")
     args = ap.parse_args()
@@ -365,12 +383,13 @@ def main() -> None:
                                                  str(recipe(tag, m, fs, embed)), "-o", str(out), "--force",
                                                  "--no-progress", *args.omnimerge_args.split()]))
 
-    omni("", folders, False)
+    omni("-embed" if args.merge_embed and not vlm else "", folders, args.merge_embed)
     if mergekit:
         import yaml
 
         tag = "-text" if vlm else "-embed"
-        omni(tag, texts, True)
+        if vlm or not args.merge_embed:
+            omni(tag, texts, True)
         for m in methods:
             cfg = work / f"mergekit-{m}.yml"
             cfg.write_text(yaml.safe_dump(mergekit_config(m, texts[0], texts[1:]), sort_keys=False))

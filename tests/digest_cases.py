@@ -10,6 +10,10 @@ Each case's ``pins`` are parameters added after the digests were taken, set to t
 the old behaviour (``trim: per_tensor`` for TIES; the old code had no such parameter). A pinned
 case's weights and report must match; its omnimerge.yaml and model card, which record the recipe
 with its pins, are not compared.
+
+The DARE cases' weights and report.json were taken again, on purpose, when DARE's masks became keyed
+by (tensor seed, model, element index) instead of drawn in model order from one generator per tensor
+(so that a merge in row blocks gives the same bytes whatever the block size; see run/blocks.py).
 """
 
 from __future__ import annotations

@@ -280,9 +280,10 @@ def test_ties_unnormalized_and_l1_rescale():
 
 def test_dare_rescale_options_and_per_model_rates():
     tau = torch.arange(1.0, 9.0)
-    g = torch.Generator().manual_seed(2)
-    keep1 = torch.rand(8, generator=g) >= 0.25
-    keep2 = torch.rand(8, generator=g) >= 0.5
+    from omnimerge.methods.gta import dare_keep_mask
+
+    keep1 = dare_keep_mask((8,), 0.25, 2, 0)  # the tensor's seed 2, model 0
+    keep2 = dare_keep_mask((8,), 0.5, 2, 1)
     k1, k2 = torch.where(keep1, tau, 0.0), torch.where(keep2, 2 * tau, 0.0)
     z = torch.zeros(8)
     out = run("dare_linear", z, [tau, 2 * tau], seed=2, p=[0.25, 0.5], rescale="none")

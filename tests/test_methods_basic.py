@@ -7,6 +7,7 @@ import torch
 
 from omnimerge.errors import OmnimergeError
 from omnimerge.methods import MethodContext, get_method
+from omnimerge.methods.gta import MASK_CHUNK, dare_keep_mask, dare_uniforms
 
 KEY = "language.layers.0.mlp.up_proj.weight"
 NAMES = ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
@@ -156,13 +157,34 @@ def test_dare_linear_p0_equals_task_arithmetic():
     )
 
 
-def test_dare_masks_match_generator_draws_in_model_order():
+def test_dare_masks_are_keyed_by_seed_model_and_element():
     base = torch.zeros(3, 4)
     taus = [torch.full((3, 4), 2.0), torch.full((3, 4), -1.0)]
-    g = torch.Generator().manual_seed(7)
-    keep = [torch.rand(3, 4, generator=g) >= 0.25 for _ in taus]  # mask 0 first, then mask 1
+    keep = [dare_keep_mask((3, 4), 0.25, 7, i) for i in range(2)]  # the tensor's seed 7, model 0 and model 1
     expected = sum(torch.where(k, t / 0.75, 0.0) for k, t in zip(keep, taus))
     torch.testing.assert_close(run("dare_linear", base, taus, seed=7, p=0.25), expected)
+
+
+def test_dare_draws_do_not_depend_on_the_slice_asked_for():
+    n = 2 * MASK_CHUNK + 1000  # three chunks
+    whole = dare_uniforms(n, 5, 1)
+    assert whole.shape == (n,) and 0 <= float(whole.min()) and float(whole.max()) < 1
+    for start, stop in [(0, 10), (MASK_CHUNK - 3, MASK_CHUNK + 5), (10, 2 * MASK_CHUNK + 7), (n - 1, n)]:
+        assert torch.equal(dare_uniforms(stop - start, 5, 1, start), whole[start:stop])
+    assert not torch.equal(dare_uniforms(100, 5, 2), whole[:100])  # another model: other draws
+    assert not torch.equal(dare_uniforms(100, 6, 1), whole[:100])  # another tensor seed: other draws
+
+
+@pytest.mark.parametrize("name,params", [("dare_linear", {"p": 0.4}), ("dare_ties", {"p": 0.3, "density": 1.0})])
+def test_dare_on_a_row_block_is_the_block_of_the_whole_merge(name, params):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 30, generator=g)
+    models = [base + torch.randn(40, 30, generator=g) for _ in range(3)]
+    whole = run(name, base, models, seed=4, **params)
+    for start, stop in [(0, 7), (7, 25), (25, 40)]:
+        c = MethodContext(key=KEY, generator=torch.Generator().manual_seed(4), offset=start * 30)
+        part = get_method(name)(base[start:stop], [m[start:stop] for m in models], c, **params)
+        assert torch.equal(part, whole[start:stop])
 
 
 def test_dare_mask_rate_and_expectation_on_large_tensor():
@@ -201,8 +223,7 @@ def test_dare_ties_p0_equals_ties():
 def test_dare_ties_is_ties_on_dropped_deltas():
     base = torch.zeros(4)
     taus = TIES_TAUS
-    g = torch.Generator().manual_seed(9)
-    dropped = [torch.where(torch.rand(4, generator=g) >= 0.5, t / 0.5, 0.0) for t in taus]
+    dropped = [torch.where(dare_keep_mask((4,), 0.5, 9, i), t / 0.5, 0.0) for i, t in enumerate(taus)]
     expected = run("ties", base, dropped, density=1.0)
     torch.testing.assert_close(run("dare_ties", base, taus, seed=9, p=0.5), expected)
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import omnimerge
+from omnimerge.methods.gta import dare_keep_mask
 from omnimerge.plan import build_plan, tensor_seed
 
 
@@ -27,9 +28,9 @@ def in_memory(r: dict, density: float, p: float | None) -> dict[str, torch.Tenso
     for j in jobs:
         base = plan.base.read(j.canonical).float()
         ts = [m.read(j.canonical).float() - base for m in plan.models]
-        if p is not None:  # DARE first, with the tensor's own generator: drawn in model order
-            g = torch.Generator().manual_seed(tensor_seed(r["seed"], j.canonical))
-            ts = [t * (torch.rand(t.shape, generator=g) >= p) / (1 - p) for t in ts]
+        if p is not None:  # DARE first: each model's mask keyed by the tensor's seed, the model and the element
+            seed = tensor_seed(r["seed"], j.canonical)
+            ts = [t * dare_keep_mask(t.shape, p, seed, i) / (1 - p) for i, t in enumerate(ts)]
         taus[j.out_key] = (base, ts)
     thresholds = []
     for i in range(len(plan.models)):

@@ -110,6 +110,10 @@ class Checkpoint:
     def read(self, canon: str) -> torch.Tensor:
         return self.source.read(self.raw_key(canon))
 
+    def read_rows(self, canon: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (of the first dimension) of a tensor, as a fresh tensor."""
+        return self.source.read_rows(self.raw_key(canon), start, stop)
+
     def describe(self, canon: str) -> str:
         return f"{self.name}: {self.source.describe(self.raw_key(canon))}"
 

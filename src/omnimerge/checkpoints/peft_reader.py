@@ -127,6 +127,15 @@ class LoraSource(TensorSource):
             )
         return w.float() + scale * delta
 
+    def read_rows(self, key, start, stop):
+        """Rows of a tensor: read alone where the adapter leaves it or replaces it; an updated tensor is
+        computed whole (B·A in one product, so that its rows are the same bits) and cut."""
+        if key in self.replacements:
+            return self.adapter.read_rows(self.replacements[key], start, stop)
+        if key not in self.updates:
+            return self.base.source.read_rows(key, start, stop)
+        return self.read(key)[start:stop].clone()
+
     def describe(self, key):
         what = " + LoRA" if key in self.updates else (" (saved by the adapter)" if key in self.replacements else "")
         return f"{self.base.source.describe(key)}{what} via adapter {self.path}"

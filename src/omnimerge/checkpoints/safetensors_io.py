@@ -196,10 +196,17 @@ class SafetensorsFile:
             for name, (dtype, shape, begin, end) in entries.items()
         }
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``name`` (or only its rows ``rows[0]:rows[1]`` of the first dimension), as a fresh tensor."""
         info = self.tensors[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes == 0:
+        shape, start, nbytes = info.shape, info.start, info.nbytes
+        if rows is not None:
+            lo, hi = max(0, min(rows[0], shape[0])), max(0, min(rows[1], shape[0]))
+            hi = max(lo, hi)
+            row_bytes = info.nbytes // shape[0] if shape[0] else 0
+            shape, start, nbytes = (hi - lo, *shape[1:]), start + lo * row_bytes, (hi - lo) * row_bytes
+        out = torch.empty(shape, dtype=info.dtype)
+        if nbytes == 0:
             return out
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
         try:
@@ -208,8 +215,8 @@ class SafetensorsFile:
             raise OmnimergeError(f"{self.path}: cannot be read ({e.strerror or e})") from None
         try:
             done = 0
-            while done < info.nbytes:
-                got = os.preadv(fd, [buf[done:]], info.start + done)
+            while done < nbytes:
+                got = os.preadv(fd, [buf[done:]], start + done)
                 if got <= 0:
                     raise OmnimergeError(f"{self.path}: unexpected end of file while reading tensor '{name}'; the "
                                          "file was truncated after it was opened")
@@ -250,17 +257,38 @@ class StreamingSafetensorsWriter:
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
         self._next = 0
+        self._rows = 0  # rows of the next tensor written so far (write_rows)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """The next tensor, whole."""
         want_name, want_dtype, want_shape = self._order[self._next]
-        if name != want_name or tensor.dtype != want_dtype or tuple(tensor.shape) != want_shape:
+        if self._rows or name != want_name or tensor.dtype != want_dtype or tuple(tensor.shape) != want_shape:
             raise RuntimeError(
                 f"writer expected {want_name} {want_dtype} {want_shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
             )
+        self._append(tensor)
+        self._next += 1
+
+    def write_rows(self, name: str, rows: torch.Tensor) -> bool:
+        """The next rows (of the first dimension) of the next tensor, in order; returns True once the
+        tensor is complete. A tensor may be written in any number of such pieces."""
+        want_name, want_dtype, want_shape = self._order[self._next]
+        if (name != want_name or rows.dtype != want_dtype or rows.ndim != len(want_shape) or not want_shape
+                or tuple(rows.shape[1:]) != want_shape[1:] or self._rows + rows.shape[0] > want_shape[0]):
+            raise RuntimeError(f"writer expected rows {self._rows}.. of {want_name} {want_dtype} {want_shape}, got "
+                               f"{name} {rows.dtype} {tuple(rows.shape)}")
+        self._append(rows)
+        self._rows += rows.shape[0]
+        if self._rows < want_shape[0]:
+            return False
+        self._rows = 0
+        self._next += 1
+        return True
+
+    def _append(self, tensor: torch.Tensor) -> None:
         t = tensor.detach().to("cpu").contiguous()
         if t.numel():
             self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
-        self._next += 1
 
     def close(self) -> None:
         if self._next != len(self._order):

@@ -28,6 +28,11 @@ class TensorSource:
     def read(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the first dimension, as a fresh tensor (sources that can read a part
+        alone override this; the default reads the whole tensor)."""
+        return self.read(key)[start:stop].clone()
+
     def describe(self, key: str) -> str:
         """Where a tensor lives, for error messages."""
         return f"{self.path} [{key}]"
@@ -56,6 +61,9 @@ class SafetensorsSource(TensorSource):
 
     def read(self, key):
         return self._where[key].read(key)
+
+    def read_rows(self, key, start, stop):
+        return self._where[key].read(key, rows=(start, stop))
 
     def describe(self, key):
         return f"{self._where[key].path} [{key}]"
@@ -92,6 +100,9 @@ class PickleSource(TensorSource):
 
     def read(self, key):
         return self._tensors[key].clone()
+
+    def read_rows(self, key, start, stop):
+        return self._tensors[key][start:stop].clone()
 
     def describe(self, key):
         return f"{self._file[key]} [{key}]"

@@ -28,7 +28,7 @@ TA_REF = "Editing Models with Task Arithmetic (Ilharco et al., 2023), arXiv:2212
 # ---------------------------------------------------------------------------------------- methods
 @register(
     "average", params=(WEIGHT_NONNEG, normalize_param(True, "divide by Σ w_i (false: the plain weighted sum Σ w_i θ_i)")),
-    needs_base=False,
+    needs_base=False, elementwise=True,
     reference="Model soups: averaging weights of multiple fine-tuned models improves accuracy "
     "without increasing inference time (Wortsman et al., 2022), arXiv:2203.05482",
     summary="Weighted mean of the models: Σ w_i θ_i / Σ w_i.",
@@ -44,7 +44,7 @@ def average(base, models, ctx, weight, normalize):
 
 @register(
     "task_arithmetic", params=(WEIGHT, LAMBDA, TA_RANK, normalize_param(False, "divide Σ w_i τ_i by Σ w_i")),
-    needs_base=True, models_as_read=True, reference=TA_REF,
+    needs_base=True, models_as_read=True, reference=TA_REF, elementwise=lambda params: params["rank"] == "full",
     summary="Base plus the scaled weighted sum of task vectors: θ_b + λ Σ w_i τ_i "
     "(optionally truncated to a rank per matrix).",
 )

@@ -24,8 +24,9 @@ it is given.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -115,14 +116,56 @@ def trim_at(delta: torch.Tensor, threshold: float, inplace: bool = False) -> tor
     return delta.mul_(keep) if inplace else delta * keep
 
 
-def dare(d: torch.Tensor, p: float, generator: torch.Generator, rescale: str = "inverse") -> torch.Tensor:
+MASK_CHUNK = 1 << 20  # elements per counter-keyed stream of DARE's uniforms
+
+
+def _chunk_seed(seed: int, model: int, chunk: int) -> int:
+    digest = hashlib.blake2b(f"dare:{seed}:{model}:{chunk}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def dare_uniforms(numel: int, seed: int, model: int, offset: int = 0) -> torch.Tensor:
+    """DARE's uniform draws in [0, 1) for the elements ``offset .. offset + numel`` (flat indices) of one
+    model's task vector of a tensor whose seed is ``seed``: element j's draw depends on (seed, model, j)
+    only, whatever slice of the tensor is asked for. The elements are cut into chunks of ``MASK_CHUNK``;
+    chunk c is the start of a stream from a generator seeded with a hash of (seed, model, c) (a
+    counter-based generator in chunks: a row block draws only the chunks it overlaps)."""
+    parts = []
+    end = offset + numel
+    c = offset // MASK_CHUNK
+    while c * MASK_CHUNK < end:
+        lo, hi = max(offset, c * MASK_CHUNK) - c * MASK_CHUNK, min(end, (c + 1) * MASK_CHUNK) - c * MASK_CHUNK
+        g = torch.Generator(device="cpu").manual_seed(_chunk_seed(seed, model, c))
+        parts.append(torch.rand(hi, generator=g)[lo:])  # (a prefix of the chunk's stream: the same draws)
+        c += 1
+    return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty(0)
+
+
+def dare_keep_mask(shape, p: float, seed: int, model: int, offset: int = 0) -> torch.Tensor:
+    """DARE's keep mask (True with probability 1 − p) for a block of ``shape`` starting at flat index
+    ``offset`` of the tensor (see :func:`dare_uniforms`), compared chunk by chunk (no float copy of it all)."""
+    n = 1
+    for s in shape:
+        n *= s
+    keep = torch.empty(n, dtype=torch.bool)
+    done = 0
+    while done < n:
+        j = offset + done
+        step = min(n - done, MASK_CHUNK - j % MASK_CHUNK)
+        torch.ge(dare_uniforms(step, seed, model, j), p, out=keep[done:done + step])
+        done += step
+    return keep.view(tuple(shape))
+
+
+def dare(d: torch.Tensor, p: float, seed: int, model: int, offset: int = 0, rescale: str = "inverse") -> torch.Tensor:
     """Drop each entry of τ with probability p and rescale the rest (÷ (1 − p), to τ's L1 norm, or not).
-    ``d`` is overwritten (except with ``l1``, which needs the original): pass a fresh task vector."""
-    keep = torch.rand(d.shape, generator=generator, device=generator.device) >= p
+    The mask is :func:`dare_keep_mask`'s for (``seed``, ``model``, ``offset``). ``d`` is overwritten
+    (except with ``l1``, which needs the original): pass a fresh task vector."""
+    keep = dare_keep_mask(d.shape, p, seed, model, offset).to(d.device)
     if rescale == "l1":
-        kept = d * keep.to(d.device)  # (3x faster than torch.where; dropped entries may be -0.0)
+        kept = d * keep  # (3x faster than torch.where; dropped entries may be -0.0)
     else:
-        kept = d.mul_(keep.to(d.device))
+        kept = d.mul_(keep)
     del keep
     if rescale == "inverse":
         kept.div_(1.0 - p)
@@ -174,18 +217,50 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: str, 
     return kept
 
 
+@dataclass(frozen=True)
+class TrimCut:
+    """``trim: per_tensor`` for a tensor merged in row blocks: the tensor's exact k-th largest magnitude
+    (``threshold``), how many of the entries equal to it are kept (``ties``, the first ones by flat index;
+    None: all of them), and by block offset, how many such entries come before the block."""
+
+    threshold: float
+    ties: int | None = None
+    ties_before: dict[int, int] = field(default_factory=dict)
+
+
+def cut_mask(mag: torch.Tensor, cut: TrimCut, offset: int) -> torch.Tensor:
+    """Which entries of the block at flat ``offset`` (magnitudes ``mag``) the per-tensor trim keeps."""
+    if cut.ties is None:
+        return mag >= cut.threshold
+    keep = mag > cut.threshold
+    left = cut.ties - cut.ties_before.get(offset, 0)
+    if left > 0:
+        equal = (mag.reshape(-1) == cut.threshold).nonzero().squeeze(1)[:left]
+        keep.view(-1)[equal] = True
+    return keep
+
+
+def trim_by_cut(delta: torch.Tensor, cut: TrimCut, offset: int) -> torch.Tensor:
+    """Keep, of the block of ``delta`` at flat ``offset``, the entries that the per-tensor trim keeps (in place)."""
+    if cut.threshold <= 0:
+        return delta
+    return delta.mul_(cut_mask(delta.abs(), cut, offset))
+
+
 def _magnitude(d: torch.Tensor, i: int, prm: dict, ctx: MethodContext) -> torch.Tensor:
     """TIES's trim of τ_i (its scope per ``trim``; ``rescale: l1`` keeps τ_i's L1 norm)."""
     density = prm["density"][i]
     if prm.get("trim", "per_tensor") == "global":
         t = ctx.reduction[i] if ctx.reduction is not None else magnitude_threshold(d, density)
         return l1_rescale(trim_at(d, t), d) if prm["rescale"] == "l1" else trim_at(d, t, inplace=True)
+    if ctx.reduction is not None:  # a row block of the tensor: its cut was found in the pre-pass
+        return trim_by_cut(d, ctx.reduction[i], ctx.offset)
     return l1_rescale(trim_per_tensor(d, density), d) if prm["rescale"] == "l1" else \
         trim_per_tensor(d, density, inplace=True)
 
 
 def _random(d: torch.Tensor, i: int, prm: dict, ctx: MethodContext) -> torch.Tensor:
-    return dare(d, prm["p"][i], ctx.generator, prm["rescale"])
+    return dare(d, prm["p"][i], ctx.generator.initial_seed(), i, ctx.offset, prm["rescale"])
 
 
 def _random_magnitude(d: torch.Tensor, i: int, prm: dict, ctx: MethodContext) -> torch.Tensor:
@@ -289,11 +364,83 @@ def _sparsified(base, models, ctx: MethodContext, variant: Variant, prm: dict) -
         yield fn(d, i, prm, ctx) if fn else d
 
 
+PIECE = 1 << 17  # elements per piece of the element-wise pipeline (its temporaries stay in the CPU's cache)
+
+
+def _piece_rules(base, models, ctx: MethodContext, variant: Variant, prm: dict) -> list[tuple] | None:
+    """Per model, what an element-wise sparsification does to each piece of τ_i: (DARE's keep mask of the
+    whole tensor or None, then the trim: None, a magnitude threshold or a keep mask of the whole tensor).
+    None when the variant is not element-wise with these parameters (``rescale: l1``, Breadcrumbs, DELLA).
+    The masks that need the whole τ_i (a per-tensor top-k) are found here, one task vector at a time."""
+    if variant.sparsify not in ("random", "magnitude", "random+magnitude") or prm.get("rescale") == "l1":
+        return None
+    random = variant.sparsify in ("random", "random+magnitude")
+    seed = ctx.generator.initial_seed()
+    rules = []
+    for i, m in enumerate(models):
+        drop = dare_keep_mask(base.shape, prm["p"][i], seed, i, ctx.offset).to(base.device) if random else None
+        trim = None
+        density = prm["density"][i] if variant.sparsify != "random" else 1.0
+        if density < 1:
+            glob = prm.get("trim", "per_tensor") == "global"
+            if glob and ctx.reduction is not None:
+                trim = ctx.reduction[i]
+            else:
+                d = m - base
+                if drop is not None:
+                    d.mul_(drop)
+                    if prm["rescale"] == "inverse":
+                        d.div_(1.0 - prm["p"][i])
+                if glob:
+                    trim = magnitude_threshold(d, density)
+                elif ctx.reduction is not None:  # a row block of a tensor trimmed per tensor
+                    trim = cut_mask(d.abs_(), ctx.reduction[i], ctx.offset)
+                else:
+                    trim = top_k_mask(d.abs_(), int(density * d.numel()))
+                del d
+        rules.append((drop, trim))
+    return rules
+
+
+def _in_pieces(base, models, rules, variant: Variant, prm: dict, w: list[float], normalize: bool,
+               lam: float) -> torch.Tensor:
+    """The merge computed ``PIECE`` elements at a time: per piece, each τ_i = m_i − base, its drop and
+    trim (``rules``), the combination, λ and the base — the same operations on each element as the
+    whole-tensor path, so the same bits, with every temporary a piece instead of a tensor."""
+    out = torch.empty(base.shape, dtype=torch.promote_types(models[0].dtype, base.dtype), device=base.device)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    flat_models = [m.reshape(-1) for m in models]
+    flat_rules = [(None if drop is None else drop.view(-1),
+                   trim.view(-1) if isinstance(trim, torch.Tensor) else trim) for drop, trim in rules]
+    for s in range(0, flat_base.numel(), PIECE):
+        b = flat_base[s:s + PIECE]
+        taus = []
+        for i, (m, (drop, trim)) in enumerate(zip(flat_models, flat_rules)):
+            d = m[s:s + PIECE] - b
+            if drop is not None:
+                d.mul_(drop[s:s + PIECE])
+                if prm["rescale"] == "inverse":
+                    d.div_(1.0 - prm["p"][i])
+            if isinstance(trim, torch.Tensor):
+                d.mul_(trim[s:s + PIECE])
+            elif trim is not None:
+                d = trim_at(d, trim, inplace=True)
+            taus.append(d)
+        merged = sign_consensus(taus, w, normalize) if variant.consensus else linear_combine(taus, w, normalize)
+        flat_out[s:s + PIECE] = scale_and_add(merged, lam, b)
+    return out
+
+
 def general_task_arithmetic(base, models, ctx: MethodContext, variant: Variant, **params) -> torch.Tensor:
-    """θ_base + λ · combine(w_i, sparsify(τ_i)), as ``variant`` says."""
+    """θ_base + λ · combine(w_i, sparsify(τ_i)), as ``variant`` says. Element-wise variants run in pieces
+    (:func:`_in_pieces`) on tensors larger than one piece: the same bits, a fraction of the memory traffic."""
     lam = take_lambda(params)
     w = per_model(params.pop("weight"), len(models), "weight", ctx)
     prm = _per_model_params(variant, models, ctx, params)
+    if base.numel() > PIECE:
+        rules = _piece_rules(base, models, ctx, variant, prm)
+        if rules is not None:
+            return _in_pieces(base, models, rules, variant, prm, w, params["normalize"], lam)
     taus: Iterable[torch.Tensor] = _sparsified(base, models, ctx, variant, prm)
     if variant.consensus:
         merged = sign_consensus(list(taus), w, params["normalize"])
@@ -302,24 +449,36 @@ def general_task_arithmetic(base, models, ctx: MethodContext, variant: Variant, 
     return scale_and_add(merged, lam, base)
 
 
-# --------------------------------------------------------------------------- the global trim's pre-pass
+# --------------------------------------------------------------------------- the trim's pre-pass
+def _densities(params: dict) -> tuple[float, ...]:
+    return tuple(params["density"] if isinstance(params["density"], list) else [params["density"]])
+
+
 def _trim_group(params: dict) -> tuple | None:
     """Tensors that share the global trim's thresholds: those with the same densities."""
     if params.get("trim") != "global":
         return None
-    dens = params["density"] if isinstance(params["density"], list) else [params["density"]]
-    return None if all(d >= 1 for d in dens) else tuple(dens)
+    dens = _densities(params)
+    return None if all(d >= 1 for d in dens) else dens
+
+
+def _trims_per_tensor(params: dict) -> bool:
+    """A row-blocked tensor needs its own pre-pass: ``trim: per_tensor`` with a density below 1."""
+    return params.get("trim") == "per_tensor" and not all(d >= 1 for d in _densities(params))
 
 
 @dataclass
 class _TrimThresholds:
-    """Per task vector, the exact k-th largest magnitude over every tensor of the group."""
+    """Per task vector, the exact k-th largest magnitude over every tensor of the group: a threshold
+    (``trim: global``), or a :class:`TrimCut` (``trim: per_tensor``, the group being one tensor's row
+    blocks)."""
 
     variant: Variant
     densities: tuple[float, ...]
+    per_tensor: bool = False
 
     def __post_init__(self):
-        self.select = [StreamedKthLargest(d) for d in self.densities]
+        self.select = [StreamedKthLargest(d, exact_count=self.per_tensor) for d in self.densities]
 
     @property
     def done(self) -> bool:
@@ -327,24 +486,31 @@ class _TrimThresholds:
 
     def feed(self, base, models, ctx: MethodContext, params: dict) -> None:
         prm = _per_model_params(self.variant, models, ctx, dict(params))
-        prm["trim"] = "per_tensor"  # what precedes the trim: DARE's drop (the magnitude step is skipped below)
         random = self.variant.sparsify == "random+magnitude"
         for i, m in enumerate(models):
+            if self.select[i].done:
+                continue
             d = m - base
-            if random:
+            if random:  # what precedes the trim: DARE's drop
                 d = _random(d, i, prm, ctx)
-            self.select[i].feed(d.abs_())
+            self.select[i].feed(d.abs_(), ctx.offset)
 
     def next_pass(self) -> None:
         for s in self.select:
             s.next_pass()
 
-    def result(self) -> list[float]:
-        return [s.threshold for s in self.select]
+    def result(self) -> list:
+        if not self.per_tensor:
+            return [s.threshold for s in self.select]
+        return [TrimCut(s.threshold, s.ties, dict(s.ties_before)) for s in self.select]
 
 
 def _trim_reduction(variant: Variant) -> Reduction:
-    return Reduction(group=_trim_group, start=lambda params: _TrimThresholds(variant, _trim_group(params)))
+    def start(params: dict) -> _TrimThresholds:
+        per_tensor = params.get("trim") == "per_tensor"
+        return _TrimThresholds(variant, _densities(params) if per_tensor else _trim_group(params), per_tensor)
+
+    return Reduction(group=_trim_group, start=start, when_blocked=_trims_per_tensor)
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -357,7 +523,15 @@ def _register(name: str, variant: Variant) -> None:
     has_trim = any(p.name == "trim" for p in variant.params)
     register(name, params=variant.params, needs_base=True, reference=variant.reference, summary=variant.summary,
              models_as_read=variant.sparsify in ("magnitude", "random", "random+magnitude"),
-             reduction=_trim_reduction(variant) if has_trim else None)(fn)
+             reduction=_trim_reduction(variant) if has_trim else None, elementwise=_elementwise(variant))(fn)
+
+
+def _elementwise(variant: Variant):
+    """When a variant may run over row blocks: its sparsification is element-wise (a trim at a threshold
+    from the pre-pass, DARE's counter-keyed drop) and nothing rescales by a norm of the whole tensor."""
+    if variant.sparsify not in (None, "magnitude", "random", "random+magnitude"):
+        return None  # Breadcrumbs and DELLA rank the entries of the whole tensor (or row)
+    return lambda params: params.get("rescale", "none") != "l1"
 
 
 for _name, _variant in VARIANTS.items():

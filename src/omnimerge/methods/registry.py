@@ -25,6 +25,13 @@ A method function has the signature::
   computes it in streaming passes over the inputs before the merge (``run.stream.prepass``) and
   hands each tensor's merge the result as ``ctx.reduction``. Called directly on tensors, the method
   gets ``ctx.reduction = None`` and computes the quantity over the tensor it is given.
+* A method registered with ``elementwise`` (a predicate on its parameters) declares that, with those
+  parameters, each output element depends only on the same element of its inputs (and on
+  ``ctx.reduction``): the run may then merge a large tensor in row blocks, calling the method once per
+  block with ``ctx.offset`` = the flat index of the block's first element in the whole tensor. Such a
+  method draws randomness by element index (see ``gta.dare_keep_mask``), never from the order of draws,
+  so its result does not depend on the block size. A :class:`Reduction` with ``when_blocked`` gives a
+  blocked tensor a reduction of its own (TIES's ``trim: per_tensor`` threshold).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class MethodContext:
     info: dict[str, Any] = field(default_factory=dict)
     stats: tuple[dict[str, torch.Tensor], ...] | None = None  # per model, for data-aware methods
     reduction: Any = None  # the method's global reduction over its group of tensors (see the module doc)
+    offset: int = 0  # flat index, in the whole tensor, of the first element of the inputs (row blocks)
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,8 @@ class Reduction:
 
     group: Callable[[dict[str, Any]], Hashable | None]
     start: Callable[[dict[str, Any]], Accumulator]
+    # a tensor merged in row blocks whose ``group`` is None needs a reduction over itself alone when this says so
+    when_blocked: Callable[[dict[str, Any]], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,11 @@ class Method:
     defaults_from: str = ""  # where the defaults come from (the reference code, file and line)
     calibration: tuple[str, ...] = ()  # statistics the method needs from calibration samples (empty: data-free)
     reduction: Reduction | None = None  # a global pre-pass (see the module doc)
+    elementwise: Callable[[dict[str, Any]], bool] | None = None  # may run over row blocks (see the module doc)
+
+    def blockable(self, params: dict[str, Any]) -> bool:
+        """Whether, with ``params``, the method may merge a tensor in row blocks."""
+        return self.elementwise is not None and bool(self.elementwise(params))
 
     @property
     def needs_calibration(self) -> bool:
@@ -213,11 +228,13 @@ _REGISTRY: dict[str, Method] = {}
 def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, reference: str, summary: str,
              min_models: int = 1, max_models: int | None = None, models_as_read: bool = False,
              resolve: Callable[[dict[str, Any], InputFacts], dict[str, Any]] | None = None, defaults_from: str = "",
-             calibration: tuple[str, ...] = (), reduction: Reduction | None = None):
+             calibration: tuple[str, ...] = (), reduction: Reduction | None = None,
+             elementwise: Callable[[dict[str, Any]], bool] | bool | None = None):
     """Decorator: register ``fn`` as method ``name`` (taking min_models..max_models models besides the base;
     ``models_as_read``: see the module doc; ``resolve``: see :meth:`Method.resolved`; ``defaults_from``: the
     source of the defaults, shown by ``omnimerge methods``; ``calibration``: the statistics a data-aware method
-    needs, see :class:`MethodContext`)."""
+    needs, see :class:`MethodContext`; ``elementwise``: True, or a predicate on the parameters, when the method may
+    merge in row blocks, see the module doc)."""
 
     def deco(fn):
         if name in _REGISTRY:
@@ -225,7 +242,8 @@ def register(name: str, *, params: tuple[Param, ...] = (), needs_base: bool, ref
         if models_as_read and not needs_base:
             raise ValueError(f"method {name!r}: models_as_read needs a base (models are used as m - base)")
         _REGISTRY[name] = Method(name, fn, tuple(params), needs_base, reference, summary, min_models, max_models,
-                                 models_as_read, resolve, defaults_from, tuple(calibration), reduction)
+                                 models_as_read, resolve, defaults_from, tuple(calibration), reduction,
+                                 (lambda params: True) if elementwise is True else elementwise or None)
         return fn
 
     return deco

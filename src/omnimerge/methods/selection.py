@@ -103,10 +103,17 @@ class StreamedKthLargest:
     histograms the next 16-bit digit of the patterns that share the digits already fixed (65,536
     counters), and fixes the digit where the k-th largest lies; after ``bits / 16`` passes the whole
     pattern, so the value itself, is known: exact, with no sampling. ``threshold`` is then that value,
-    or +inf when k = 0 (nothing is kept) and 0 when k = N (everything is)."""
+    or +inf when k = 0 (nothing is kept) and 0 when k = N (everything is).
 
-    def __init__(self, fraction: float):
+    ``exact_count``: keep exactly k values, as :func:`top_k_mask` does — when more values equal the
+    threshold than the k-th largest leaves room for, ``ties`` (how many of them to keep, the first ones
+    in feed order) and ``ties_before[tag]`` (how many come before the chunk fed with ``tag``) tell each
+    chunk which to keep. The last pass keeps each chunk's counts of the last digit (the non-zero ones)
+    to know them without another pass. ``ties`` is None when every value equal to the threshold is kept."""
+
+    def __init__(self, fraction: float, exact_count: bool = False):
         self.fraction = fraction
+        self.exact_count = exact_count
         self.n = 0
         self.k: int | None = None  # how many of the largest are still above the digits being resolved
         self.prefix = 0  # the digits fixed so far
@@ -114,13 +121,16 @@ class StreamedKthLargest:
         self.bits: int | None = None
         self.hist: torch.Tensor | None = None
         self.threshold: float | None = None
+        self.ties: int | None = None
+        self.ties_before: dict = {}
+        self._chunks: list = []  # exact_count, in the last pass: (tag, digits present, their counts) per chunk
 
     @property
     def done(self) -> bool:
         return self.threshold is not None
 
-    def feed(self, values: torch.Tensor) -> None:
-        """One chunk of non-negative values (any shape), in the current pass."""
+    def feed(self, values: torch.Tensor, tag=None) -> None:
+        """One chunk of non-negative values (any shape), in the current pass (``tag``: see the class doc)."""
         if self.done:
             return
         if self.bits is None:
@@ -136,6 +146,9 @@ class StreamedKthLargest:
             patterns = patterns[(patterns >> (shift + DIGIT_BITS)) == self.prefix]
         digits = ((patterns >> shift) & ((1 << DIGIT_BITS) - 1)).to(torch.int64)
         counts = torch.bincount(digits.cpu(), minlength=1 << DIGIT_BITS)
+        if self.exact_count and self.resolved + DIGIT_BITS == self.bits:
+            present = counts.nonzero().squeeze(1)
+            self._chunks.append((tag, present.to(torch.int32), counts[present].to(torch.int32)))
         self.hist = counts if self.hist is None else self.hist.add_(counts)
 
     def next_pass(self) -> None:
@@ -152,9 +165,19 @@ class StreamedKthLargest:
         i = int(torch.searchsorted(from_top, torch.tensor(self.k)))
         digit = (1 << DIGIT_BITS) - 1 - i
         self.k -= int(from_top[i - 1]) if i > 0 else 0
+        equal = int(self.hist[digit])  # values sharing the digits fixed so far (all of the pattern, at the end)
         self.prefix = (self.prefix << DIGIT_BITS) | digit
         self.resolved += DIGIT_BITS
         self.hist = None
         if self.resolved == self.bits:
             pattern = torch.tensor([self.prefix], dtype=torch.int64).to(_INT_VIEW[self.dtype])
             self.threshold = float(pattern.view(self.dtype)[0])
+            if self.exact_count and self.k < equal:  # keep only the first k of the values equal to it
+                self.ties = self.k
+                seen = 0
+                for tag, present, counts in self._chunks:
+                    self.ties_before[tag] = seen
+                    at = torch.searchsorted(present, digit)
+                    if at < present.numel() and int(present[at]) == digit:
+                        seen += int(counts[at])
+            self._chunks = []

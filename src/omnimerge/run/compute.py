@@ -27,6 +27,17 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def check_input(m, key: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (read from input ``m`` under ``key``), or an error naming the file if it holds NaN/Inf."""
+    if t.is_floating_point() and not all_finite(t):
+        bad = int((~torch.isfinite(t)).sum())
+        raise OmnimergeError(
+            f"{m.describe(key)} holds {bad} NaN/Inf value(s); the model is broken — fix or "
+            "re-download it, or keep this component from the skeleton"
+        )
+    return t
+
+
 def read_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
     """A job's input tensors as read: the source's (copy), or the base and models' (+ the skeleton's
     full tensor when only some rows merge). A model's NaN/Inf is an error naming the file."""
@@ -36,16 +47,7 @@ def read_inputs(plan: Plan, job: Job) -> list[torch.Tensor]:
         if t.is_floating_point() and not all_finite(t):
             check_finite(t, job.source.describe(key), kept=True, allowed=bool(plan.recipe.copy_nonfinite))
         return [t]
-    tensors = []
-    for m, key in plan.job_reads(job):
-        t = m.read(key)
-        if t.is_floating_point() and not all_finite(t):
-            bad = int((~torch.isfinite(t)).sum())
-            raise OmnimergeError(
-                f"{m.describe(key)} holds {bad} NaN/Inf value(s); the model is broken — fix or "
-                "re-download it, or keep this component from the skeleton"
-            )
-        tensors.append(t)
+    tensors = [check_input(m, key, m.read(key)) for m, key in plan.job_reads(job)]
     if job.align is not None:  # token rows realigned to the output vocabulary
         tensors = job.align(tensors)
     if job.rows is not None:
@@ -70,19 +72,21 @@ def compute_inputs(plan: Plan, job: Job, tensors: list[torch.Tensor], device: st
     return [t.to(device=device) if keep(i, t) else t.to(device=device, dtype=cd) for i, t in enumerate(tensors)]
 
 
-def _call(plan: Plan, job: Job, xs: list[torch.Tensor], device: str, reduction: Any) -> tuple[torch.Tensor, dict]:
-    """The method on a job's compute inputs; returns the merged tensor and the method's report facts."""
+def call_method(plan: Plan, job: Job, xs: list[torch.Tensor], device: str, reduction: Any,
+                offset: int = 0) -> tuple[torch.Tensor, dict]:
+    """The method on a job's compute inputs (``offset``: the flat index of their first element in the whole
+    tensor, for a row block); returns the merged tensor and the method's report facts."""
     with_base = plan.job_has_base(job)
     base = xs[0] if with_base else None
     models = xs[1:] if with_base else xs
     stats = job.stats.for_key(job.canonical) if job.stats is not None else None  # data-aware methods
     ctx = MethodContext(job.canonical, torch.Generator(device=device).manual_seed(job.seed), reduction=reduction,
-                        stats=stats)
+                        stats=stats, offset=offset)
     out = job.method(base, models, ctx, **job.params)
     return out, ctx.info
 
 
-def _nan_error(job: Job) -> OmnimergeError:
+def nan_error(job: Job) -> OmnimergeError:
     return OmnimergeError(f"method '{job.method.name}' produced NaN/Inf for '{job.out_key}'; check its parameters")
 
 
@@ -97,9 +101,9 @@ def compute(plan: Plan, job: Job, tensors: list[torch.Tensor], device: str,
     xs = compute_inputs(plan, job, tensors, device)
     if job.rows is not None:
         xs = [x[: job.rows] for x in xs]
-    out, facts = _call(plan, job, xs, device, reduction)
+    out, facts = call_method(plan, job, xs, device, reduction)
     if not all_finite(out):
-        raise _nan_error(job)
+        raise nan_error(job)
     info = dict(facts)
     info["norm"] = float(out.float().norm())
     if plan.job_has_base(job):
@@ -154,7 +158,7 @@ def compute_many(plan: Plan, jobs: list[Job], inputs: list[list[torch.Tensor]], 
     outs, stats, infos = [], [], []
     for job, ts in zip(jobs, inputs):
         xs = [next(moved).to(plan.compute_dtype) for _ in ts]
-        out, facts = _call(plan, job, xs, device, red.get(job.canonical))
+        out, facts = call_method(plan, job, xs, device, red.get(job.canonical))
         o = out.float()
         delta = (out - xs[0]).float().norm() if plan.job_has_base(job) else o.new_zeros(())
         stats.append(torch.stack([torch.isfinite(o).all().float(), o.norm(), delta]))
@@ -164,7 +168,7 @@ def compute_many(plan: Plan, jobs: list[Job], inputs: list[list[torch.Tensor]], 
     results = []
     for job, out, (finite, norm, delta), info in zip(jobs, _moved(outs, "cpu"), facts, infos):
         if not finite:
-            raise _nan_error(job)
+            raise nan_error(job)
         info["norm"] = norm
         if plan.job_has_base(job):
             info["delta_norm"] = delta

@@ -30,6 +30,7 @@ from ..checkpoints.output import OutputFolder
 from ..errors import OmnimergeError
 from ..methods import MethodContext
 from ..plan import Action, Job, Plan
+from .blocks import Block, blockable, blocks, read_block
 from .compute import compute_inputs, read_inputs
 from .memory import give_memory_back, keep_freed_memory_for_reuse
 from .options import RunOptions
@@ -164,26 +165,28 @@ def write_output(sink: FolderSink, out: str | Path, options: RunOptions, executo
 # --- the pre-pass ---------------------------------------------------------------------------------
 @dataclass
 class _PassSink:
-    """One streaming pass of the pre-pass: every tensor of the reductions' groups fed to its group."""
+    """One streaming pass of the pre-pass: every tensor (or row block) of the reductions' groups fed to its group."""
 
-    work: list[tuple[Plan, Job, Hashable]]
+    work: list[tuple[Plan, Job | Block, Hashable]]
     accumulators: dict[Hashable, Any]
 
-    def steps(self, device: str) -> list[tuple[Plan, Job, Hashable]]:
-        return self.work
+    def steps(self, device: str) -> list[tuple[Plan, Job | Block, Hashable]]:
+        return [w for w in self.work if not self.accumulators[w[2]].done]
 
     def read(self, step) -> list[torch.Tensor]:
-        plan, job, _ = step
-        return read_inputs(plan, job)
+        plan, part, _ = step
+        return read_block(plan, part) if isinstance(part, Block) else read_inputs(plan, part)
 
     def compute(self, step, tensors, device: str) -> None:
-        plan, job, group = step
-        if job.rows is not None:
+        plan, part, group = step
+        job, offset = (part.job, part.offset) if isinstance(part, Block) else (part, 0)
+        if not isinstance(part, Block) and job.rows is not None:
             tensors.pop()
         xs = compute_inputs(plan, job, tensors, device)
-        if job.rows is not None:
+        tensors.clear()
+        if not isinstance(part, Block) and job.rows is not None:
             xs = [x[: job.rows] for x in xs]
-        ctx = MethodContext(job.canonical, torch.Generator(device=device).manual_seed(job.seed))
+        ctx = MethodContext(job.canonical, torch.Generator(device=device).manual_seed(job.seed), offset=offset)
         self.accumulators[group].feed(xs[0], xs[1:], ctx, job.params)
 
     def write(self, step, results) -> None:
@@ -200,23 +203,31 @@ class _PassSink:
 
 
 def prepass(work: Iterable[tuple[Plan, Job]], device: str = "cpu") -> dict[str, Any]:
-    """The global reductions of the methods of ``work``'s merge jobs, by canonical key.
+    """The reductions of the methods of ``work``'s merge jobs, by canonical key.
 
     A method with a ``reduction`` groups the tensors it merges (``Reduction.group``: e.g. TIES with
     ``trim: global`` by its densities; None leaves a tensor out); each group's accumulator is fed
     every tensor of the group, in as many streaming passes as it asks for; its result is handed to
-    the merge of each tensor of the group (``MethodContext.reduction``)."""
-    grouped: list[tuple[Plan, Job, Hashable]] = []
+    the merge of each tensor of the group (``MethodContext.reduction``). A tensor merged in row
+    blocks (run.blocks) is fed block by block; one that ``Reduction.when_blocked`` says needs a
+    reduction of its own (TIES's ``trim: per_tensor``) is a group by itself."""
+    grouped: list[tuple[Plan, Job | Block, Hashable]] = []
     accumulators: dict[Hashable, Any] = {}
     for plan, job in work:
         red = job.method.reduction if job.action is Action.MERGE else None
-        key = red.group(job.params) if red is not None else None
+        if red is None:
+            continue
+        in_blocks = blockable(plan, job)
+        key = red.group(job.params)
+        if key is None and in_blocks and red.when_blocked is not None and red.when_blocked(job.params):
+            key = ("tensor", job.canonical)
         if key is None:
             continue
         key = (job.method.name, key)
         if key not in accumulators:
             accumulators[key] = red.start(job.params)
-        grouped.append((plan, job, key))
+        parts = [b for b in blocks(plan, job) if b.merge] if in_blocks else [job]
+        grouped.extend((plan, part, key) for part in parts)
     if not grouped:
         return {}
     sink = _PassSink(grouped, accumulators)
@@ -225,4 +236,4 @@ def prepass(work: Iterable[tuple[Plan, Job]], device: str = "cpu") -> dict[str, 
         for a in accumulators.values():
             a.next_pass()
     results = {k: a.result() for k, a in accumulators.items()}
-    return {job.canonical: results[key] for _, job, key in grouped}
+    return {(part.job if isinstance(part, Block) else part).canonical: results[key] for _, part, key in grouped}

@@ -19,20 +19,21 @@ from ...methods import get_method
 from ...plan import Action, Job, Plan
 from ...recipe import ComponentMethod, Take
 from ...version import __version__
+from ..blocks import Block, BlockedReport, blockable, blocks, compute_block, read_block
 from ..compute import compute_many, group_steps, read_step
 from ..stream import MergeResult
 
 
 class ShardWriter:
     """Writes a plan's tensors in order into its shard files, opening each shard when its first tensor
-    comes (and closing the one before)."""
+    comes (and closing the one before). A tensor comes whole (``write``) or in row pieces (``write_rows``)."""
 
     def __init__(self, folder: Path, shards: list[list[Job]], names: list[str]):
         self.folder, self.shards, self.names = folder, shards, names
         self.writers: list[StreamingSafetensorsWriter] = []
         self._left = 0
 
-    def write(self, job: Job, tensor: torch.Tensor) -> None:
+    def _next_shard_if_due(self) -> None:
         if self._left == 0:
             if self.writers:
                 self.writers[-1].close()
@@ -40,8 +41,18 @@ class ShardWriter:
             self.writers.append(StreamingSafetensorsWriter(self.folder / self.names[len(self.writers)],
                                                            [(j.out_key, j.out_dtype, j.shape) for j in shard]))
             self._left = len(shard)
+
+    def write(self, job: Job, tensor: torch.Tensor) -> None:
+        self._next_shard_if_due()
         self.writers[-1].write(job.out_key, tensor)
         self._left -= 1
+
+    def write_rows(self, job: Job, rows: torch.Tensor, start: int) -> None:
+        """Rows ``start ..`` of the job's tensor (pieces come in order, the first at row 0)."""
+        if start == 0:
+            self._next_shard_if_due()
+        if self.writers[-1].write_rows(job.out_key, rows):
+            self._left -= 1
 
     def close(self) -> None:
         if self.writers:
@@ -71,6 +82,7 @@ class CheckpointOutput:
         self.total_bytes = self.space_bytes = self.plan.out_bytes
         self.total_tensors = len(self.plan.jobs)
         self._writer: ShardWriter | None = None
+        self._blocked = BlockedReport()
 
     # --- the folder
     def work(self) -> list[tuple[Plan, Job]]:
@@ -90,23 +102,45 @@ class CheckpointOutput:
         return MergeResult(out, self.plan, seconds, self.report)
 
     # --- the loop
-    def steps(self, device: str) -> list[list[Job]]:
+    def steps(self, device: str) -> list[list[Job] | Block]:
+        """Groups of jobs computed together, and the row blocks of the large element-wise merges (run.blocks)."""
         which = range(len(self.shards)) if self.only is None else self.only
         shards = [self.shards[i] for i in which]
         self._writer = ShardWriter(self.folder, shards, [self.names[i] for i in which])
-        return [step for shard in shards for step in group_steps(self.plan, shard, device)]
+        out: list[list[Job] | Block] = []
+        for shard in shards:
+            for step in group_steps(self.plan, shard, device):
+                if len(step) == 1 and blockable(self.plan, step[0]):
+                    out.extend(blocks(self.plan, step[0]))
+                else:
+                    out.append(step)
+        return out
 
-    def read(self, step: list[Job]):
+    def read(self, step: list[Job] | Block):
+        if isinstance(step, Block):
+            return read_block(self.plan, step)
         return read_step(self.plan, step)
 
-    def compute(self, step: list[Job], inputs, device: str):
+    def compute(self, step: list[Job] | Block, inputs, device: str):
+        if isinstance(step, Block):
+            return compute_block(self.plan, step, inputs, device, self.reductions.get(step.job.canonical))
         return compute_many(self.plan, step, inputs, device, self.reductions)
 
-    def write(self, step: list[Job], results) -> None:
+    def write(self, step: list[Job] | Block, results) -> None:
+        if isinstance(step, Block):
+            self._writer.write_rows(step.job, results[0], step.start)
+            return
         for job, (t, _) in zip(step, results):
             self._writer.write(job, t)
 
-    def record(self, step: list[Job], results, seconds: float) -> list[Job]:
+    def record(self, step: list[Job] | Block, results, seconds: float) -> list[Job]:
+        if isinstance(step, Block):
+            done = self._blocked.add(step, results[1], seconds)
+            if done is None:
+                return []
+            job = step.job
+            self.report[job.out_key] = tensor_report(self.plan, job, done[0], done[1], self.shard_of[job.out_key])
+            return [job]
         for job, (_, info) in zip(step, results):
             self.report[job.out_key] = tensor_report(self.plan, job, info, seconds / len(step),
                                                      self.shard_of[job.out_key])
