@@ -89,7 +89,10 @@ def test_the_next_run_removes_what_a_killed_run_left(job, tmp_path, capsys):
 
 
 def test_ctrl_c_during_a_merge(job, tmp_path):
-    proc = python(SLOW_MERGE, "merge", str(job), "-o", str(tmp_path / "out"), "--no-progress")
+    # each tensor's write takes 2 s, so that the signal surely comes while the output is being written
+    # (with 0.1 s a quiet machine could finish the merge before the signal arrived)
+    proc = python(SLOW_MERGE.replace("time.sleep(0.1)", "time.sleep(2.0)"), "merge", str(job), "-o",
+                  str(tmp_path / "out"), "--no-progress")
     deadline = time.time() + 120
     while not any(".omnimerge-tmp-" in p.name for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()

@@ -237,7 +237,9 @@ def build_tiny(family: str, out_dir, *, seed: int = 0, num_layers: int | None = 
         vocab = model.config.get_text_config().vocab_size
         make_tokenizer(vocab, SPECS[family].image_placeholder).save_pretrained(out)
     if tokenizer and family in QWEN_VL:
-        _qwen_image_processor(model.config).save_pretrained(out)
+        from .calibration.render import qwen_image_processor
+
+        qwen_image_processor(model.config, max_merged_patches=4).save_pretrained(out)
     if tokenizer and family in AUDIO_FAMILIES:
         _audio_feature_extractor(model.config).save_pretrained(out)
     return out
@@ -258,16 +260,6 @@ def _generation_config():
     from transformers import GenerationConfig
 
     return GenerationConfig(**BASIC_IDS, do_sample=False)
-
-
-def _qwen_image_processor(config):
-    from transformers import Qwen2VLImageProcessorPil
-
-    v = config.vision_config
-    side = v.patch_size * v.spatial_merge_size
-    return Qwen2VLImageProcessorPil(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                    temporal_patch_size=v.temporal_patch_size,
-                                    size={"shortest_edge": side * side, "longest_edge": (4 * side) ** 2})
 
 
 def _audio_feature_extractor(config):

@@ -62,7 +62,7 @@ class ImageRenderer:
         has_ip = (folder / "preprocessor_config.json").is_file()
         if self.model_type in QWEN_VL_TYPES:
             self.image_processor = (transformers.Qwen2VLImageProcessorPil.from_pretrained(folder) if has_ip else
-                                    _qwen_image_processor(config))
+                                    qwen_image_processor(config))
             self.image_token = getattr(tok, "image_token", None) or "<|image_pad|>"
         elif self.model_type in INTERNVL_TYPES:
             self.image_processor = (transformers.GotOcr2ImageProcessorPil.from_pretrained(folder) if has_ip else
@@ -122,14 +122,16 @@ class ImageRenderer:
         return batch
 
 
-def _qwen_image_processor(config):
+def qwen_image_processor(config, max_merged_patches: int = 16):
+    """Qwen-VL's PIL image processor (no torchvision) for ``config``'s vision tower: images of at least one
+    merged patch, and at most ``max_merged_patches`` merged patches a side."""
     from transformers import Qwen2VLImageProcessorPil
 
     v = config.vision_config
     side = v.patch_size * v.spatial_merge_size
     return Qwen2VLImageProcessorPil(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                                     temporal_patch_size=v.temporal_patch_size,
-                                    size={"shortest_edge": side * side, "longest_edge": (16 * side) ** 2})
+                                    size={"shortest_edge": side * side, "longest_edge": (max_merged_patches * side) ** 2})
 
 
 def _internvl_image_processor(config):

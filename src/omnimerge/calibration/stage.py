@@ -237,6 +237,18 @@ def _model_keys(plan, settings: CalibrationSettings, kind: str) -> list[str]:
             for m, s in zip(plan.models, plan.calibration)]
 
 
+def _coefficient_paths(plan, jobs, settings, cache, kind: str, params: dict, method: str,
+                       log) -> tuple[str, list, bool]:
+    """The cache key of a learned method's coefficients, their folders (one per model) and whether all are
+    there (then said in the log)."""
+    joint = _joint_key(plan, jobs, settings, kind, params)
+    paths = [cache.path(f"{joint}-{i}") for i in range(len(plan.models))]
+    cached = all(p.is_dir() for p in paths)
+    if cached and log:
+        log(f"{method}: coefficients reused from {paths[0].parent}")
+    return joint, paths, cached
+
+
 def _joint_key(plan, jobs, settings: CalibrationSettings, kind: str, params: dict) -> str:
     """One digest of every model's key, the method's parameters, the merged keys and the recipe."""
     import hashlib
@@ -261,11 +273,8 @@ def _coefficient_files(plan, jobs, settings: CalibrationSettings, cache: Statist
     from .adamerging import learn_coefficients
 
     params = {k: jobs[0].params[k] for k in ("granularity", "init", "lr", "steps")}
-    joint = _joint_key(plan, jobs, settings, "coefficient", params)
-    paths = [cache.path(f"{joint}-{i}") for i in range(len(plan.models))]
-    if all(p.is_dir() for p in paths):
-        if log:
-            log(f"adamerging: coefficients reused from {paths[0].parent}")
+    joint, paths, cached = _coefficient_paths(plan, jobs, settings, cache, "coefficient", params, "adamerging", log)
+    if cached:
         return paths
     batches = _batches(plan, settings)
     model = load_model(plan.base.path, device)
@@ -313,11 +322,9 @@ def _expert_coefficient_files(plan, jobs, settings: CalibrationSettings, cache: 
     from .expert_merging import EXPERT_PARAMS, TargetReader, expert_targets, learn_expert_coefficients
 
     params = {k: jobs[0].params[k] for k in EXPERT_PARAMS}
-    joint = _joint_key(plan, jobs, settings, "expert_coefficient", params)
-    paths = [cache.path(f"{joint}-{i}") for i in range(len(plan.models))]
-    if all(p.is_dir() for p in paths):
-        if log:
-            log(f"expert_merging: coefficients reused from {paths[0].parent}")
+    joint, paths, cached = _coefficient_paths(plan, jobs, settings, cache, "expert_coefficient", params,
+                                              "expert_merging", log)
+    if cached:
         return paths
     batches = _batches(plan, settings)
     layers = params["hidden_layers"]

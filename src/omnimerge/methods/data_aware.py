@@ -133,34 +133,28 @@ def regmean_solve_rows(weights: list[torch.Tensor], inputs: list[torch.Tensor], 
     return rd - torch.linalg.solve(small, (rd @ z.T).T).T @ zd
 
 
-@register(
-    "regmean",
-    params=(
-        Param("alpha", float, 0.9, "scale of the Grams' off-diagonal entries (1: the plain least-squares "
-                                   "merge; smaller: closer to a per-feature weighted average)",
-              minimum=0.0, maximum=1.0),
-    ),
-    needs_base=False, reference=_REGMEAN_REF, defaults_from=_REGMEAN_DEFAULTS, calibration=("gram",),
-    summary="Per linear layer W = (Σ W_i G̃_i)(Σ G̃_i)⁻¹, G_i the Gram of the layer's inputs on model i's "
-            "samples (off-diagonals × alpha); other tensors: the mean.",
-)
-def regmean(base, models, ctx, alpha):
-    return _regmean(models, ctx, alpha, "regmean")
+def _register_regmean(name: str, alpha: float, statistic: str, reference: str, defaults_from: str,
+                      summary: str) -> None:
+    """RegMean and RegMean++: the same solve over the Grams of one ``statistic`` each."""
+    def merge(base, models, ctx, alpha):
+        return _regmean(models, ctx, alpha, name)
+
+    merge.__name__ = merge.__qualname__ = name
+    register(name, params=(Param("alpha", float, alpha, "scale of the Grams' off-diagonal entries (1: the plain "
+                                 "least-squares merge; smaller: closer to a per-feature weighted average)",
+                                 minimum=0.0, maximum=1.0),),
+             needs_base=False, reference=reference, defaults_from=defaults_from, calibration=(statistic,),
+             summary=summary)(merge)
 
 
-@register(
-    "regmean_plusplus",
-    params=(
-        Param("alpha", float, 0.95, "scale of the Grams' off-diagonal entries (1: the plain least-squares "
-                                    "merge; smaller: closer to a per-feature weighted average)",
-              minimum=0.0, maximum=1.0),
-    ),
-    needs_base=False, reference=_REGMEAN_PP_REF, defaults_from=_REGMEAN_PP_DEFAULTS, calibration=("merged_gram",),
-    summary="RegMean with each layer's input Grams taken from the model merged so far (layers merged in order): "
-            "model i's layer l runs on the merged layers 0..l-1's hidden states of its samples.",
-)
-def regmean_plusplus(base, models, ctx, alpha):
-    return _regmean(models, ctx, alpha, "regmean_plusplus")
+_register_regmean(
+    "regmean", 0.9, "gram", _REGMEAN_REF, _REGMEAN_DEFAULTS,
+    "Per linear layer W = (Σ W_i G̃_i)(Σ G̃_i)⁻¹, G_i the Gram of the layer's inputs on model i's samples "
+    "(off-diagonals × alpha); other tensors: the mean.")
+_register_regmean(
+    "regmean_plusplus", 0.95, "merged_gram", _REGMEAN_PP_REF, _REGMEAN_PP_DEFAULTS,
+    "RegMean with each layer's input Grams taken from the model merged so far (layers merged in order): "
+    "model i's layer l runs on the merged layers 0..l-1's hidden states of its samples.")
 
 
 def _regmean(models, ctx, alpha, method):
