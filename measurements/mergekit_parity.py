@@ -222,13 +222,19 @@ def run(work: Path, venv: Path) -> list[dict]:
     return rows
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_cli(doc: str, prefix: str) -> tuple[Path, Path]:
+    """A parity measurement's command line: its work folder (a temporary one by default) and the venv
+    with mergekit 0.1.5."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--mergekit-venv", type=Path, required=True, help="venv with mergekit 0.1.5 installed")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     a = ap.parse_args()
-    work = a.work or Path(tempfile.mkdtemp(prefix="mergekit-parity-"))
-    rows = run(work, a.mergekit_venv)
+    return a.work or Path(tempfile.mkdtemp(prefix=prefix)), a.mergekit_venv
+
+
+def main() -> int:
+    work, venv = parse_cli(__doc__, "mergekit-parity-")
+    rows = run(work, venv)
     print("| configuration | compared | result | ok |\n|---|---|---|---|")
     for r in rows:
         if r["kind"] == "exact":

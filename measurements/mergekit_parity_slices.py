@@ -21,13 +21,11 @@ parity_slices.json to the work folder. Nothing here is timed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -318,12 +316,10 @@ def run(work: Path, venv: Path) -> list[dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mergekit-venv", type=Path, required=True, help="venv with mergekit 0.1.5 installed")
-    ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
-    args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="mergekit-parity-slices-"))
-    rows = run(work, args.mergekit_venv)
+    from mergekit_parity import parse_cli  # this folder's other parity measurement (run as a script)
+
+    work, venv = parse_cli(__doc__, "mergekit-parity-slices-")
+    rows = run(work, venv)
     print("| configuration | layers (mergekit's config) | vocab_size | max \\|omnimerge − mergekit\\| | ok |\n"
           "|---|---|---|---|---|")
     for r in rows:

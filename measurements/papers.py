@@ -17,28 +17,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
+from calibration_stats import reset_peak, rss  # this folder's scripts share their memory probes
 from omnimerge.methods import MethodContext, get_method
 
 SHAPES = {"2b": [(1536, 1536), (8960, 1536), (1536, 8960)], "7b": [(3584, 3584), (18944, 3584), (3584, 18944)]}
 METHODS = ("pcb", "localize_stitch", "widen", "lora_lego")
-
-
-def rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def inputs(shape, tasks: int, rank: int, noise: float, seed: int, dense: bool):

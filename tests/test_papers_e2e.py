@@ -13,21 +13,10 @@ import omnimerge
 from omnimerge.methods import MethodContext, get_method
 from omnimerge.verify import verify
 from layouts import DECODER  # the tests' own reading of raw keys (not omnimerge's table)
+from test_merge_e2e import is_language, weights
 from test_lora import make_adapter
 from test_lora_out import PREFIX, load, logits
 from test_methods_papers import pcb_reference
-
-
-def weights(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out |= load_file(str(f))
-    return out
-
-
-def is_language(family: str, key: str) -> bool:
-    p = DECODER[family]
-    return key.startswith(p + "layers.") or key.startswith(p + "norm.")
 
 
 def direct(method: str, base, models, reduction=None, **params):
