@@ -30,7 +30,9 @@ with OutputFolder(sys.argv[1], force=False) as tmp:
 """
 
 SLOW_MERGE = """
-import sys, time
+import signal, sys, time
+# as in a terminal: a run started in the background of a non-interactive shell (CI) inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import omnimerge.checkpoints.safetensors_io as io
 real = io.StreamingSafetensorsWriter.write
 def slow(self, name, tensor):
@@ -90,7 +92,6 @@ def test_the_next_run_removes_what_a_killed_run_left(job, tmp_path, capsys):
 
 def test_ctrl_c_during_a_merge(job, tmp_path):
     # each tensor's write takes 2 s, so that the signal surely comes while the output is being written
-    # (with 0.1 s a quiet machine could finish the merge before the signal arrived)
     proc = python(SLOW_MERGE.replace("time.sleep(0.1)", "time.sleep(2.0)"), "merge", str(job), "-o",
                   str(tmp_path / "out"), "--no-progress")
     deadline = time.time() + 120
@@ -132,7 +133,9 @@ def test_a_device_that_is_not_one(job, tmp_path, capsys, device, words):
 
 
 def test_sigterm_during_a_merge(job, tmp_path):
-    proc = python(SLOW_MERGE, "merge", str(job), "-o", str(tmp_path / "out"), "--no-progress")
+    # each tensor's write takes 2 s, so that the signal surely comes while the output is being written
+    proc = python(SLOW_MERGE.replace("time.sleep(0.1)", "time.sleep(2.0)"), "merge", str(job), "-o",
+                  str(tmp_path / "out"), "--no-progress")
     deadline = time.time() + 120
     while not any(".omnimerge-tmp-" in p.name for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
