@@ -27,6 +27,11 @@ under a load of 8 on 2 cores (eigh 2048²: 33.8 s against 2.3 s wall), and their
 
     python measurements/spectral.py                       # 2B shapes exact+fast, 7B shapes fast, T = 2 and 5
     python measurements/spectral.py --sizes 7b --exact-sizes 7b --tasks 2   # the 7B exact path (hours)
+    python measurements/spectral.py --methods tsv,asdf,aswudi --exact-sizes none   # fast vs randomized
+
+``solver: randomized`` (tsv, asdf, aswudi; opt-in and approximate) is timed beside the fast path
+and its error taken against the same float64 truth: the exact path in float64 where that size's
+exact path is measured, else the fast path run on float64 copies (the same numbers to ~1e-10).
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ METHODS = {
     "task_arithmetic": ({}, None),
     "ties": ({}, None),
 }
+# the opt-in approximate route: its speed-up over the fast path and its error against float64
+RANDOMIZED = {name: {"solver": "randomized"} for name in ("tsv", "asdf", "aswudi")}
 
 
 def loadavg() -> str:
@@ -150,6 +157,7 @@ def main():
     ap.add_argument("--rank", type=int, default=64, help="rank of each task vector's low-rank part")
     ap.add_argument("--noise", type=float, default=0.1, help="noise level relative to the low-rank part")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-randomized", action="store_true", help="skip the `solver: randomized` runs")
     ap.add_argument("--json", help="also write the rows (and per-shape timings) to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -168,8 +176,9 @@ def main():
             for name in args.methods.split(","):
                 fast_params, exact_params = METHODS[name]
                 measured = exact_params is not None and size in exact_sizes
-                fast_s = fast_c = fast_d = exact_s = exact_c = 0.0
-                err_num = exact_num = err_den = 0.0
+                randomized = None if args.no_randomized else RANDOMIZED.get(name)
+                fast_s = fast_c = fast_d = exact_s = exact_c = rand_s = 0.0
+                err_num = exact_num = err_den = rand_num = 0.0
                 shapes = []
                 for shape, count in spec["shapes"].items():
                     base, models = data[shape]
@@ -196,19 +205,42 @@ def main():
                                      exact_rel_err=(num_exact / den) ** 0.5 if den else None)
                         line += (f"  exact {te:8.2f} s (CPU {ce:8.2f})  rel.err fast {entry['rel_err']:.1e}"
                                  f" exact {entry['exact_rel_err']:.1e}")
-                        del exact, truth
+                        del exact
+                    if randomized is not None:
+                        approx, tr, cr, _, _ = run_one(name, randomized, base, models, seed=1)
+                        if not measured:  # the float64 truth from the fast path (the same numbers, to ~1e-10)
+                            truth, *_ = run_one(name, fast_params, base.double(), [x.double() for x in models],
+                                                seed=1)
+                            den = float((truth - base.double()).norm() ** 2)
+                            num = float((fast.double() - truth).norm() ** 2)
+                            err_num += count * num
+                            err_den += count * den
+                        num_r = float((approx.double() - truth).norm() ** 2)
+                        rand_s += count * tr
+                        rand_num += count * num_r
+                        entry.update(randomized_s=tr, randomized_cpu_s=cr,
+                                     randomized_rel_err=(num_r / den) ** 0.5 if den else None)
+                        line += (f"  randomized {tr:8.2f} s (CPU {cr:8.2f})  rel.err randomized "
+                                 f"{entry['randomized_rel_err']:.1e} fast {(num / den) ** 0.5 if den else 0:.1e}")
+                        del approx
+                    if measured or randomized is not None:
+                        del truth
                     del fast
                     shapes.append(entry)
                     print(line + (f"  [{entry['route']}]" if entry["route"] else ""), flush=True)
                 row = {"size": size, "T": n_tasks, "method": name, "fast_s": fast_s, "fast_cpu_s": fast_c,
                        "exact_s": exact_s if measured else None, "exact_cpu_s": exact_c if measured else None,
                        "ratio": exact_s / fast_s if measured and fast_s else None,
-                       "rel_err": (err_num / err_den) ** 0.5 if measured and err_den else None,
+                       "rel_err": (err_num / err_den) ** 0.5 if err_den else None,
                        "exact_rel_err": (exact_num / err_den) ** 0.5 if measured and err_den else None,
                        "backbone_min": fast_s * spec["layers"] / 60,
                        "backbone_cpu_min": fast_c * spec["layers"] / 60, "fast_decomp_s": fast_d,
                        "backbone_decomp_min": fast_d * spec["layers"] / 60,
-                       "over_floor": fast_s / fast_d if fast_d > 0 else None, "load": loadavg(), "shapes": shapes}
+                       "over_floor": fast_s / fast_d if fast_d > 0 else None, "load": loadavg(), "shapes": shapes,
+                       "randomized_s": rand_s if randomized is not None else None,
+                       "randomized_speedup": fast_s / rand_s if randomized is not None and rand_s else None,
+                       "randomized_rel_err": (rand_num / err_den) ** 0.5 if randomized is not None and err_den
+                       else None}
                 rows.append(row)
                 print(f"{size} T={n_tasks} {name:16s} fast {fast_s:8.2f} s/layer (CPU {fast_c:8.2f})"
                       + (f"  exact {exact_s:8.2f} s/layer (CPU {exact_c:8.2f})  x{row['ratio']:.1f}  "
@@ -218,6 +250,8 @@ def main():
                       + f" (CPU {row['backbone_cpu_min']:.1f}"
                       + f", decompositions {row['backbone_decomp_min']:.1f})"
                       + (f"  / floor {row['over_floor']:.2f}x" if row["over_floor"] else "  / floor -")
+                      + (f"  randomized {rand_s:.2f} s/layer, x{row['randomized_speedup']:.2f} faster, rel.err "
+                         f"{row['randomized_rel_err']:.1e} (fast {row['rel_err']:.1e})" if randomized is not None else "")
                       + f"  load {row['load']}", flush=True)
     end_load = loadavg()
     print(f"\nload average at start: {start_load}; at end: {end_load}; {time.perf_counter() - start_wall:.0f} s in all")
@@ -234,6 +268,15 @@ def main():
               f"| {er} | {ee} | {r['backbone_min']:.1f} min ({r['backbone_cpu_min']:.1f}) "
               f"| {r['backbone_decomp_min']:.1f} min ({r['fast_decomp_s'] / r['fast_s'] if r['fast_s'] else 0:.0%}) "
               f"| {fl} |")
+    rand_rows = [r for r in rows if r["randomized_s"] is not None]
+    if rand_rows:
+        print("\n| size | T | method | randomized s/layer | fast / randomized | rel. error randomized "
+              "| rel. error fast | backbone, randomized |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rand_rows:
+            print(f"| {r['size']} | {r['T']} | {r['method']} | {r['randomized_s']:.1f} | {r['randomized_speedup']:.2f}× "
+                  f"| {r['randomized_rel_err']:.1e} | {r['rel_err']:.1e} "
+                  f"| {r['randomized_s'] * SIZES[r['size']]['layers'] / 60:.1f} min |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "load_start": start_load, "load_end": end_load, "rows": rows}, f,

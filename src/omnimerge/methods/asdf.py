@@ -10,7 +10,8 @@ base = the text LLM T, models = the VLM(s) V. Per aligned tensor:
 
 The rank goes to report.json: ``rank`` (one model) or ``ranks`` (one entry per model); an entry is
 a list for a batch. ``exact: true`` takes a full SVD per matrix; the default fast route
-(``linalg.truncate``) gives the same result to float precision (see tests/test_methods_asdf.py).
+(``linalg.truncate``) gives the same result to float precision (see tests/test_methods_asdf.py);
+``solver: randomized`` is faster and approximate (docs/methods.md gives its measured error).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..errors import OmnimergeError
 from . import linalg
 from .ranks import check_rank_rule, choose_rank, needs_spectrum, rank_param
 from .registry import MethodContext, Param, register
+from .spectral import randomized_route
 
 REFERENCE = "Qwen3-VL-4B-Instruct-YOYO (model card), SVD-knee low-rank delta merge"
 
@@ -28,6 +30,12 @@ _RANK = rank_param("rank", "knee", "rank rule for each model's delta (each model
 _WEIGHT = Param("weight", float, 1.0, "weight of each model's truncated delta (and of its tensor where V is kept)",
                 minimum=0.0, per_model=True)
 _EXACT = Param("exact", bool, False, "full SVD per matrix instead of the fast route (same result, slower)")
+_SOLVER = Param(
+    "solver", str, "fast",
+    "fast: the truncation to float precision; randomized: the rank rule on a float32 spectrum and a randomized "
+    "range finder with 4 subspace iterations, approximate (opt-in)",
+    choices=("fast", "randomized"),
+)
 
 
 def _per_model(value, n: int, name: str, ctx: MethodContext) -> list:
@@ -55,12 +63,13 @@ def _keeps_expert(base: torch.Tensor, models: list[torch.Tensor], key: str) -> s
 
 
 @register(
-    "asdf", params=(_RANK, _WEIGHT, _EXACT), needs_base=True, reference=REFERENCE,
+    "asdf", params=(_RANK, _WEIGHT, _EXACT, _SOLVER), needs_base=True, reference=REFERENCE,
     summary="VLM onto text LLM: T + rank-k(knee) SVD truncation of V − T; embed, lm_head, 1-D and "
     "mismatched tensors are taken from V.",
 )
-def asdf(base, models, ctx, rank, weight, exact):
+def asdf(base, models, ctx, rank, weight, exact, solver="fast"):
     n = len(models)
+    randomized = randomized_route(solver, exact, ctx, "asdf")
     if n == 0:
         raise OmnimergeError(f"{ctx.key}: asdf: no models to merge")
     w = [float(x) for x in _per_model(weight, n, "weight", ctx)]
@@ -87,7 +96,8 @@ def asdf(base, models, ctx, rank, weight, exact):
     out = base.clone()
     ks = []
     for m, wi, rule in zip(models, w, rules):
-        low, k = linalg.truncate(m - base, rank_arg(rule, base.shape), generator=ctx.generator, exact=bool(exact))
+        low, k = linalg.truncate(m - base, rank_arg(rule, base.shape), generator=ctx.generator, exact=bool(exact),
+                                 randomized=randomized)
         out.add_(low, alpha=wi)
         ks.append(k)
     if n == 1:

@@ -11,6 +11,10 @@ Decompositions
 Leading components
   ``top_svd``          the k leading singular triplets: a seeded randomized range finder (accurate only
                        where the spectrum falls off after k), or a full SVD.
+  ``sketch_svd``       the randomized range finder itself, with a given number of iterations whatever
+                       the spectrum (the methods' opt-in ``solver: randomized``).
+  ``sketch_eigh``      the leading eigenpairs of a symmetric PSD matrix by randomized subspace
+                       iteration and Rayleigh–Ritz (``aswudi``'s ``solver: randomized``).
   ``randomized_iters`` the subspace iterations after which the randomized finder is accurate for a known
                        spectrum, or None where it would not converge within budget.
   ``leading_svd``      the k leading singular triplets whatever the spectrum: the Gram spectrum, then
@@ -48,6 +52,8 @@ RAND_TOL = 1e-9  # randomized only if (σ_{q+1}/σ_k)^(2p+1) <= RAND_TOL for som
 RAND_MAX_ITERS = 8
 RAND_OVERSAMPLE = 16
 RAND_COST = 8.0  # ... and its (2p+2)·2·m·n·q flops are at most RAND_COST·r³ (about an r×r eigh)
+SKETCH_ITERS = 4  # solver: randomized — subspace iterations whatever the spectrum (scikit-learn's
+# randomized_svd runs 4 when k ≥ 0.1·min(m, n), 7 below; ours keep k = r/T or a rank rule's k)
 
 
 # ------------------------------------------------------------------------- Gram matrices, spectra
@@ -159,13 +165,30 @@ def top_svd(a: torch.Tensor, k: int, *, generator: torch.Generator | None = None
     ``generator`` (seeded per tensor by the run, so results are reproducible), ``iters``
     subspace iterations, then an exact SVD of the small projected matrix. Else a full SVD.
     """
-    m, n = a.shape[-2], a.shape[-1]
-    r = min(m, n)
+    r = min(a.shape[-2], a.shape[-1])
     k = max(1, min(k, r))
     if exact or 4 * k > r:
         u, s, vh = svd(a)
         return u[..., :k], s[..., :k], vh[..., :k, :]
+    return sketch_svd(a, k, iters=iters, oversample=oversample, generator=generator)
+
+
+def sketch_svd(a: torch.Tensor, k: int, *, iters: int, oversample: int = RAND_OVERSAMPLE,
+               generator: torch.Generator | None = None):
+    """The k leading singular triplets of ``a`` (…, m, n) by a randomized range finder, whatever the
+    spectrum: a Gaussian test matrix of q = k + ``oversample`` columns (from ``generator``), ``iters``
+    subspace iterations re-orthonormalised by QR, an exact SVD of the projected q×n matrix. Its
+    error falls like (σ_{q+1}/σ_k)^(2·iters+1) (Halko, Martinsson & Tropp 2011, §4.5, §10.4): small
+    where the spectrum falls off after k, not where it is flat. A full SVD where q ≥ min(m, n).
+    Cost: (2·iters + 2) products of ``a`` with an n×q or m×q matrix, in ``a``'s dtype.
+    """
+    m, n = a.shape[-2], a.shape[-1]
+    r = min(m, n)
+    k = max(1, min(k, r))
     q = min(k + oversample, r)
+    if q >= r:
+        u, s, vh = svd(a)
+        return u[..., :k], s[..., :k], vh[..., :k, :]
     omega = torch.randn((*a.shape[:-2], n, q), generator=_cpu_generator(generator), dtype=a.dtype).to(a.device)
     basis, _ = torch.linalg.qr(a @ omega)
     for _ in range(iters):
@@ -173,6 +196,25 @@ def top_svd(a: torch.Tensor, k: int, *, generator: torch.Generator | None = None
         basis, _ = torch.linalg.qr(a @ z)
     ub, s, vh = svd(basis.mT @ a)
     return (basis @ ub)[..., :k], s[..., :k], vh[..., :k, :]
+
+
+def sketch_eigh(mat: torch.Tensor, q: int, *, iters: int, generator: torch.Generator | None = None):
+    """The q leading eigenpairs of a symmetric PSD ``mat`` (…, d, d), randomized: a Gaussian d×q start,
+    ``iters`` float64 products with ``mat`` re-orthonormalised by QR, then Rayleigh–Ritz (a q×q
+    float64 eigh). Returns (Ritz values (…, q) ascending, Ritz vectors (…, d, q)), float64. The k-th
+    pair's error falls like (λ_{q+1}/λ_k)^iters; a full float64 eigh where q ≥ d.
+    Cost: iters·2·d²·q multiply-adds and the QRs, instead of a d×d eigendecomposition.
+    """
+    d = mat.shape[-1]
+    m64 = mat.double()
+    if q >= d:
+        return torch.linalg.eigh(m64)
+    y = torch.randn((*mat.shape[:-2], d, q), generator=_cpu_generator(generator), dtype=torch.float64)
+    y = y.to(mat.device)
+    for _ in range(max(1, iters)):
+        y = torch.linalg.qr(m64 @ y).Q
+    mu, z = torch.linalg.eigh(y.mT @ m64 @ y)
+    return mu, y @ z
 
 
 def randomized_iters(s: torch.Tensor, k: int, m: int, n: int) -> int | None:
@@ -248,7 +290,7 @@ def project_top(a: torch.Tensor, vecs: torch.Tensor, k: int, left: bool) -> torc
     return a - (c @ (c.mT @ a) if left else (a @ c) @ c.mT)
 
 
-def _truncate_matrix(a, rank, generator, exact):
+def _truncate_matrix(a, rank, generator, exact, randomized):
     m, n = a.shape
     r = min(m, n)
     pick = rank if callable(rank) else (lambda _s: int(rank))
@@ -261,6 +303,16 @@ def _truncate_matrix(a, rank, generator, exact):
         k = clip(pick(s))
         return (u[:, :k] * s[:k]) @ vh[:k], k
     left = m <= n
+    if randomized:
+        if callable(rank):  # the rule's spectrum from a Gram matrix in a's dtype
+            s = torch.linalg.eigvalsh(gram(a, side="left" if left else "right")).flip(-1).clamp_min(0).sqrt()
+            k = clip(pick(s))
+            if float(s[0]) == 0.0:
+                return torch.zeros_like(a), k
+        else:
+            k = clip(rank)
+        u, sv, vh = sketch_svd(a, k, iters=SKETCH_ITERS, generator=generator)
+        return (u * sv) @ vh, k
     g = gram(a, side="left" if left else "right", dtype=torch.float64)
     vecs = None
     if not callable(rank) and 4 * clip(rank) > r:  # a known large k: the projection route for sure
@@ -281,7 +333,8 @@ def _truncate_matrix(a, rank, generator, exact):
     return project_top(a, vecs, k, left), k
 
 
-def truncate(a: torch.Tensor, rank, *, generator: torch.Generator | None = None, exact: bool = False):
+def truncate(a: torch.Tensor, rank, *, generator: torch.Generator | None = None, exact: bool = False,
+             randomized: bool = False):
     """The best rank-k approximation U_k S_k V_kᵀ of each matrix of ``a`` (…, m, n), in ``a``'s dtype.
 
     ``rank`` is an integer or a function of the descending singular values (a 1-D tensor) that
@@ -292,16 +345,18 @@ def truncate(a: torch.Tensor, rank, *, generator: torch.Generator | None = None,
     Gram matrix, then ``top_svd`` where ``randomized_iters`` shows it converges, else the projection
     on the Gram matrix's top-k eigenvectors (``project_top``: no division by σ, so zero or tiny
     singular values are harmless; float64-accurate in the subspace). An integer ``rank`` with
-    4k > min(m, n) goes straight to the eigendecomposition.
+    4k > min(m, n) goes straight to the eigendecomposition. ``randomized`` (opt-in, approximate): a
+    rule's spectrum from a Gram matrix in ``a``'s dtype, then ``sketch_svd`` (SKETCH_ITERS iterations)
+    whatever the spectrum.
     """
     if a.ndim < 2:
         raise ValueError(f"truncate needs a matrix or a batch of matrices, got shape {tuple(a.shape)}")
     if a.ndim == 2:
-        return _truncate_matrix(a, rank, generator, exact)
+        return _truncate_matrix(a, rank, generator, exact, randomized)
     m, n = a.shape[-2], a.shape[-1]
     outs, ks = [], []
     for x in a.reshape(-1, m, n):
-        t, k = _truncate_matrix(x, rank, generator, exact)
+        t, k = _truncate_matrix(x, rank, generator, exact, randomized)
         outs.append(t)
         ks.append(k)
     return torch.stack(outs).reshape(a.shape), ks

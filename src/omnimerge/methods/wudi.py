@@ -61,7 +61,11 @@ Defaults
   and round badly); any other rank rule applies per task to the singular values of τ_i. Targets
   and projectors use ``linalg.leading_svd`` (exact SVD for small matrices; else the Gram spectrum,
   then a randomized finder where that spectrum shows it converges, else the Gram eigenvectors).
-* ``swudi`` / ``aswudi``: ``solver: fast``; ``dense`` is the n×n reference.
+* ``swudi`` / ``aswudi``: ``solver: fast``; ``dense`` is the n×n reference. ``aswudi`` also takes
+  ``solver: randomized`` (opt-in, approximate): its rank rules keep few eigenvalues, whose vectors a
+  randomized subspace iteration finds without the full eigendecomposition. ``swudi`` keeps ⌈ρn⌉
+  (85 %) of them: a randomized finder for that many costs more than the eigendecomposition, so it
+  has no such route.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ from typing import Callable
 import torch
 
 from ..errors import OmnimergeError
-from .linalg import gram, leading_svd, spectrum
+from .linalg import RAND_OVERSAMPLE, SKETCH_ITERS, gram, leading_svd, sketch_eigh, spectrum
 from .ranks import RULE_DOC, check_rank_rule, choose_rank, needs_spectrum
 from .registry import InputFacts, MethodContext, Param, register
 
@@ -120,6 +124,13 @@ _SPECTRAL_SOLVER = Param(
     "fast: eigendecomposition in the smaller of the input (n×n) and task-Gram (T·m×T·m) spaces; "
     "dense: the plain n×n eigendecomposition of C (reference)",
     choices=("fast", "dense"),
+)
+_ASWUDI_SOLVER = Param(
+    "solver", str, "fast",
+    "fast: eigendecomposition in the smaller of the input (n×n) and task-Gram (T·m×T·m) spaces; "
+    "dense: the plain n×n eigendecomposition of C (reference); randomized: C's spectrum from a float32 "
+    "eigvalsh, its kept eigenvectors by randomized subspace iteration (4 steps), approximate (opt-in)",
+    choices=("fast", "dense", "randomized"),
 )
 
 
@@ -355,8 +366,8 @@ def _refine_leading(mat: torch.Tensor, vecs: torch.Tensor, k: int, q: int):
     return None
 
 
-def eigen_response(mat: torch.Tensor, response: Response, rows: int, n: int, *, refine: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def eigen_response(mat: torch.Tensor, response: Response, rows: int, n: int, *, refine: bool = True,
+                   sketch: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(λ ascending, eigenvectors, ψ(λ)) of a symmetric matrix (B, d, d), λ and vectors in its dtype.
 
     The filtered response (ψ ≤ t) is accurate from a float32 eigh. Where the response divides by λ
@@ -384,7 +395,27 @@ def eigen_response(mat: torch.Tensor, response: Response, rows: int, n: int, *, 
     matrix 30.8 s instead of 58.2 s, error 4.35e-5 against 4.34e-5; 2B shapes 1.2e-5 to 1.8e-5, as
     with the float64 eigh. Where the spectrum beyond the cut is flat (the 18944×3584 shape: rate
     0.63 per step) the estimate calls for more steps than the float64 eigh costs and it falls back.
+
+    ``sketch`` (a generator; ``solver: randomized``, opt-in): the eigenvalues from an eigvalsh in the
+    matrix's dtype (no vectors), the response's k from them, then the top q = 2k (k + 16 at least)
+    eigenpairs by ``linalg.sketch_eigh`` (SKETCH_ITERS float64 steps from a Gaussian start) in place
+    of the top q; the other columns of the returned vectors are 0 (ψ is 0 there). Approximate: no
+    convergence test. Falls back to the route above where k is 0 or q reaches d.
     """
+    if sketch is not None:
+        lam = torch.linalg.eigvalsh(mat)
+        d = mat.shape[-1]
+        k = _kept_columns(response(lam, rows, n))
+        q = min(d, k + max(RAND_OVERSAMPLE, k))
+        if 0 < k and q < d:
+            mu, y = sketch_eigh(mat, q, iters=SKETCH_ITERS, generator=sketch)
+            lam = lam.clone()
+            lam[..., -q:] = mu.to(lam.dtype)
+            vecs = mat.new_zeros(mat.shape)
+            vecs[..., -q:] = y.to(vecs.dtype)
+            psi = response(lam, rows, n)
+            if _kept_columns(psi) <= q:
+                return lam, vecs, psi
     if not getattr(response, "divides", False) or mat.dtype == torch.float64:
         lam, vecs = torch.linalg.eigh(mat)
         return lam, vecs, response(lam, rows, n)
@@ -439,10 +470,12 @@ def _wudi_route(m: int, n: int, T: int) -> str:
     return "cov" if cov <= in_gram else "gram"
 
 
-def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route: str = "auto"):
+def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route: str = "auto",
+                  sketch: torch.Generator | None = None):
     """θ0 − g0 Q ψ(Λ) Qᵀ for the WUDI loss, θ0 = c Σ τ_i; ``taus`` are (B, m, n).
 
-    Returns (merged task vector (B, m, n), facts). ``route``: auto, cov, gram or dense.
+    Returns (merged task vector (B, m, n), facts). ``route``: auto, cov, gram or dense. ``sketch``: a
+    generator for ``eigen_response``'s randomized eigenvectors (not with ``dense``).
     """
     T = len(taus)
     B, m, n = taus[0].shape
@@ -460,7 +493,7 @@ def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route:
         R0 = sum(c * nus[i] * G[:, i * m:(i + 1) * m, :] for i in range(T))
         for j in range(T):
             R0[:, :, j * m:(j + 1) * m] -= nus[j] * G[:, j * m:(j + 1) * m, j * m:(j + 1) * m]
-        lam, U, psi = eigen_response(G, response, r, n)
+        lam, U, psi = eigen_response(G, response, r, n, sketch=sketch)
         del G
         out = theta0
         k = _kept_columns(psi)
@@ -479,7 +512,7 @@ def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route:
     if route == "cov" and m >= n:
         S = [gram(t, side="right").mul_(inv * inv) for t, inv in zip(taus, invs)]  # C_i = M_iᵀ M_i
         C = sum(S)
-        lam, Q, psi = eigen_response(C, response, r, n)
+        lam, Q, psi = eigen_response(C, response, r, n, sketch=sketch)
         k = _kept_columns(psi)
         q, p = Q[..., n - k:], psi[..., n - k:].unsqueeze(-2)
         pl = p * lam[..., n - k:].clamp_min(0).unsqueeze(-2)  # λψ on the kept eigenvalues
@@ -503,7 +536,8 @@ def wudi_spectral(taus: list[torch.Tensor], c: float, response: Response, route:
     for t, inv in zip(taus, invs):
         C += gram(t, side="right").mul_(inv * inv)
         D += ((t @ t.mT) @ t if m < n else t @ (t.mT @ t)) * (inv * inv)
-    lam, Q, psi = eigen_response(C, response, r, n, refine=route != "dense")
+    lam, Q, psi = eigen_response(C, response, r, n, refine=route != "dense",
+                                 sketch=sketch if route != "dense" else None)
     if route == "dense":
         # The textbook formula: τ = θ0 − θ0 Q diag(f) Qᵀ + D Q diag(f/λ) Qᵀ, f = λψ.
         f = (psi * lam.clamp_min(0)).unsqueeze(-2)
@@ -791,7 +825,7 @@ def swudi(base, models, ctx, alpha, t, rho, init, filter, solver, fallback):
               "rank rule on the √eigenvalues of C choosing K per tensor (gavish_donoho suits full fine-tunes)",
               check=check_rank_rule, kind_text="rank rule", range_doc=RULE_DOC),
         _INIT,
-        _SPECTRAL_SOLVER,
+        _ASWUDI_SOLVER,
         _FALLBACK,
     ),
     needs_base=True, reference=_SWUDI_REF, defaults_from=_SWUDI_DEFAULTS,
@@ -813,8 +847,11 @@ def aswudi(base, models, ctx, alpha, rank, init, solver, fallback):
         return torch.tensor(ks, dtype=torch.long)
 
     merged, facts, lam, psi = wudi_spectral(batch, _init_scale(init, len(batch)), flow_response(None, keep),
-                                            "dense" if solver == "dense" else "auto")
+                                            "dense" if solver == "dense" else "auto",
+                                            sketch=ctx.generator if solver == "randomized" else None)
     ctx.info.update(facts)
+    if solver == "randomized":
+        ctx.info["solver"] = "randomized"
     _batch_stat(ctx, "rank", chosen)
     _batch_stat(ctx, "rank_used", (psi != 0).sum(-1))
     return base + alpha * merged.reshape(shape).to(base.dtype)
