@@ -27,9 +27,9 @@ under a load of 8 on 2 cores (eigh 2048²: 33.8 s against 2.3 s wall), and their
 
     python measurements/spectral.py                       # 2B shapes exact+fast, 7B shapes fast, T = 2 and 5
     python measurements/spectral.py --sizes 7b --exact-sizes 7b --tasks 2   # the 7B exact path (hours)
-    python measurements/spectral.py --methods tsv,asdf,aswudi --exact-sizes none   # fast vs randomized
+    python measurements/spectral.py --methods asdf,aswudi --exact-sizes none   # fast vs randomized
 
-``solver: randomized`` (tsv, asdf, aswudi; opt-in and approximate) is timed beside the fast path
+``solver: randomized`` (asdf, aswudi; opt-in and approximate) is timed beside the fast path
 and its error taken against the same float64 truth: the exact path in float64 where that size's
 exact path is measured, else the fast path run on float64 copies (the same numbers to ~1e-10).
 """
@@ -62,7 +62,7 @@ METHODS = {
     "ties": ({}, None),
 }
 # the opt-in approximate route: its speed-up over the fast path and its error against float64
-RANDOMIZED = {name: {"solver": "randomized"} for name in ("tsv", "asdf", "aswudi")}
+RANDOMIZED = {name: {"solver": "randomized"} for name in ("asdf", "aswudi")}
 
 
 def loadavg() -> str:

@@ -22,7 +22,6 @@ from ..errors import OmnimergeError
 from . import linalg
 from .ranks import check_rank_rule, choose_rank, needs_spectrum, rank_param
 from .registry import MethodContext, Param, register
-from .spectral import randomized_route
 
 REFERENCE = "Qwen3-VL-4B-Instruct-YOYO (model card), SVD-knee low-rank delta merge"
 
@@ -69,7 +68,13 @@ def _keeps_expert(base: torch.Tensor, models: list[torch.Tensor], key: str) -> s
 )
 def asdf(base, models, ctx, rank, weight, exact, solver="fast"):
     n = len(models)
-    randomized = randomized_route(solver, exact, ctx, "asdf")
+    if solver not in ("fast", "randomized"):
+        raise OmnimergeError(f"{ctx.key}: asdf: parameter 'solver' = {solver!r} is not allowed; choose fast or "
+                             "randomized")
+    if solver == "randomized" and exact:
+        raise OmnimergeError(f"{ctx.key}: asdf: 'exact: true' and 'solver: randomized' exclude each other; drop one "
+                             "of them")
+    randomized = solver == "randomized"
     if n == 0:
         raise OmnimergeError(f"{ctx.key}: asdf: no models to merge")
     w = [float(x) for x in _per_model(weight, n, "weight", ctx)]

@@ -12,7 +12,7 @@ Leading components
   ``top_svd``          the k leading singular triplets: a seeded randomized range finder (accurate only
                        where the spectrum falls off after k), or a full SVD.
   ``sketch_svd``       the randomized range finder itself, with a given number of iterations whatever
-                       the spectrum (the methods' opt-in ``solver: randomized``).
+                       the spectrum (``asdf``'s opt-in ``solver: randomized``).
   ``sketch_eigh``      the leading eigenpairs of a symmetric PSD matrix by randomized subspace
                        iteration and Rayleigh–Ritz (``aswudi``'s ``solver: randomized``).
   ``randomized_iters`` the subspace iterations after which the randomized finder is accurate for a known
@@ -53,7 +53,7 @@ RAND_MAX_ITERS = 8
 RAND_OVERSAMPLE = 16
 RAND_COST = 8.0  # ... and its (2p+2)·2·m·n·q flops are at most RAND_COST·r³ (about an r×r eigh)
 SKETCH_ITERS = 4  # solver: randomized — subspace iterations whatever the spectrum (scikit-learn's
-# randomized_svd runs 4 when k ≥ 0.1·min(m, n), 7 below; ours keep k = r/T or a rank rule's k)
+# randomized_svd runs 4 when k ≥ 0.1·min(m, n), 7 below); docs/methods.md gives the measured errors
 
 
 # ------------------------------------------------------------------------- Gram matrices, spectra

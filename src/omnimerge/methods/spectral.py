@@ -57,8 +57,8 @@ from typing import Callable
 import torch
 
 from ..errors import OmnimergeError
-from .linalg import (RAND_OVERSAMPLE, SKETCH_ITERS, eigh_desc, gram, polar_exact, polar_gram, psd_inv_sqrt,
-                     randomized_iters, sketch_svd, svd, top_svd, two_block_polar_weights, zero_rtol)
+from .linalg import (RAND_OVERSAMPLE, eigh_desc, gram, polar_exact, polar_gram, psd_inv_sqrt, randomized_iters,
+                     svd, top_svd, two_block_polar_weights, zero_rtol)
 from .ranks import RULE_DOC, check_rank_rule, choose_rank, needs_spectrum, rank_param
 from .registry import MethodContext, Param, register
 
@@ -88,12 +88,6 @@ def _check_tsv_rank(value):
 
 _ALPHA = Param("alpha", float, 1.0, "scale of the merged task vector: θ_base + α · merged")
 _EXACT = Param("exact", bool, False, "use the reference path (full SVDs) instead of the fast one")
-_TSV_SOLVER = Param(
-    "solver", str, "fast",
-    "fast: each task's leading components from its float64 Gram matrix (the definition's numbers); "
-    "randomized: from a randomized range finder with 4 subspace iterations, approximate (opt-in)",
-    choices=("fast", "randomized"),
-)
 _FALLBACK = Param(
     "fallback", str, "mean", "what tensors that are not matrices (ndim < 2) get: mean or sum of the τ_i",
     choices=("mean", "sum"),
@@ -142,17 +136,6 @@ def _merge(base, models, ctx: MethodContext, alpha: float, fallback: str,
     return (b + alpha * merged).to(base.dtype)
 
 
-def randomized_route(solver: str, exact: bool, ctx: MethodContext, method: str) -> bool:
-    """Whether ``solver`` asks for the randomized route; it and ``exact: true`` exclude each other."""
-    if solver not in ("fast", "randomized"):
-        raise OmnimergeError(f"{ctx.key}: {method}: parameter 'solver' = {solver!r} is not allowed; "
-                             "choose fast or randomized")
-    if solver == "randomized" and exact:
-        raise OmnimergeError(f"{ctx.key}: {method}: 'exact: true' and 'solver: randomized' exclude each other; "
-                             "drop one of them")
-    return solver == "randomized"
-
-
 def _fast(shape, exact: bool) -> bool:
     return not exact and min(shape[-2], shape[-1]) >= FAST_MIN
 
@@ -182,23 +165,12 @@ def tsv_rank(rule, shape: tuple[int, ...], n_tasks: int, s: torch.Tensor | None 
     return choose_rank(rule, shape, s)
 
 
-def _task_svd(x: torch.Tensor, rule, n_tasks: int, fast: bool, generator, randomized: bool = False):
+def _task_svd(x: torch.Tensor, rule, n_tasks: int, fast: bool, generator):
     """Leading components of one task: (U (m, k) float64 on the fast path, S (k,), Vh (k, n), k).
 
     Components with a zero singular value (≤ DATA_RTOL·σ_1) are left out; k is the rule's rank.
-    ``randomized`` (fast path only): ``linalg.sketch_svd`` with SKETCH_ITERS iterations whatever the
-    spectrum, and a rank rule's spectrum from a float32 Gram matrix — approximate, opt-in.
     """
     r = min(x.shape)
-    if fast and randomized:
-        if rule != PER_TASK and needs_spectrum(rule):
-            s_all = torch.linalg.eigvalsh(gram(x)).flip(-1).clamp_min(0).sqrt()
-            k = tsv_rank(rule, x.shape, n_tasks, s_all)
-        else:
-            k = tsv_rank(rule, x.shape, n_tasks)
-        u, s, vh = sketch_svd(x, k, iters=SKETCH_ITERS, generator=generator)
-        keep = s > DATA_RTOL * s[0]
-        return u[:, keep].double(), s[keep], vh[keep], k
     if not fast:
         u, s, vh = svd(x)
         k = tsv_rank(rule, x.shape, n_tasks, s)
@@ -232,7 +204,7 @@ def _task_svd(x: torch.Tensor, rule, n_tasks: int, fast: bool, generator, random
     return u, s.to(x.dtype), vh, k
 
 
-def _tsv_parts(taus: list[torch.Tensor], rank, fast: bool, generator, rtol: float, randomized: bool = False):
+def _tsv_parts(taus: list[torch.Tensor], rank, fast: bool, generator, rtol: float):
     """TSV of one matrix with m <= n: (Ū (m, K) orthonormalised, S (K,), Bi, Vh (K, n), ranks).
 
     The orthonormalised right factor is Bi @ Vh (fast path: Bi = (Vh Vhᵀ)^(-1/2), float64, left to
@@ -240,7 +212,7 @@ def _tsv_parts(taus: list[torch.Tensor], rank, fast: bool, generator, rtol: floa
     """
     us, ss, vhs, ranks = [], [], [], []
     for x in taus:
-        u, s, vh, k = _task_svd(x, rank, len(taus), fast, generator, randomized)
+        u, s, vh, k = _task_svd(x, rank, len(taus), fast, generator)
         us.append(u)
         ss.append(s)
         vhs.append(vh)
@@ -264,13 +236,13 @@ def _tsv_parts(taus: list[torch.Tensor], rank, fast: bool, generator, rtol: floa
     return ubar, s, bi, vh, ranks
 
 
-def _tsv_matrix(taus, rank, exact: bool, randomized: bool, ctx: MethodContext, ranks_out: list) -> torch.Tensor:
+def _tsv_matrix(taus, rank, exact: bool, ctx: MethodContext, ranks_out: list) -> torch.Tensor:
     dt = taus[0].dtype
     flip = taus[0].shape[-2] > taus[0].shape[-1]
     if flip:  # TSV is symmetric under transposition; work with m <= n
         taus = [t.mT for t in taus]
     fast = _fast(taus[0].shape, exact)
-    ubar, s, bi, vh, ranks = _tsv_parts(taus, rank, fast, ctx.generator, zero_rtol(dt), randomized)
+    ubar, s, bi, vh, ranks = _tsv_parts(taus, rank, fast, ctx.generator, zero_rtol(dt))
     ranks_out.append(ranks)
     left = ubar * s.to(ubar.dtype)
     if bi is not None:
@@ -280,30 +252,26 @@ def _tsv_matrix(taus, rank, exact: bool, randomized: bool, ctx: MethodContext, r
 
 
 @register(
-    "tsv", params=(_TSV_RANK, _ALPHA, _FALLBACK, _EXACT, _TSV_SOLVER), needs_base=True, reference=_TSV_REF,
+    "tsv", params=(_TSV_RANK, _ALPHA, _FALLBACK, _EXACT), needs_base=True, reference=_TSV_REF,
     summary="Task Singular Vectors: per-task top-k SVD components, concatenated and decorrelated by polar "
             "factors (TSV-Merge).",
 )
-def tsv(base, models, ctx, rank, alpha, fallback, exact, solver="fast"):
+def tsv(base, models, ctx, rank, alpha, fallback, exact):
     """TSV-Merge. ``rank`` defaults to ``per_task``: k = ⌊min(m, n)/T⌋ for each of the T tasks, the
     paper's choice, so that the T blocks fill the r = min(m, n) dimensions (at least 1 when r < T).
     That needs T, which a rank rule does not know, hence a named value rather than a rule; any rank
     rule (integer, ratio, knee, …) is also accepted and then applied to each task's own spectrum (the
     tasks may then keep different k). ``ctx.info["rank"]`` is k (or the per-task / per-matrix list).
-    ``solver: randomized`` replaces each task's exact leading components by a randomized range
-    finder's (matrices on the fast path only; the polar steps stay exact): faster, approximate.
     """
     try:
         rank = _check_tsv_rank(rank)
     except ValueError as e:
         raise OmnimergeError(f"{ctx.key}: tsv: parameter 'rank': {e}") from None
-    randomized = randomized_route(solver, exact, ctx, "tsv")
     ranks: list = []
-    out = _merge(base, models, ctx, alpha, fallback,
-                 lambda taus, j: _tsv_matrix(taus, rank, exact, randomized, ctx, ranks))
+    out = _merge(base, models, ctx, alpha, fallback, lambda taus, j: _tsv_matrix(taus, rank, exact, ctx, ranks))
     if ranks:
         ctx.info["rank"] = _summarise(ranks)
-        ctx.info["path"] = "exact" if not _fast(base.shape, exact) else ("randomized" if randomized else "fast")
+        ctx.info["path"] = "exact" if not _fast(base.shape, exact) else "fast"
     return out
 
 
