@@ -7,7 +7,7 @@ import torch
 
 from omnimerge.errors import OmnimergeError
 from omnimerge.methods import MethodContext, get_method
-from omnimerge.methods.gta import MASK_CHUNK, dare_keep_mask, dare_uniforms
+from omnimerge.methods.gta import MASK_CHUNK, dare_keep_mask, dare_uniforms, sign_consensus
 
 KEY = "language.layers.0.mlp.up_proj.weight"
 NAMES = ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
@@ -125,6 +125,28 @@ def test_ties_keeps_exactly_k_entries_even_with_ties():
     for trim in ("per_tensor", "global"):
         out = run("ties", torch.zeros(4), [torch.ones(4)], density=0.2, trim=trim)  # k = int(0.8) = 0 → keeps none
         torch.testing.assert_close(out, torch.zeros(4))
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.3, 0.0, 1e-30], [0.0, 0.0, 0.0], [1.0, -1.0, 0.5],
+                                     [1e-45, 2.0, 0.7]])
+def test_sign_consensus_bits_match_the_masked_fill_definition(weights):
+    """The disjoint mean divides by 1 where no model agrees; its fast form (a clamp at the smallest positive
+    weight, weights >= 0) gives the bits of the plain definition, zeros of either sign included."""
+    g = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(4096, generator=g) * (torch.rand(4096, generator=g) > 0.3) for _ in range(3)]
+    deltas[0][:64] = -0.0  # signed zeros
+    elected = torch.zeros(4096)
+    for d, w in zip(deltas, weights):
+        elected.add_(d, alpha=w)
+    elected = elected.sign()
+    num, den = torch.zeros(4096), torch.zeros(4096)
+    for d, w in zip(deltas, weights):  # the same operations in the same order, counting with a boolean mask
+        agree = (d * elected).clamp_min(0)
+        den.add_(agree > 0, alpha=w)
+        num.add_(agree * elected, alpha=w)
+    expect = num / den.masked_fill(den == 0, 1)
+    got = sign_consensus([d.clone() for d in deltas], weights)
+    assert torch.equal(got, expect) and torch.equal(got.signbit(), expect.signbit())
 
 
 def test_ties_density_one_same_signs_is_mean_of_deltas():

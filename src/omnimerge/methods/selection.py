@@ -32,17 +32,19 @@ def _band(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int] | None:
     and the number of entries above ``hi``; None if the sample's bracket missed it."""
     n = flat.numel()
     gen = torch.Generator(device="cpu").manual_seed(n)
-    sample = flat[torch.randint(n, (SAMPLE,), generator=gen).to(flat.device)].sort().values
+    sample = flat[torch.randint(n, (SAMPLE,), generator=gen).to(flat.device)]
     q = (n - k) / (n - 1)  # where the k-th largest sits, as a fraction of the ascending order
     half = _Z * math.sqrt(SAMPLE * q * (1 - q)) + 2
     lo_i, hi_i = math.floor(q * (SAMPLE - 1) - half), math.ceil(q * (SAMPLE - 1) + half)
     above, band = 0, None
+    # the sample's order statistics by selection (kthvalue counts from 1), not a sort of the sample
     if hi_i < SAMPLE:
-        over = flat > sample[hi_i]
+        over = flat > sample.kthvalue(hi_i + 1).values
         above = int(over.count_nonzero())  # (a bool .sum() widens to int64: several times slower)
         band = ~over
     if lo_i >= 0:
-        band = flat >= sample[lo_i] if band is None else band.logical_and_(flat >= sample[lo_i])
+        lo = sample.kthvalue(lo_i + 1).values
+        band = flat >= lo if band is None else band.logical_and_(flat >= lo)
     idx = band.nonzero().squeeze(1) if band is not None else torch.arange(n, device=flat.device)
     if not above < k <= above + idx.numel():
         return None
