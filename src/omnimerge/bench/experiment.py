@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from . import tasks as T
 from .config import BenchConfig
 from .evaluate import evaluate
@@ -99,6 +101,13 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(rel, target_is_directory=True)
 
 
+# Every zoo model trains on one torch thread. A model trained on two threads differs from one trained on one
+# (float sums taken in another order, amplified over thousands of steps), and the cache key cannot know the
+# machine: the same key then held two zoos whose verdicts differed (tsv 0.307 against 0.269 on the full
+# setting's test average). One thread makes a zoo reproducible on any machine with the same CPU kernels.
+TRAIN_THREADS = 1
+
+
 def build_zoo(cfg: BenchConfig, root, *, settings=SETTINGS, text_llm: bool = True, log: Callable[[str], None] | None = print,
               on_start: Callable[[str], None] | None = None, on_step: Callable[[str, int], None] | None = None,
               on_done: Callable[[str, bool], None] | None = None) -> Path:
@@ -131,16 +140,21 @@ def build_zoo(cfg: BenchConfig, root, *, settings=SETTINGS, text_llm: bool = Tru
         kw = {"history": history, "log": step_log, "log_every": 250, "processor": processor}
         if on_step:
             kw["callback"] = lambda step, _model, _loss, name=m.name: on_step(name, step)
-        if m.stage == "base":
-            model = train_base(cfg, **kw)
-        elif m.stage == "instruct":
-            model = train_instruct(parent, cfg, **kw)
-        elif m.stage in ("full", "lora"):
-            model = train_expert(parent, m.task, cfg, lora=m.stage == "lora", **kw)
-        elif m.stage in ("multitask", "multitask_lora"):
-            model = train_multitask(parent, cfg, lora=m.stage == "multitask_lora", **kw)
-        else:
-            model = train_text_llm(parent, cfg, **kw)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(TRAIN_THREADS)
+        try:
+            if m.stage == "base":
+                model = train_base(cfg, **kw)
+            elif m.stage == "instruct":
+                model = train_instruct(parent, cfg, **kw)
+            elif m.stage in ("full", "lora"):
+                model = train_expert(parent, m.task, cfg, lora=m.stage == "lora", **kw)
+            elif m.stage in ("multitask", "multitask_lora"):
+                model = train_multitask(parent, cfg, lora=m.stage == "multitask_lora", **kw)
+            else:
+                model = train_text_llm(parent, cfg, **kw)
+        finally:
+            torch.set_num_threads(threads)
         info = {"name": m.name, "model_key": keys[m.name], "parent": m.parent, "steps": len(history),
                 "train_wall_s": round(time.perf_counter() - wall, 2), "train_cpu_s": round(time.process_time() - cpu, 2),
                 "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
