@@ -226,7 +226,15 @@ def test_zoo_builds_once_and_evaluates(tmp_path):
 
     cfg = BenchConfig.micro().replace(test_items=3)
     logged: list[str] = []
-    zoo = build_zoo(cfg, tmp_path, log=logged.append)
+    threads_seen: set[int] = set()
+    before_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # every model trains on one thread, whatever the caller's setting, which comes back afterwards
+        zoo = build_zoo(cfg, tmp_path, log=logged.append,
+                        on_step=lambda _name, _step: threads_seen.add(torch.get_num_threads()))
+        assert threads_seen == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before_threads)
     names = zoo_names(cfg)
     assert len(names) == 15 and zoo.name == cfg.cache_key()
     assert [m.split(":")[0] for m in logged if "steps," in m] == names     # one line per model, in order
