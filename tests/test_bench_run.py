@@ -15,7 +15,8 @@ from omnimerge.bench.config import BenchConfig
 from omnimerge.bench.report import backbone_rows, capability_rows, markdown, write_report
 from omnimerge.bench.runner import SETTINGS, BenchResult, sweep_grid
 from omnimerge.bench.stats import Bootstrap
-from omnimerge.bench.summary import gain_recovered, summarize
+from omnimerge.bench.summary import gain_recovered, question_breakdown, summarize
+from omnimerge.bench import tasks as T
 from omnimerge.cli import main
 from omnimerge.methods import list_methods
 
@@ -220,6 +221,38 @@ def _fake_result():
                                      "cosine": {"a": {"b": 0.1}, "b": {"a": 0.1}}} for s in SETTINGS})
     summarize(result)
     return result.to_json()
+
+
+def test_the_zoo_by_question_type(micro_run):
+    root, res = micro_run
+    scores = json.loads((root / "report" / "scores.json").read_text())
+    cfg = res["config"]
+    n_zoo = max(cfg["expert_test_items"], cfg["test_items"])
+    byq = res["by_question"]
+    assert set(byq) == set(EXPERT_TASKS)
+    for task, types in byq.items():
+        assert sum(q["items"] for q in types.values()) == n_zoo
+        for name in res["zoo"]:
+            if task not in res["zoo"][name]:
+                continue
+            # the types' accuracies, weighted by their item counts, give back the model's accuracy on the items
+            bits = scores[f"zoo/{name}"][task]
+            got = sum(q["models"][name] * q["items"] for q in types.values()) / n_zoo
+            assert got == pytest.approx(bits.count("1") / len(bits), abs=1e-3)
+        assert all(0.0 <= q["constant_accuracy"] <= 1.0 for q in types.values())
+    assert "## The zoo by question type" in (root / "report" / "report.md").read_text()
+
+
+def test_question_breakdown_by_hand():
+    items = [T.Item("chart", "q", a, None, {"qtype": k}) for a, k in
+             [("1", "value"), ("1", "value"), ("2", "value"), ("A", "argmax"), ("B", "argmax")]]
+    out = question_breakdown({"m": {"chart": [1, 0, 1, 1, 1]}, "short": {"chart": [1, 1]}}, {"chart": items},
+                             tasks=("chart",))
+    value, argmax = out["chart"]["value"], out["chart"]["argmax"]
+    assert value["items"] == 3 and value["constant"] == "1" and value["constant_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    assert value["models"]["m"] == pytest.approx(2 / 3, abs=1e-4) and argmax["models"]["m"] == 1.0
+    assert argmax["constant_accuracy"] == 0.5
+    assert value["models"]["short"] == 1.0 and "short" not in argmax["models"]   # scored on the first two items only
 
 
 def test_summary_and_report_from_hand_made_results(tmp_path):

@@ -150,6 +150,25 @@ def _regime_markdown(result) -> str:
                             "cosine range"], lines)
 
 
+def _by_question_markdown(result) -> str:
+    """The zoo by question type: each setting's base, its expert on the row's task and its multi-task
+    model, beside the best constant answer to the same items."""
+    byq = result.get("by_question") or {}
+    cols: list[tuple[str, str | None]] = []            # (column title, model name or "{setting}_" for the expert)
+    for s in result["settings"]:
+        base_name, mt_name = _setting_refs(result, s)
+        cols += [(base_name, base_name), (f"{s} expert", f"{s}_"), (mt_name, mt_name)]
+    lines = []
+    for task, types in byq.items():
+        for qtype, q in types.items():
+            cells = []
+            for _, name in cols:
+                name = f"{name}{task}" if name.endswith("_") else name
+                cells.append(_fmt(q["models"][name]) if name in q["models"] else "–")
+            lines.append([task, qtype, str(q["items"]), f"{_fmt(q['constant_accuracy'])} ({q['constant']})", *cells])
+    return _markdown_table(["task", "question", "items", "best constant answer", *(c for c, _ in cols)], lines)
+
+
 def _experts_markdown(result, setting) -> str:
     e = result.get("experts", {}).get(setting)
     if not e:
@@ -244,6 +263,12 @@ def markdown(result: dict[str, Any]) -> str:
                   "Per language-backbone matrix, ‖τ‖_F / ‖θ_base‖_F (LoRA: B·A·α/r); rms(τ) per element, the "
                   "largest expert's; cosine: between the experts' flattened task vectors.", "",
                   _regime_markdown(result), ""]
+    if result.get("by_question"):
+        n_zoo = max(cfg.get("expert_test_items") or 0, cfg["test_items"])
+        parts += ["## The zoo by question type", "",
+                  f"Accuracy on each kind of question ({n_zoo} test items per task), beside the best constant "
+                  "answer to the same items: a model near that level has not learned the skill, whatever "
+                  "its task average says.", "", _by_question_markdown(result), ""]
     for setting in result["settings"]:
         if not any(m["setting"] == setting for m in result["merges"]):
             continue

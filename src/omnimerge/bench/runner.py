@@ -69,6 +69,7 @@ class BenchResult:
     zoo_ci95: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     experts: dict[str, Any] = field(default_factory=dict)     # per setting: each expert against base and others
     ranking: dict[str, Any] = field(default_factory=dict)     # per setting: methods by average, significance
+    by_question: dict[str, Any] = field(default_factory=dict)  # task -> question type -> the zoo's accuracies
 
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, "cache_key": self.cache_key, "zoo": self.zoo, "merges": self.merges,
@@ -77,7 +78,7 @@ class BenchResult:
                 "setting_base": {s: SETTING_BASE[s] for s in self.settings},
                 "setting_multitask": {s: SETTING_MULTITASK[s] for s in self.settings},
                 "zoo_ci95": self.zoo_ci95, "experts": self.experts, "ranking": self.ranking,
-                "item_scores": self.item_scores}
+                "by_question": self.by_question, "item_scores": self.item_scores}
 
 
 def calibration_paths(zoo: Path, n: int) -> dict[str, Path]:
@@ -242,7 +243,7 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
     from ..methods import list_methods
     from .model import build_processor
     from .regime import task_vector_stats
-    from .summary import summarize
+    from .summary import question_breakdown, summarize
 
     out = Path(out)
     cache_dir = Path(cache_dir)
@@ -388,6 +389,7 @@ def run_bench(cfg: BenchConfig, out, *, cache_dir, methods: list[str] | None = N
                              regime=regime, settings=settings,
                              training={m.name: _training_info(zoo / m.name) for m in plan})
         result.item_scores = {f"zoo/{n}": _bits(row) for n, row in zoo_scores.items()}
+        result.by_question = question_breakdown(zoo_scores, zoo_tests)
         vals = test_sets(cfg, "validation") if sweep else None
 
         work = out / "merged"

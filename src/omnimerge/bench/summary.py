@@ -9,7 +9,10 @@
   against the best by a paired bootstrap of the difference of averages;
 - the **experts' margins**: each expert on its own task against the base and every other expert,
   with the 95 % interval of the margin, on all the test items the zoo was scored on
-  (``expert_test_items``; every other figure uses the merges' ``test_items``).
+  (``expert_test_items``; every other figure uses the merges' ``test_items``);
+- the zoo **by question type** (:func:`question_breakdown`): each zoo model's accuracy on each kind of
+  question of each expert task, beside the best constant answer on the same items, which shows a skill
+  that no model has learned (an accuracy at the constant's level) where a task average would hide it.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from . import tasks as T
 from .experiment import EXPERT_TASKS, SETTING_BASE, SETTING_MULTITASK
 from .stats import Bootstrap, interval, ratio
 
-__all__ = ["summarize", "gain_recovered", "gain_kept", "normalized_accuracy"]
+__all__ = ["summarize", "gain_recovered", "gain_kept", "normalized_accuracy", "question_breakdown"]
 
 
 def _mean(values) -> float:
@@ -44,6 +48,38 @@ def gain_kept(acc: dict[str, float], base: dict[str, float], experts: dict[str, 
     """Per task, the share of the expert's own gain over the base that ``acc`` keeps."""
     return {t: ((acc[t] - base[t]) / (experts[t] - base[t]) if experts[t] != base[t] else float("nan"))
             for t in EXPERT_TASKS if t in acc}
+
+
+def question_breakdown(scores: dict[str, dict[str, list[int]]], sets: dict[str, list[T.Item]],
+                       tasks=EXPERT_TASKS) -> dict[str, dict[str, dict[str, Any]]]:
+    """task -> question type -> ``{items, constant, constant_accuracy, models: {name: accuracy}}``, from
+    per-item ``scores`` (model -> task -> 0/1 per item of ``sets[task]``, in order; a model scored on fewer
+    items than the set is compared on its first ones). ``constant`` is the best constant answer to that
+    type's items (:func:`tasks.majority_baseline`) and ``constant_accuracy`` its accuracy: a model at that
+    level has not learned the skill."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for task in tasks:
+        items = sets.get(task)
+        if not items:
+            continue
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(str(it.meta.get("qtype", task)), []).append(i)
+        out[task] = {}
+        for qtype in sorted(groups):
+            idx = groups[qtype]
+            answer, constant = T.majority_baseline([items[i] for i in idx])
+            models = {}
+            for name, row in scores.items():
+                s = row.get(task)
+                if s is None:
+                    continue
+                mine = [s[i] for i in idx if i < len(s)]
+                if mine:
+                    models[name] = _round(sum(mine) / len(mine))
+            out[task][qtype] = {"items": len(idx), "constant": answer, "constant_accuracy": _round(constant),
+                                "models": models}
+    return out
 
 
 def _bits_to_list(bits: str) -> list[int]:
