@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from omnimerge.methods import selection
-from omnimerge.methods.selection import kth_largest, top_k_mask
+from omnimerge.methods.selection import just_below, kth_largest, top_k_cut, top_k_mask
 
 N = 5 * selection.SAMPLE  # above 4 × SAMPLE: the sampled route
 
@@ -36,6 +36,36 @@ def test_top_k_mask_is_the_stable_sort_definition(density):
         assert mask.shape == values.shape and int(mask.sum()) == k, name
         assert torch.equal(mask, by_sorting(values, k)), name
         assert kth_largest(values, k) == values.reshape(-1).sort(descending=True).values[k - 1], name
+
+
+@pytest.mark.parametrize("density", [1e-5, 0.3, 0.99999])
+def test_top_k_cut_is_the_stable_sort_definition(density):
+    """The cut (greater than ``above``, plus the ``extra`` positions) keeps the set of the definition; without
+    ties beyond the count it has no extra positions."""
+    for name, values in cases(int(density * 1e5) + 1):
+        k = int(density * values.numel())
+        above, extra = top_k_cut(values, k)
+        keep = values.reshape(-1) > above
+        if extra is not None:
+            assert bool((extra[1:] > extra[:-1]).all()) and not bool(keep[extra].any()), name
+            keep[extra] = True
+        assert torch.equal(keep.view(values.shape), by_sorting(values, k)), name
+    assert top_k_cut(torch.tensor([1.0, 2.0]), 0) == (float("inf"), None)
+    assert top_k_cut(torch.tensor([1.0, 2.0]), 2)[0] == float("-inf")
+    above, extra = top_k_cut(torch.tensor([3.0, 1.0, 3.0, 2.0]), 2)   # both 3s: no extra positions
+    assert extra is None and 2.0 < above < 3.0
+
+
+def test_just_below():
+    for dtype in (torch.float32, torch.float64):
+        for v in (1.0, 0.1, 1e-30, 0.0, 3.4e38 if dtype == torch.float32 else 1e300):
+            b = just_below(v, dtype)
+            x = torch.tensor(v, dtype=dtype)
+            assert torch.tensor(b, dtype=dtype) < x and float(torch.nextafter(torch.tensor(b, dtype=dtype), x)) == float(x)
+    assert just_below(float("-inf"), torch.float32) is None
+    assert just_below(1.0, torch.bfloat16) is None
+    # 0.1 is not a float32: the float32 rounding of it is what a float32 comparison uses
+    assert just_below(0.1, torch.float32) == float(torch.nextafter(torch.tensor(0.1), torch.tensor(0.0)))
 
 
 def test_exact_even_when_the_sample_misses(monkeypatch):

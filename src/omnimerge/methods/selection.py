@@ -64,15 +64,27 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return flat[idx].kthvalue(idx.numel() - (k - above) + 1).values
 
 
-def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest entries of ``values`` (no NaN): exactly k entries are True.
+def just_below(value: float | torch.Tensor, dtype: torch.dtype) -> float | None:
+    """The largest ``dtype`` number below ``value`` (rounded to ``dtype`` first), as a Python float, so that
+    ``x > just_below(v)`` is ``x >= v`` for every ``x`` of that dtype; None where torch has no ``nextafter``
+    for the dtype or ``value`` is -inf."""
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    v = torch.as_tensor(value, dtype=dtype)
+    below = torch.nextafter(v, torch.tensor(-math.inf, dtype=dtype))
+    return float(below) if bool(below < v) else None
 
-    Ties at the k-th largest value are broken by position (lowest flat index first)."""
+
+def top_k_cut(values: torch.Tensor, k: int) -> tuple[float, torch.Tensor | None]:
+    """The ``k`` largest entries of ``values`` (no NaN) as a cut ``(above, extra)``: the entries greater than
+    ``above``, plus the entries at the flat indices ``extra`` (ascending; None when there are none) — exactly k
+    of them, ties at the k-th largest value broken by position (lowest flat index first), as in
+    :func:`top_k_mask`. A cut applies to any slice of the tensor without a mask of the whole of it."""
     n = values.numel()
     if k <= 0:
-        return torch.zeros_like(values, dtype=torch.bool)
+        return math.inf, None
     if k >= n:
-        return torch.ones_like(values, dtype=torch.bool)
+        return -math.inf, None
     flat = values.reshape(-1)
     found = _band(flat, k) if n > 4 * SAMPLE else None
     if found is None:
@@ -84,9 +96,24 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     need = k - above - int((cand > v).count_nonzero())  # how many entries equal to v to keep (>= 1)
     ties = idx[cand == v]  # every entry equal to v lies in the band, in ascending position
     if ties.numel() == need:
-        return (flat >= v).view(values.shape)
-    keep = flat > v
-    keep[ties[:need]] = True
+        below = just_below(v, v.dtype)
+        if below is not None:
+            return below, None
+    return float(v), ties[:need]
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries of ``values`` (no NaN): exactly k entries are True.
+
+    Ties at the k-th largest value are broken by position (lowest flat index first)."""
+    if k <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if k >= values.numel():
+        return torch.ones_like(values, dtype=torch.bool)
+    above, extra = top_k_cut(values, k)
+    keep = values.reshape(-1) > above
+    if extra is not None:
+        keep[extra] = True
     return keep.view(values.shape)
 
 
