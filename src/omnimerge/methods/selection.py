@@ -20,6 +20,7 @@ the mask does not depend on threads, devices or the order of a sort.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -209,4 +210,98 @@ class StreamedKthLargest:
                     at = torch.searchsorted(present, digit)
                     if at < present.numel() and int(present[at]) == digit:
                         seen += int(counts[at])
+            self._chunks = []
+
+
+# --- the m smallest, in ascending (value, position) order, seen in streaming passes ----------------
+@dataclass(frozen=True)
+class RankCut:
+    """The entries of rank < m in the ascending order of non-negative values, ties by position (a stable
+    ascending sort's first m): every entry below ``value``, and of the entries equal to it the first ``take``
+    by flat index; ``before[tag]`` is how many entries equal to ``value`` come before the chunk fed with
+    ``tag``. m = 0 is ``RankCut(0.0, 0)`` (nothing), m = n ``RankCut(inf, 0)`` (everything)."""
+
+    value: float
+    take: int = 0
+    before: dict = field(default_factory=dict)
+
+    def mask(self, values: torch.Tensor, tag=0) -> torch.Tensor:
+        """Which of ``values`` (the chunk fed with ``tag``, or the whole tensor with tag 0) have rank < m."""
+        below = values < self.value
+        left = self.take - self.before.get(tag, 0)
+        if left > 0:
+            equal = (values.reshape(-1) == self.value).nonzero().squeeze(1)[:left]
+            below.view(-1)[equal] = True
+        return below
+
+
+class StreamedRankCut:
+    """The exact :class:`RankCut` of the m = ``m_of(n)`` smallest of n non-negative floats that arrive in chunks,
+    in flat-index order, over several passes over the same chunks (n is counted in the first pass).
+
+    As :class:`StreamedKthLargest`, from the smallest: each pass histograms the next 16-bit digit of the bit
+    patterns that share the digits already fixed and fixes the digit where the m-th smallest lies. The last
+    pass keeps each chunk's counts of the last digit, which give ``before`` without another pass."""
+
+    def __init__(self, m_of):
+        self.m_of = m_of
+        self.n = 0
+        self.m: int | None = None  # how many of the smallest still lie within the digits fixed so far
+        self.prefix = 0
+        self.resolved = 0
+        self.bits: int | None = None
+        self.hist: torch.Tensor | None = None
+        self.cut: RankCut | None = None
+        self._chunks: list = []
+
+    @property
+    def done(self) -> bool:
+        return self.cut is not None
+
+    def feed(self, values: torch.Tensor, tag=0) -> None:
+        if self.done:
+            return
+        if self.bits is None:
+            self.dtype = values.dtype
+            self.bits = torch.finfo(values.dtype).bits
+        elif values.dtype != self.dtype:
+            raise ValueError(f"every chunk must be {self.dtype}, got {values.dtype}")
+        if self.resolved == 0:
+            self.n += values.numel()
+        patterns = values.reshape(-1).view(_INT_VIEW[values.dtype])
+        shift = self.bits - self.resolved - DIGIT_BITS
+        if self.resolved:
+            patterns = patterns[(patterns >> (shift + DIGIT_BITS)) == self.prefix]
+        digits = ((patterns >> shift) & ((1 << DIGIT_BITS) - 1)).to(torch.int64)
+        counts = torch.bincount(digits.cpu(), minlength=1 << DIGIT_BITS)
+        if self.resolved + DIGIT_BITS == self.bits:
+            present = counts.nonzero().squeeze(1)
+            self._chunks.append((tag, present.to(torch.int32), counts[present].to(torch.int32)))
+        self.hist = counts if self.hist is None else self.hist.add_(counts)
+
+    def next_pass(self) -> None:
+        if self.done:
+            return
+        if self.m is None:
+            self.m = self.m_of(self.n)
+            if self.m <= 0 or self.m >= self.n:
+                self.cut = RankCut(0.0) if self.m <= 0 else RankCut(math.inf)
+                self._chunks = []
+                return
+        # the digit d with (count below d) < m <= (count below d) + hist[d], from the smallest digit up
+        below = self.hist.cumsum(0)
+        digit = int(torch.searchsorted(below, torch.tensor(self.m)))
+        self.m -= int(below[digit - 1]) if digit > 0 else 0
+        self.prefix = (self.prefix << DIGIT_BITS) | digit
+        self.resolved += DIGIT_BITS
+        self.hist = None
+        if self.resolved == self.bits:
+            pattern = torch.tensor([self.prefix], dtype=torch.int64).to(_INT_VIEW[self.dtype])
+            before, seen = {}, 0
+            for tag, present, counts in self._chunks:
+                before[tag] = seen
+                at = torch.searchsorted(present, digit)
+                if at < present.numel() and int(present[at]) == digit:
+                    seen += int(counts[at])
+            self.cut = RankCut(float(pattern.view(self.dtype)[0]), self.m, before)
             self._chunks = []
