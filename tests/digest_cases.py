@@ -14,6 +14,9 @@ with its pins, are not compared.
 The DARE cases' weights and report.json were taken again, on purpose, when DARE's masks became keyed
 by (tensor seed, model, element index) instead of drawn in model order from one generator per tensor
 (so that a merge in row blocks gives the same bytes whatever the block size; see run/blocks.py).
+The DELLA cases' were taken again for the same reason, when MagPrune's draws became DARE's element-keyed
+uniforms (``gta.dare_uniforms``) instead of ``torch.rand`` from the tensor's generator in model order, and
+its L1 rescale's norms block-independent float64 sums (``methods.rowsums``) instead of float32 ``sum()``s.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import omnimerge
 from omnimerge.errors import OmnimergeError
 from omnimerge.mergekit_yaml import filter_regex, from_mergekit
 from omnimerge.methods import MethodContext, get_method
-from omnimerge.methods.gta import della_keep_probabilities
+from omnimerge.methods.gta import dare_uniforms, della_keep_probabilities
 from omnimerge.plan import build_plan, resolve_params
 from omnimerge.recipe import load_recipe, parse_recipe, pick
 from omnimerge.verify import verify
@@ -201,10 +201,11 @@ def test_della_keep_probabilities_by_rank():
     torch.testing.assert_close(p[1], T(0.4, 0.55, 0.5, 0.45, 0.6).flip(0))
 
 
-def test_della_masks_are_the_generator_draws_and_rescaled():
+def test_della_masks_are_the_element_keyed_draws_and_rescaled():
+    """The draws are DARE's, keyed by (the tensor's seed, the model, the element): dare_uniforms."""
     tau = T(0.1, -0.4, 0.3, 0.2, -0.5, 0.05, 0.6, -0.25)
     probs = della_keep_probabilities(tau, 0.5, 0.2)
-    keep = torch.rand(8, generator=torch.Generator().manual_seed(4)) < probs
+    keep = dare_uniforms(8, 4, 0) < probs
     kept = torch.where(keep, tau, 0.0)
     out = run("della_linear", torch.zeros(8), [tau], seed=4, density=0.5, epsilon=0.2, rescale="none")
     torch.testing.assert_close(out, kept)

@@ -36,7 +36,9 @@ from ..errors import OmnimergeError
 from .combine import (LAMBDA, WEIGHT, WEIGHT_NONNEG, l1_rescale, linear_combine, normalize_param, per_model,
                       scale_and_add, take_lambda)
 from .registry import MethodContext, Param, Reduction, register
-from .selection import StreamedKthLargest, just_below, kth_largest, top_k_cut, top_k_mask
+from .rowsums import RowSums, first_row, row_sums, tensor_sum
+from .selection import (RankCut, StreamedKthLargest, StreamedRankCut, just_below, kth_largest, top_k_cut,
+                        top_k_mask)
 
 TIES_REF = "TIES-Merging: Resolving Interference When Merging Models (Yadav et al., 2023), arXiv:2306.01708"
 DARE_REF = (
@@ -189,6 +191,43 @@ def outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     return torch.where(keep.view(delta.shape), delta, 0)
 
 
+@dataclass(frozen=True)
+class OutlierCut:
+    """Breadcrumbs' mask of one task vector merged in row blocks, from the pre-pass: the entries of rank
+    ``lower`` .. ``upper`` − 1 in the stable ascending order of magnitudes (:class:`selection.RankCut` each),
+    and with ``rescale: l1`` the L1 norms of the task vector and of its kept entries (block-independent sums)."""
+
+    lower: RankCut
+    upper: RankCut
+    l1: tuple[float, float] | None = None
+
+
+def outlier_bounds(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """The ranks (ascending magnitude) that :func:`outliers` keeps: ``start .. start + keep_n``."""
+    keep_n, top = int(density * n), int(gamma * n)
+    start = max(0, n - keep_n - top)
+    return start, start + keep_n
+
+
+def outliers_by_cut(delta: torch.Tensor, cut: OutlierCut, offset: int) -> torch.Tensor:
+    """:func:`outliers` on the row block of ``delta`` at flat ``offset``: the same entries kept, the same bits."""
+    mag = delta.abs()
+    keep = cut.upper.mask(mag, offset).logical_and_(cut.lower.mask(mag, offset).logical_not_())
+    return torch.where(keep, delta, 0)
+
+
+def l1_scale(kept: torch.Tensor, norms: tuple[float, float]) -> torch.Tensor:
+    """``kept`` times ‖τ‖₁ / ‖kept‖₁ (``norms``, from :func:`l1_norms`); unchanged when nothing was kept."""
+    original, now = norms
+    return kept if now == 0.0 else kept * (original / now)
+
+
+def l1_norms(delta: torch.Tensor, kept: torch.Tensor) -> tuple[float, float]:
+    """‖τ‖₁ and ‖kept‖₁ as block-independent float64 sums (methods.rowsums): the L1 rescale of Breadcrumbs and
+    DELLA, whose factor is then the same whether the tensor is merged whole or in row blocks."""
+    return tensor_sum(delta, torch.abs), tensor_sum(kept, torch.abs)
+
+
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """MagPrune's keep probabilities: within each row (the last dimension; a 1-D tensor is one row) the entries
     ranked by magnitude get density − ε (smallest) rising linearly to density + ε (largest)."""
@@ -208,14 +247,24 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: str, 
             f"{ctx.key}: della: density ± epsilon must lie inside (0, 1) (model {model}: density {density}, "
             f"epsilon {epsilon}); lower epsilon or move density away from 0 and 1"
         )
-    probs = della_keep_probabilities(delta, density, epsilon)
-    keep = torch.rand(delta.shape, generator=ctx.generator, device=ctx.generator.device).to(delta.device) < probs
-    kept = torch.where(keep, delta, 0)
+    kept, probs = magprune_kept(delta, density, epsilon, ctx, model)
     if rescale == "inverse":
         return kept / probs
-    if rescale == "l1":
-        return l1_rescale(kept, delta)
+    if rescale == "l1":  # the norms of the whole tensor: from the pre-pass for a row block
+        return l1_scale(kept, ctx.reduction[model] if ctx.reduction is not None else l1_norms(delta, kept))
     return kept
+
+
+def magprune_kept(delta: torch.Tensor, density: float, epsilon: float, ctx: MethodContext,
+                  model: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MagPrune's kept entries (the others +0) and keep probabilities. The draws are keyed by element index
+    (:func:`dare_uniforms` for the tensor's seed, the model and ``ctx.offset``): a row block draws what the
+    whole tensor draws for its elements."""
+    probs = della_keep_probabilities(delta, density, epsilon)
+    u = dare_uniforms(delta.numel(), ctx.generator.initial_seed(), model, ctx.offset).view(delta.shape)
+    keep = u.to(delta.device) < probs
+    del u
+    return torch.where(keep, delta, 0), probs
 
 
 @dataclass(frozen=True)
@@ -270,8 +319,16 @@ def _random_magnitude(d: torch.Tensor, i: int, prm: dict, ctx: MethodContext) ->
 
 
 def _outliers(d: torch.Tensor, i: int, prm: dict, ctx: MethodContext) -> torch.Tensor:
+    """Breadcrumbs' mask of τ_i (a row block's from the pre-pass's cut); ``rescale: l1`` keeps τ_i's L1 norm,
+    summed block-independently (:func:`l1_norms`)."""
+    if prm["density"][i] >= 1:
+        return d
+    if ctx.reduction is not None:  # a row block of the tensor: its cut was found in the pre-pass
+        cut = ctx.reduction[i]
+        out = outliers_by_cut(d, cut, ctx.offset)
+        return l1_scale(out, cut.l1) if prm["rescale"] == "l1" else out
     out = outliers(d, prm["density"][i], prm["gamma"][i])
-    return l1_rescale(out, d) if prm["rescale"] == "l1" and prm["density"][i] < 1 else out
+    return l1_scale(out, l1_norms(d, out)) if prm["rescale"] == "l1" else out
 
 
 def _magprune(d: torch.Tensor, i: int, prm: dict, ctx: MethodContext) -> torch.Tensor:
@@ -567,6 +624,126 @@ def _trim_reduction(variant: Variant) -> Reduction:
     return Reduction(group=_trim_group, start=start, when_blocked=_trims_per_tensor)
 
 
+# ------------------------------------------------- Breadcrumbs' and DELLA's per-tensor pre-pass (row blocks)
+def _sparsifies(params: dict) -> bool:
+    return not all(d >= 1 for d in _densities(params))
+
+
+@dataclass
+class _OutlierCuts:
+    """Breadcrumbs on a tensor merged in row blocks: per task vector, the ranks its mask keeps as two exact
+    :class:`selection.StreamedRankCut` (passes over the blocks, 2 for float32), then with ``rescale: l1`` one
+    more pass for the L1 norms of τ_i and of its kept entries."""
+
+    variant: Variant
+    params: dict
+
+    def __post_init__(self):
+        self.cuts: list[tuple[StreamedRankCut, StreamedRankCut] | None] = []
+        self.l1 = self.params.get("rescale") == "l1"
+        self.sums = RowSums()
+        self.summed = False
+
+    def _start(self, models, ctx: MethodContext) -> dict:
+        prm = _per_model_params(self.variant, models, ctx, dict(self.params))
+        if not self.cuts:
+            for dens, gamma in zip(prm["density"], prm["gamma"]):
+                if dens >= 1:
+                    self.cuts.append(None)
+                    continue
+                self.cuts.append(tuple(StreamedRankCut(lambda n, d=dens, g=gamma, side=side:
+                                                       outlier_bounds(n, d, g)[side]) for side in (0, 1)))
+        return prm
+
+    @property
+    def done(self) -> bool:
+        cut = bool(self.cuts) and all(c is None or c[1].done and c[0].done for c in self.cuts)
+        return cut and (not self.l1 or self.summed)
+
+    def _cut(self, i: int) -> OutlierCut:
+        lower, upper = self.cuts[i]
+        return OutlierCut(lower.cut, upper.cut)
+
+    def feed(self, base, models, ctx: MethodContext, params: dict) -> None:
+        self._start(models, ctx)
+        cutting = not all(c is None or c[1].done and c[0].done for c in self.cuts)
+        for i, m in enumerate(models):
+            if self.cuts[i] is None:
+                continue
+            d = m - base
+            if cutting:
+                mag = d.abs_()
+                for c in self.cuts[i]:
+                    c.feed(mag, ctx.offset)
+            else:  # the L1 pass
+                row = first_row(d, ctx.offset)
+                self.sums.add(f"tau{i}", row, row_sums(d, torch.abs))
+                self.sums.add(f"kept{i}", row, row_sums(outliers_by_cut(d, self._cut(i), ctx.offset), torch.abs))
+
+    def next_pass(self) -> None:
+        if all(c is None or c[1].done and c[0].done for c in self.cuts):
+            self.summed = True
+            return
+        for c in self.cuts:
+            if c is not None:
+                c[0].next_pass()
+                c[1].next_pass()
+
+    def result(self) -> list:
+        out = []
+        for i, c in enumerate(self.cuts):
+            if c is None:
+                out.append(None)
+                continue
+            l1 = (self.sums.total(f"tau{i}"), self.sums.total(f"kept{i}")) if self.l1 else None
+            out.append(replace(self._cut(i), l1=l1))
+        return out
+
+
+@dataclass
+class _MagpruneNorms:
+    """DELLA with ``rescale: l1`` on a tensor merged in row blocks: per task vector, the L1 norms of τ_i and
+    of MagPrune's kept entries (one pass; the draws are keyed by element, so the pre-pass draws what the
+    merge will)."""
+
+    variant: Variant
+    params: dict
+    done: bool = False
+
+    def __post_init__(self):
+        self.sums = RowSums()
+        self.count = 0
+
+    def feed(self, base, models, ctx: MethodContext, params: dict) -> None:
+        prm = _per_model_params(self.variant, models, ctx, dict(self.params))
+        self.count = len(models)
+        for i, m in enumerate(models):
+            if prm["density"][i] >= 1:
+                continue
+            d = m - base
+            kept, _ = magprune_kept(d, prm["density"][i], prm["epsilon"][i], ctx, i)
+            row = first_row(d, ctx.offset)
+            self.sums.add(f"tau{i}", row, row_sums(d, torch.abs))
+            self.sums.add(f"kept{i}", row, row_sums(kept, torch.abs))
+
+    def next_pass(self) -> None:
+        self.done = True
+
+    def result(self) -> list:
+        return [(self.sums.total(f"tau{i}"), self.sums.total(f"kept{i}")) if f"tau{i}" in self.sums.parts else None
+                for i in range(self.count)]
+
+
+def _outlier_reduction(variant: Variant) -> Reduction:
+    return Reduction(group=lambda params: None, start=lambda params: _OutlierCuts(variant, dict(params)),
+                     when_blocked=_sparsifies)
+
+
+def _magprune_reduction(variant: Variant) -> Reduction:
+    return Reduction(group=lambda params: None, start=lambda params: _MagpruneNorms(variant, dict(params)),
+                     when_blocked=lambda params: params.get("rescale") == "l1" and _sparsifies(params))
+
+
 # ------------------------------------------------------------------------------------------ registry
 def _register(name: str, variant: Variant) -> None:
     def fn(base, models, ctx, **params):
@@ -575,16 +752,21 @@ def _register(name: str, variant: Variant) -> None:
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = variant.summary
     has_trim = any(p.name == "trim" for p in variant.params)
+    reduction = (_trim_reduction(variant) if has_trim else _outlier_reduction(variant)
+                 if variant.sparsify == "outliers" else _magprune_reduction(variant)
+                 if variant.sparsify == "magprune" else None)
     register(name, params=variant.params, needs_base=True, reference=variant.reference, summary=variant.summary,
              models_as_read=variant.sparsify in ("magnitude", "random", "random+magnitude"),
-             reduction=_trim_reduction(variant) if has_trim else None, elementwise=_elementwise(variant))(fn)
+             reduction=reduction, elementwise=_elementwise(variant))(fn)
 
 
 def _elementwise(variant: Variant):
-    """When a variant may run over row blocks: its sparsification is element-wise (a trim at a threshold
-    from the pre-pass, DARE's counter-keyed drop) and nothing rescales by a norm of the whole tensor."""
-    if variant.sparsify not in (None, "magnitude", "random", "random+magnitude"):
-        return None  # Breadcrumbs and DELLA rank the entries of the whole tensor (or row)
+    """When a variant may run over row blocks: its sparsification is element-wise given a per-tensor pre-pass
+    (TIES's threshold, Breadcrumbs' rank cuts, DELLA's L1 norms; DELLA's keep probabilities rank the entries
+    of a row along the last dimension, which a row block holds whole), its randomness keyed by element; TIES
+    and DARE not with ``rescale: l1`` (a norm of the whole tensor after the trim, not in their pre-pass)."""
+    if variant.sparsify in ("outliers", "magprune"):
+        return lambda params: True
     return lambda params: params.get("rescale", "none") != "l1"
 
 
