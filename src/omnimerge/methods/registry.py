@@ -26,12 +26,15 @@ A method function has the signature::
   hands each tensor's merge the result as ``ctx.reduction``. Called directly on tensors, the method
   gets ``ctx.reduction = None`` and computes the quantity over the tensor it is given.
 * A method registered with ``elementwise`` (a predicate on its parameters) declares that, with those
-  parameters, each output element depends only on the same element of its inputs (and on
-  ``ctx.reduction``): the run may then merge a large tensor in row blocks, calling the method once per
+  parameters, each output element depends only on the same element of its inputs, or on the row along
+  the last dimension that holds it (DELLA's ranks), and on ``ctx.reduction``: the run may then merge a
+  large tensor in row blocks, calling the method once per
   block with ``ctx.offset`` = the flat index of the block's first element in the whole tensor. Such a
   method draws randomness by element index (see ``gta.dare_keep_mask``), never from the order of draws,
   so its result does not depend on the block size. A :class:`Reduction` with ``when_blocked`` gives a
-  blocked tensor a reduction of its own (TIES's ``trim: per_tensor`` threshold).
+  blocked tensor a reduction of its own (TIES's ``trim: per_tensor`` threshold, Breadcrumbs' rank cuts,
+  slerp's and Model Stock's norms and dot products); a sum it takes over the tensor must not depend on
+  the blocks (``methods.rowsums``).
 """
 
 from __future__ import annotations

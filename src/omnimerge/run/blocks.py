@@ -1,13 +1,15 @@
 """Row blocks: a large tensor merged a block of rows at a time, so that memory follows a block, not a tensor.
 
 A method that declares itself element-wise (``Method.elementwise``: each output element depends only on
-the same element of its inputs and on its pre-pass reduction) may merge a tensor in pieces. A merge
+the same element of its inputs — or on the row along the last dimension that holds it, which a block holds
+whole — and on its pre-pass reduction) may merge a tensor in pieces. A merge
 job whose tensor is larger than ``BLOCK_ABOVE`` bytes in the compute dtype is then cut into blocks of
 about ``BLOCK_BYTES`` (whole rows of the first dimension): each block's rows are read from every input,
 merged, cast and appended to the output file, and the next block's are read meanwhile. The bytes are
 those of the whole-tensor merge: the method sees the same values element by element, draws its
 randomness by element index (``MethodContext.offset``), and takes any quantity over the whole tensor
-(TIES's per-tensor threshold) from the pre-pass. Rows past ``Job.rows`` (vocabularies of different
+(TIES's per-tensor threshold, Breadcrumbs' rank cuts, the norms of slerp, Model Stock and an L1 rescale)
+from the pre-pass. Rows past ``Job.rows`` (vocabularies of different
 sizes) are the skeleton's, copied block by block.
 
 The report's ``norm`` and ``delta_norm`` of a blocked tensor are the square roots of the sums of the
