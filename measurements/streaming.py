@@ -218,6 +218,11 @@ METHOD_PARAMS = {  # the same merge in both tools' terms
     "ties": ({"lambda": 1.0, "trim": "per_tensor"}, {"weight": 1.0, "density": 0.5}, {"normalize": True}),
     # mergekit's dare_ties density is the keep rate: density 0.5 = omnimerge's drop rate p 0.5
     "dare_ties": ({"lambda": 1.0, "p": 0.5, "trim": "per_tensor"}, {"weight": 1.0}, {"normalize": True}),
+    # mergekit's other methods that merge in row blocks (their defaults; slerp takes --experts 1)
+    "breadcrumbs": ({"lambda": 1.0}, {"weight": 1.0, "density": 0.9, "gamma": 0.01}, {}),
+    "della": ({"lambda": 1.0}, {"weight": 1.0, "density": 0.5, "epsilon": 0.15}, {}),
+    "model_stock": ({}, {}, {}),
+    "slerp": ({"t": 0.5}, {}, {"t": 0.5}),
 }
 MERGEKIT_DENSITY = {"ties": 0.5, "dare_ties": 0.5}
 
@@ -233,7 +238,7 @@ def omnimerge_recipe(method: str, base: Path, experts: list[Path], merge_embed: 
 
 def mergekit_config(method: str, base: Path, experts: list[Path]) -> dict:
     _, per_model, glob = METHOD_PARAMS[method]
-    params = {"weight": per_model["weight"]}
+    params = dict(per_model)  # (the same names in both tools)
     if method in MERGEKIT_DENSITY:
         params["density"] = MERGEKIT_DENSITY[method]
     cfg = {"merge_method": method, "base_model": str(base), "dtype": "float32", "out_dtype": "bfloat16",
