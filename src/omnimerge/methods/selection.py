@@ -124,6 +124,35 @@ _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.floa
              torch.float64: torch.int64}
 
 
+class _ChunkDigits:
+    """Per chunk of the last pass: (tag, the last digits present, their counts), kept in two growable int32
+    buffers rather than two small tensors per chunk. Small tensors that live through a pass, allocated
+    between its large temporaries, keep the allocator from reusing the freed space: on a 152k-row embedding
+    fed in 4 MiB blocks, four selections' small tensors (22 kB in all) grew the resident size by 0.8 GiB."""
+
+    def __init__(self):
+        self.buf = torch.empty(0, dtype=torch.int32)
+        self.used = 0
+        self.index: list[tuple] = []  # (tag, start, count)
+
+    def append(self, tag, counts: torch.Tensor) -> None:
+        present = counts.nonzero().squeeze(1)
+        n = present.numel()
+        need = self.used + 2 * n
+        if need > self.buf.numel():
+            grown = torch.empty(max(need, 2 * self.buf.numel(), 1 << 16), dtype=torch.int32)
+            grown[:self.used] = self.buf[:self.used]
+            self.buf = grown
+        self.buf[self.used:self.used + n] = present
+        self.buf[self.used + n:need] = counts[present]
+        self.index.append((tag, self.used, n))
+        self.used = need
+
+    def __iter__(self):
+        for tag, start, n in self.index:
+            yield tag, self.buf[start:start + n], self.buf[start + n:start + 2 * n]
+
+
 class StreamedKthLargest:
     """The exact k-th largest of non-negative floats that arrive in chunks (tensors), over several
     passes over the same chunks, in memory independent of their number: k = int(``fraction`` · N),
@@ -153,7 +182,7 @@ class StreamedKthLargest:
         self.threshold: float | None = None
         self.ties: int | None = None
         self.ties_before: dict = {}
-        self._chunks: list = []  # exact_count, in the last pass: (tag, digits present, their counts) per chunk
+        self._chunks = _ChunkDigits()  # exact_count, in the last pass: (tag, digits present, their counts) per chunk
 
     @property
     def done(self) -> bool:
@@ -177,8 +206,7 @@ class StreamedKthLargest:
         digits = ((patterns >> shift) & ((1 << DIGIT_BITS) - 1)).to(torch.int64)
         counts = torch.bincount(digits.cpu(), minlength=1 << DIGIT_BITS)
         if self.exact_count and self.resolved + DIGIT_BITS == self.bits:
-            present = counts.nonzero().squeeze(1)
-            self._chunks.append((tag, present.to(torch.int32), counts[present].to(torch.int32)))
+            self._chunks.append(tag, counts)
         self.hist = counts if self.hist is None else self.hist.add_(counts)
 
     def next_pass(self) -> None:
@@ -210,7 +238,7 @@ class StreamedKthLargest:
                     at = torch.searchsorted(present, digit)
                     if at < present.numel() and int(present[at]) == digit:
                         seen += int(counts[at])
-            self._chunks = []
+            self._chunks = _ChunkDigits()
 
 
 # --- the m smallest, in ascending (value, position) order, seen in streaming passes ----------------
@@ -252,7 +280,7 @@ class StreamedRankCut:
         self.bits: int | None = None
         self.hist: torch.Tensor | None = None
         self.cut: RankCut | None = None
-        self._chunks: list = []
+        self._chunks = _ChunkDigits()
 
     @property
     def done(self) -> bool:
@@ -275,8 +303,7 @@ class StreamedRankCut:
         digits = ((patterns >> shift) & ((1 << DIGIT_BITS) - 1)).to(torch.int64)
         counts = torch.bincount(digits.cpu(), minlength=1 << DIGIT_BITS)
         if self.resolved + DIGIT_BITS == self.bits:
-            present = counts.nonzero().squeeze(1)
-            self._chunks.append((tag, present.to(torch.int32), counts[present].to(torch.int32)))
+            self._chunks.append(tag, counts)
         self.hist = counts if self.hist is None else self.hist.add_(counts)
 
     def next_pass(self) -> None:
@@ -286,7 +313,7 @@ class StreamedRankCut:
             self.m = self.m_of(self.n)
             if self.m <= 0 or self.m >= self.n:
                 self.cut = RankCut(0.0) if self.m <= 0 else RankCut(math.inf)
-                self._chunks = []
+                self._chunks = _ChunkDigits()
                 return
         # the digit d with (count below d) < m <= (count below d) + hist[d], from the smallest digit up
         below = self.hist.cumsum(0)
@@ -304,4 +331,4 @@ class StreamedRankCut:
                 if at < present.numel() and int(present[at]) == digit:
                     seen += int(counts[at])
             self.cut = RankCut(float(pattern.view(self.dtype)[0]), self.m, before)
-            self._chunks = []
+            self._chunks = _ChunkDigits()
