@@ -336,3 +336,14 @@ def test_row_sums_do_not_depend_on_blocks_threads_or_chunks(monkeypatch):
         torch.set_num_threads(before)
     assert rowsums.total(want) == pytest.approx(float(x.double().abs().sum()), rel=1e-13)
     assert rowsums.tensor_sum(torch.arange(10.0)) == 45.0 and rowsums.tensor_sum(torch.zeros(0)) == 0.0
+
+
+def test_della_probabilities_in_row_chunks_are_the_whole_tensors(monkeypatch):
+    from omnimerge.methods import gta
+
+    g = torch.Generator().manual_seed(8)
+    tau = (torch.randn(50, 33, generator=g) * 4).round() / 4  # ties within rows
+    whole = gta.della_keep_probabilities(tau, 0.5, 0.15)
+    monkeypatch.setattr(gta, "PROB_ROWS", 100)
+    assert torch.equal(gta.della_keep_probabilities(tau, 0.5, 0.15), whole)
+    assert torch.equal(gta.della_keep_probabilities(tau[0], 0.5, 0.15), whole[0])

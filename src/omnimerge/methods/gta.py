@@ -233,9 +233,16 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     ranked by magnitude get density − ε (smallest) rising linearly to density + ε (largest)."""
     rows = delta.reshape(-1, delta.shape[-1]) if delta.ndim >= 2 else delta.reshape(1, -1)
     n = rows.shape[-1]
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=-1, stable=True), dim=-1).to(rows.dtype)
-    frac = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
-    return ((density - epsilon) + 2 * epsilon * frac).reshape(delta.shape)
+    out = torch.empty_like(rows)
+    per = max(1, PROB_ROWS // max(n, 1))  # rows at a time: the sorts' int64 temporaries stay small
+    for s in range(0, rows.shape[0], per):
+        ranks = torch.argsort(torch.argsort(rows[s:s + per].abs(), dim=-1, stable=True), dim=-1).to(rows.dtype)
+        frac = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
+        out[s:s + per] = (density - epsilon) + 2 * epsilon * frac
+    return out.reshape(delta.shape)
+
+
+PROB_ROWS = 1 << 20  # elements (whole rows) ranked at a time by della_keep_probabilities (the same values)
 
 
 def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: str, ctx: MethodContext,
