@@ -153,7 +153,61 @@ class _ChunkDigits:
             yield tag, self.buf[start:start + n], self.buf[start + n:start + 2 * n]
 
 
-class StreamedKthLargest:
+class _DigitPasses:
+    """What both streamed selections share: the chunks' bit patterns histogrammed 16 bits per pass (the
+    digits below the ones fixed so far), a digit fixed after each pass, and in the last pass each chunk's
+    counts of the last digit, which tell how many values equal to the result come before each chunk."""
+
+    def __init__(self):
+        self.n = 0
+        self.prefix = 0  # the digits fixed so far
+        self.resolved = 0  # how many bits of the pattern they cover
+        self.bits: int | None = None
+        self.hist: torch.Tensor | None = None
+        self._chunks = _ChunkDigits()
+
+    def _histogram(self, values: torch.Tensor, tag, keep_last_digits: bool) -> None:
+        if self.bits is None:
+            self.dtype = values.dtype
+            self.bits = torch.finfo(values.dtype).bits
+        elif values.dtype != self.dtype:
+            raise ValueError(f"every chunk must be {self.dtype}, got {values.dtype}")
+        if self.resolved == 0:
+            self.n += values.numel()
+        patterns = values.reshape(-1).view(_INT_VIEW[values.dtype])
+        shift = self.bits - self.resolved - DIGIT_BITS
+        if self.resolved:
+            patterns = patterns[(patterns >> (shift + DIGIT_BITS)) == self.prefix]
+        digits = ((patterns >> shift) & ((1 << DIGIT_BITS) - 1)).to(torch.int64)
+        counts = torch.bincount(digits.cpu(), minlength=1 << DIGIT_BITS)
+        if keep_last_digits and self.resolved + DIGIT_BITS == self.bits:
+            self._chunks.append(tag, counts)
+        self.hist = counts if self.hist is None else self.hist.add_(counts)
+
+    def _fix(self, digit: int) -> bool:
+        """Fix the next digit; True when the whole pattern is known."""
+        self.prefix = (self.prefix << DIGIT_BITS) | digit
+        self.resolved += DIGIT_BITS
+        self.hist = None
+        return self.resolved == self.bits
+
+    def _value(self) -> float:
+        pattern = torch.tensor([self.prefix], dtype=torch.int64).to(_INT_VIEW[self.dtype])
+        return float(pattern.view(self.dtype)[0])
+
+    def _equal_before(self, digit: int) -> dict:
+        """Per chunk tag, how many values equal to the fixed pattern (last digit ``digit``) come before it."""
+        before, seen = {}, 0
+        for tag, present, counts in self._chunks:
+            before[tag] = seen
+            at = torch.searchsorted(present, digit)
+            if at < present.numel() and int(present[at]) == digit:
+                seen += int(counts[at])
+        self._chunks = _ChunkDigits()
+        return before
+
+
+class StreamedKthLargest(_DigitPasses):
     """The exact k-th largest of non-negative floats that arrive in chunks (tensors), over several
     passes over the same chunks, in memory independent of their number: k = int(``fraction`` · N),
     N the number of values (counted in the first pass).
@@ -171,18 +225,13 @@ class StreamedKthLargest:
     to know them without another pass. ``ties`` is None when every value equal to the threshold is kept."""
 
     def __init__(self, fraction: float, exact_count: bool = False):
+        super().__init__()
         self.fraction = fraction
         self.exact_count = exact_count
-        self.n = 0
         self.k: int | None = None  # how many of the largest are still above the digits being resolved
-        self.prefix = 0  # the digits fixed so far
-        self.resolved = 0  # how many bits of the pattern they cover
-        self.bits: int | None = None
-        self.hist: torch.Tensor | None = None
         self.threshold: float | None = None
         self.ties: int | None = None
         self.ties_before: dict = {}
-        self._chunks = _ChunkDigits()  # exact_count, in the last pass: (tag, digits present, their counts) per chunk
 
     @property
     def done(self) -> bool:
@@ -190,24 +239,8 @@ class StreamedKthLargest:
 
     def feed(self, values: torch.Tensor, tag=None) -> None:
         """One chunk of non-negative values (any shape), in the current pass (``tag``: see the class doc)."""
-        if self.done:
-            return
-        if self.bits is None:
-            self.dtype = values.dtype
-            self.bits = torch.finfo(values.dtype).bits
-        elif values.dtype != self.dtype:
-            raise ValueError(f"every chunk must be {self.dtype}, got {values.dtype}")
-        if self.resolved == 0:
-            self.n += values.numel()
-        patterns = values.reshape(-1).view(_INT_VIEW[values.dtype])
-        shift = self.bits - self.resolved - DIGIT_BITS
-        if self.resolved:
-            patterns = patterns[(patterns >> (shift + DIGIT_BITS)) == self.prefix]
-        digits = ((patterns >> shift) & ((1 << DIGIT_BITS) - 1)).to(torch.int64)
-        counts = torch.bincount(digits.cpu(), minlength=1 << DIGIT_BITS)
-        if self.exact_count and self.resolved + DIGIT_BITS == self.bits:
-            self._chunks.append(tag, counts)
-        self.hist = counts if self.hist is None else self.hist.add_(counts)
+        if not self.done:
+            self._histogram(values, tag, self.exact_count)
 
     def next_pass(self) -> None:
         """After every chunk was fed in this pass: fix the next digit (or finish)."""
@@ -224,21 +257,11 @@ class StreamedKthLargest:
         digit = (1 << DIGIT_BITS) - 1 - i
         self.k -= int(from_top[i - 1]) if i > 0 else 0
         equal = int(self.hist[digit])  # values sharing the digits fixed so far (all of the pattern, at the end)
-        self.prefix = (self.prefix << DIGIT_BITS) | digit
-        self.resolved += DIGIT_BITS
-        self.hist = None
-        if self.resolved == self.bits:
-            pattern = torch.tensor([self.prefix], dtype=torch.int64).to(_INT_VIEW[self.dtype])
-            self.threshold = float(pattern.view(self.dtype)[0])
+        if self._fix(digit):
+            self.threshold = self._value()
+            before = self._equal_before(digit)
             if self.exact_count and self.k < equal:  # keep only the first k of the values equal to it
-                self.ties = self.k
-                seen = 0
-                for tag, present, counts in self._chunks:
-                    self.ties_before[tag] = seen
-                    at = torch.searchsorted(present, digit)
-                    if at < present.numel() and int(present[at]) == digit:
-                        seen += int(counts[at])
-            self._chunks = _ChunkDigits()
+                self.ties, self.ties_before = self.k, before
 
 
 # --- the m smallest, in ascending (value, position) order, seen in streaming passes ----------------
@@ -263,7 +286,7 @@ class RankCut:
         return below
 
 
-class StreamedRankCut:
+class StreamedRankCut(_DigitPasses):
     """The exact :class:`RankCut` of the m = ``m_of(n)`` smallest of n non-negative floats that arrive in chunks,
     in flat-index order, over several passes over the same chunks (n is counted in the first pass).
 
@@ -272,39 +295,18 @@ class StreamedRankCut:
     pass keeps each chunk's counts of the last digit, which give ``before`` without another pass."""
 
     def __init__(self, m_of):
+        super().__init__()
         self.m_of = m_of
-        self.n = 0
         self.m: int | None = None  # how many of the smallest still lie within the digits fixed so far
-        self.prefix = 0
-        self.resolved = 0
-        self.bits: int | None = None
-        self.hist: torch.Tensor | None = None
         self.cut: RankCut | None = None
-        self._chunks = _ChunkDigits()
 
     @property
     def done(self) -> bool:
         return self.cut is not None
 
     def feed(self, values: torch.Tensor, tag=0) -> None:
-        if self.done:
-            return
-        if self.bits is None:
-            self.dtype = values.dtype
-            self.bits = torch.finfo(values.dtype).bits
-        elif values.dtype != self.dtype:
-            raise ValueError(f"every chunk must be {self.dtype}, got {values.dtype}")
-        if self.resolved == 0:
-            self.n += values.numel()
-        patterns = values.reshape(-1).view(_INT_VIEW[values.dtype])
-        shift = self.bits - self.resolved - DIGIT_BITS
-        if self.resolved:
-            patterns = patterns[(patterns >> (shift + DIGIT_BITS)) == self.prefix]
-        digits = ((patterns >> shift) & ((1 << DIGIT_BITS) - 1)).to(torch.int64)
-        counts = torch.bincount(digits.cpu(), minlength=1 << DIGIT_BITS)
-        if self.resolved + DIGIT_BITS == self.bits:
-            self._chunks.append(tag, counts)
-        self.hist = counts if self.hist is None else self.hist.add_(counts)
+        if not self.done:
+            self._histogram(values, tag, True)
 
     def next_pass(self) -> None:
         if self.done:
@@ -319,16 +321,5 @@ class StreamedRankCut:
         below = self.hist.cumsum(0)
         digit = int(torch.searchsorted(below, torch.tensor(self.m)))
         self.m -= int(below[digit - 1]) if digit > 0 else 0
-        self.prefix = (self.prefix << DIGIT_BITS) | digit
-        self.resolved += DIGIT_BITS
-        self.hist = None
-        if self.resolved == self.bits:
-            pattern = torch.tensor([self.prefix], dtype=torch.int64).to(_INT_VIEW[self.dtype])
-            before, seen = {}, 0
-            for tag, present, counts in self._chunks:
-                before[tag] = seen
-                at = torch.searchsorted(present, digit)
-                if at < present.numel() and int(present[at]) == digit:
-                    seen += int(counts[at])
-            self.cut = RankCut(float(pattern.view(self.dtype)[0]), self.m, before)
-            self._chunks = _ChunkDigits()
+        if self._fix(digit):
+            self.cut = RankCut(self._value(), self.m, self._equal_before(digit))
