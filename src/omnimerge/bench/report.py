@@ -154,7 +154,7 @@ def _by_question_markdown(result) -> str:
     """The zoo by question type: each setting's base, its expert on the row's task and its multi-task
     model, beside the best constant answer to the same items."""
     byq = result.get("by_question") or {}
-    cols: list[tuple[str, str | None]] = []            # (column title, model name or "{setting}_" for the expert)
+    cols: list[tuple[str, str]] = []   # (column title, model name, or "<setting>_": its expert on the row's task)
     for s in result["settings"]:
         base_name, mt_name = _setting_refs(result, s)
         cols += [(base_name, base_name), (f"{s} expert", f"{s}_"), (mt_name, mt_name)]
