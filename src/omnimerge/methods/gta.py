@@ -662,10 +662,12 @@ class _OutlierCuts:
                                                        outlier_bounds(n, d, g)[side]) for side in (0, 1)))
         return prm
 
+    def _cuts_found(self) -> bool:
+        return all(c is None or c[1].done and c[0].done for c in self.cuts)
+
     @property
     def done(self) -> bool:
-        cut = bool(self.cuts) and all(c is None or c[1].done and c[0].done for c in self.cuts)
-        return cut and (not self.l1 or self.summed)
+        return bool(self.cuts) and self._cuts_found() and (not self.l1 or self.summed)
 
     def _cut(self, i: int) -> OutlierCut:
         lower, upper = self.cuts[i]
@@ -673,7 +675,7 @@ class _OutlierCuts:
 
     def feed(self, base, models, ctx: MethodContext, params: dict) -> None:
         self._start(models, ctx)
-        cutting = not all(c is None or c[1].done and c[0].done for c in self.cuts)
+        cutting = not self._cuts_found()
         for i, m in enumerate(models):
             if self.cuts[i] is None:
                 continue
@@ -688,7 +690,7 @@ class _OutlierCuts:
                 self.sums.add(f"kept{i}", row, row_sums(outliers_by_cut(d, self._cut(i), ctx.offset), torch.abs))
 
     def next_pass(self) -> None:
-        if all(c is None or c[1].done and c[0].done for c in self.cuts):
+        if self._cuts_found():
             self.summed = True
             return
         for c in self.cuts:

@@ -44,21 +44,23 @@ def tree_sums(rows: torch.Tensor) -> torch.Tensor:
     return x[:, 0]
 
 
+def _chunked_row_sums(fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """The float64 row sums of ``fn`` of the tensors' float64 rows, taken ``CHUNK`` elements (whole rows) at a time."""
+    rows = [rows_of(t) for t in tensors]
+    per = max(1, CHUNK // max(rows[0].shape[1], 1))
+    out = [tree_sums(fn(*(c.to(torch.float64) for c in chunk))) for chunk in zip(*(r.split(per) for r in rows))]
+    return torch.cat(out) if len(out) != 1 else out[0]
+
+
 def row_sums(x: torch.Tensor, fn=None) -> torch.Tensor:
     """The float64 sum of each row of ``fn(x)`` (default: ``x`` itself); ``fn`` is applied to float64
     chunks of whole rows, so that e.g. ``abs`` or a square costs a chunk, not a tensor."""
-    rows = rows_of(x)
-    per = max(1, CHUNK // max(rows.shape[1], 1))
-    out = [tree_sums(c if fn is None else fn(c.to(torch.float64))) for c in rows.split(per)]
-    return torch.cat(out) if len(out) != 1 else out[0]
+    return _chunked_row_sums(fn or (lambda c: c), x)
 
 
 def dot_row_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The float64 row sums of ``a · b`` (element-wise products, exact in float64 for float32 inputs)."""
-    ra, rb = rows_of(a), rows_of(b)
-    per = max(1, CHUNK // max(ra.shape[1], 1))
-    out = [tree_sums(x.to(torch.float64) * y.to(torch.float64)) for x, y in zip(ra.split(per), rb.split(per))]
-    return torch.cat(out) if len(out) != 1 else out[0]
+    return _chunked_row_sums(torch.mul, a, b)
 
 
 def total(sums: torch.Tensor) -> float:
